@@ -1,0 +1,119 @@
+//! `pipeline eval`: perplexity by the held-out protocol, for the model as stored or with
+//! weight / activation / KV fake quantization.
+
+use crate::progress::LazyBar;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Args;
+use model::{parse_bits, KvPoint, Llama, ModelFolder, QuantConfig};
+use std::path::PathBuf;
+
+/// Bits as the user writes them: 2..=8, or 16 / none for "not quantized".
+pub fn bits_arg(s: &str) -> Result<u32, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(16);
+    }
+    s.parse::<u32>()
+        .map_err(|_| format!("{s:?} is not a bit width: use 2..=8, 16 or none"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QuantArgs {
+    /// Weight bits (2..=8; 16 or none = off), per output channel unless --w-group.
+    #[arg(long, value_parser = bits_arg, default_value = "16")]
+    pub w_bits: u32,
+    /// Weight group size along the input dimension (per-group quantization).
+    #[arg(long)]
+    pub w_group: Option<usize>,
+    /// Activation bits (per token) at the input of the 7 projections.
+    #[arg(long, value_parser = bits_arg, default_value = "16")]
+    pub a_bits: u32,
+    /// K/V cache bits (per token, across all KV heads).
+    #[arg(long, value_parser = bits_arg, default_value = "16")]
+    pub kv_bits: u32,
+    /// Where K is quantized: post_rope (what a real cache stores) or pre_rope.
+    #[arg(long, default_value = "post_rope")]
+    pub kv_point: KvPoint,
+}
+
+impl QuantArgs {
+    pub fn to_config(&self) -> Result<QuantConfig> {
+        if self.w_group == Some(0) {
+            anyhow::bail!("--w-group 0: a group size must be at least 1");
+        }
+        let q = QuantConfig {
+            w_bits: parse_bits("--w-bits", self.w_bits)?,
+            w_group: self.w_group,
+            a_bits: parse_bits("--a-bits", self.a_bits)?,
+            kv_bits: parse_bits("--kv-bits", self.kv_bits)?,
+            kv_point: self.kv_point,
+        };
+        q.validate()?;
+        Ok(q)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// UTF-8 text to score.
+    #[arg(long)]
+    pub text: PathBuf,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Window length (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Windows scored together.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let quant = a.quant.to_config()?;
+    let folder = ModelFolder::open(&a.model)?;
+    let tokenizer = folder.tokenizer()?;
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("cannot read text file {}", a.text.display()))?;
+    let device = Device::Cpu;
+    let model = Llama::load(&folder, quant.clone(), &device)?;
+    let ids = eval::encode_text(&tokenizer, &text, folder.config.bos_token_id)?;
+    let ctx = a.ctx.unwrap_or(folder.config.max_position_embeddings);
+    let mut bar = LazyBar::new(
+        (ids.len() - 1) as u64,
+        "eval {bar:40} {pos}/{len} tokens {per_sec} eta {eta}",
+    );
+    let r = eval::perplexity(&model, &ids, ctx, a.batch, |n| bar.set_position(n as u64))?;
+    bar.finish();
+    if a.json {
+        let v = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "text": a.text.display().to_string(),
+            "quant": quant.label(),
+            "ctx": ctx,
+            "ppl": r.ppl,
+            "nll": r.nll,
+            "tokens": r.tokens,
+            "windows": r.windows,
+            "seconds": r.seconds,
+            "tokens_per_second": r.tokens_per_second,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} [{}] ppl {:.5}  nll {:.6}  tokens {}  ({:.0} tokens/s)",
+            a.model.display(),
+            quant.label(),
+            r.ppl,
+            r.nll,
+            r.tokens,
+            r.tokens_per_second
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! `pipeline`: the command line of the data-free distillation pipeline. It parses arguments
+//! and hands each subcommand to the stage crate that does the work.
+
+mod eval_cmd;
+mod generate_cmd;
+mod progress;
+mod train_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Data-free distillation of LLMs into low-bit students"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Perplexity of a model folder on a text file, optionally fake-quantized.
+    Eval(eval_cmd::EvalArgs),
+    /// The teacher writes a synthetic corpus (Parquet shards + manifest), resumable.
+    Generate(generate_cmd::GenerateArgs),
+    /// Inspect, verify and merge corpora.
+    #[command(subcommand)]
+    Corpus(generate_cmd::CorpusCommand),
+    /// Train a fake-quantized student by logit distillation on a corpus (resumable).
+    Train(train_cmd::TrainArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Eval(a) => eval_cmd::run(a),
+        Command::Generate(a) => generate_cmd::run(a),
+        Command::Corpus(c) => generate_cmd::corpus(c),
+        Command::Train(a) => train_cmd::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

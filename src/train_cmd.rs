@@ -1,0 +1,248 @@
+//! `pipeline train`: QAT of a low-bit student by logit distillation from the teacher on a
+//! synthetic corpus. Settings come from the `[train]` and `[student]` tables of an optional
+//! TOML file, overridden by flags; both go through the same typed, validated config.
+
+use crate::eval_cmd::bits_arg;
+use anyhow::{Context, Result};
+use clap::Args;
+use model::KvPoint;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use train::{Packing, Schedule, StudentConfig, TrainConfig};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Teacher model folder (Hugging Face format).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Corpus folder written by `pipeline generate`.
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Output folder: checkpoints/, train_log.jsonl, student/. Rerunning resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// TOML file with [train] and [student] tables (other tables are ignored); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Optimizer steps in total.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step (default 1).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate (default 3e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, linear or cosine (default constant).
+    #[arg(long)]
+    pub schedule: Option<Schedule>,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// concat (default) or pad.
+    #[arg(long)]
+    pub packing: Option<Packing>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// How many of the newest checkpoints to keep (default 3).
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Student weight bits (2..=8; 16 or none = off; default 4).
+    #[arg(long, value_parser = bits_arg)]
+    pub w_bits: Option<u32>,
+    /// Weight group size along the input dimension (default: per output channel).
+    #[arg(long)]
+    pub w_group: Option<usize>,
+    /// Student activation bits (default 8).
+    #[arg(long, value_parser = bits_arg)]
+    pub a_bits: Option<u32>,
+    /// Student K/V cache bits (default 4).
+    #[arg(long, value_parser = bits_arg)]
+    pub kv_bits: Option<u32>,
+    /// post_rope (default) or pre_rope.
+    #[arg(long)]
+    pub kv_point: Option<KvPoint>,
+}
+
+/// Sets `key` in `table` when the flag was given.
+fn set<T: Serialize>(table: &mut toml::Table, key: &str, v: Option<T>) -> Result<()> {
+    if let Some(v) = v {
+        table.insert(
+            key.into(),
+            toml::Value::try_from(v)
+                .with_context(|| format!("flag --{}", key.replace('_', "-")))?,
+        );
+    }
+    Ok(())
+}
+
+/// The `[train]` and `[student]` tables of the config file (empty when there is none).
+fn file_tables(path: Option<&Path>) -> Result<(toml::Table, toml::Table)> {
+    let Some(path) = path else {
+        return Ok(Default::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let mut table = |name: &str| -> Result<toml::Table> {
+        match doc.remove(name) {
+            None => Ok(toml::Table::new()),
+            Some(toml::Value::Table(t)) => Ok(t),
+            Some(_) => anyhow::bail!("{}: `{name}` must be a table ([{name}])", path.display()),
+        }
+    };
+    Ok((table("train")?, table("student")?))
+}
+
+impl TrainArgs {
+    /// File values, then flags on top, parsed and validated as one config.
+    pub fn configs(&self) -> Result<(StudentConfig, TrainConfig)> {
+        let (mut t, mut s) = file_tables(self.config.as_deref())?;
+        let src = self.config.as_ref().map_or("flags".to_string(), |p| {
+            format!("{} and flags", p.display())
+        });
+        set(&mut t, "steps", self.steps)?;
+        set(&mut t, "batch", self.batch)?;
+        set(&mut t, "seq_len", self.seq_len)?;
+        set(&mut t, "grad_accum", self.grad_accum)?;
+        set(&mut t, "lr", self.lr)?;
+        set(&mut t, "schedule", self.schedule)?;
+        set(&mut t, "warmup_steps", self.warmup_steps)?;
+        set(&mut t, "packing", self.packing)?;
+        set(&mut t, "checkpoint_every", self.checkpoint_every)?;
+        set(&mut t, "keep_checkpoints", self.keep_checkpoints)?;
+        set(&mut t, "log_every", self.log_every)?;
+        set(&mut t, "seed", self.seed)?;
+        set(&mut s, "w_bits", self.w_bits)?;
+        set(&mut s, "w_group", self.w_group)?;
+        set(&mut s, "a_bits", self.a_bits)?;
+        set(&mut s, "kv_bits", self.kv_bits)?;
+        set(&mut s, "kv_point", self.kv_point)?;
+        let train: TrainConfig = toml::Value::Table(t).try_into().with_context(|| {
+            format!("[train] settings from {src} (steps, batch and seq_len are required)")
+        })?;
+        let student: StudentConfig = toml::Value::Table(s)
+            .try_into()
+            .with_context(|| format!("[student] settings from {src}"))?;
+        train.validate()?;
+        student.validate()?;
+        Ok((student, train))
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let (student, cfg) = a.configs()?;
+    let quant = student.quant_config()?;
+    eprintln!(
+        "training a {} student of {} on {} for {} steps ({} x {} tokens per micro-batch, grad_accum {})",
+        quant.label(),
+        a.teacher.display(),
+        a.corpus.display(),
+        cfg.steps,
+        cfg.batch,
+        cfg.seq_len,
+        cfg.grad_accum
+    );
+    let r = train::train(&a.teacher, &a.corpus, &a.out, &student, &cfg, |_| {})?;
+    let resumed = r
+        .resumed_from
+        .map_or(String::new(), |s| format!(" (resumed from step {s})"));
+    println!(
+        "trained to step {}{resumed} in {:.1} s, {:.0} tokens/s, final loss {:.5}; student in {}",
+        r.steps_done,
+        r.seconds,
+        r.tokens_per_second,
+        r.final_loss,
+        r.student_dir.as_deref().unwrap_or(&a.out).display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn args(extra: &[&str]) -> TrainArgs {
+        let base = ["pipeline", "--teacher", "t", "--corpus", "c", "--out", "o"];
+        Cli::parse_from(base.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn flags_override_the_file() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("train-cmd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("p.toml");
+        std::fs::write(
+            &file,
+            "[generate]\nsamples = 10\n[train]\nsteps = 100\nbatch = 8\nseq_len = 256\nlr = 1e-3\nschedule = \"cosine\"\n[student]\nw_bits = 3\nkv_bits = \"none\"\n",
+        )?;
+        let f = file.to_string_lossy().into_owned();
+        let (s, t) = args(&[
+            "--config",
+            &f,
+            "--steps",
+            "7",
+            "--a-bits",
+            "none",
+            "--kv-point",
+            "pre_rope",
+        ])
+        .configs()?;
+        assert_eq!(
+            (t.steps, t.batch, t.seq_len, t.lr, t.schedule),
+            (7, 8, 256, 1e-3, Schedule::Cosine)
+        );
+        assert_eq!(
+            (s.w_bits, s.a_bits, s.kv_bits, s.kv_point),
+            (3, 16, 16, KvPoint::PreRope)
+        );
+
+        std::fs::write(
+            &file,
+            "[train]\nsteps = 1\nbatch = 1\nseq_len = 8\nbogus = 1\n",
+        )?;
+        let err = format!("{:#}", args(&["--config", &f]).configs().unwrap_err());
+        assert!(err.contains("bogus"), "{err}");
+        let err = format!(
+            "{:#}",
+            args(&["--batch", "2", "--seq-len", "8"])
+                .configs()
+                .unwrap_err()
+        );
+        assert!(err.contains("steps"), "{err}");
+        let err = format!(
+            "{:#}",
+            args(&[
+                "--steps",
+                "1",
+                "--batch",
+                "2",
+                "--seq-len",
+                "8",
+                "--w-bits",
+                "9"
+            ])
+            .configs()
+            .unwrap_err()
+        );
+        assert!(err.contains("student.w_bits"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,195 @@
+//! Evaluation: perplexity of a model on a held-out text (the protocol of
+//! `../shared/data/README.md`: BOS + whole file, non-overlapping windows of ctx + 1 ids, each
+//! scored from scratch), and agreement / KL of a student against its teacher on the same windows.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, D};
+use model::llama::log_softmax_last;
+use model::Llama;
+use serde::Serialize;
+use std::time::Instant;
+
+/// `[BOS] + encode(text)`; the tokenizer must not add its own special tokens.
+pub fn encode_text(
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+    bos: Option<u32>,
+) -> Result<Vec<u32>> {
+    let enc = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the evaluation text: {e}"))?;
+    let mut ids = Vec::with_capacity(enc.len() + 1);
+    if let Some(b) = bos {
+        ids.push(b);
+    }
+    ids.extend_from_slice(enc.get_ids());
+    Ok(ids)
+}
+
+/// Start offsets and lengths of the scoring windows: ids[ctx*k .. ctx*k + ctx + 1].
+pub fn windows(n: usize, ctx: usize) -> Vec<(usize, usize)> {
+    let mut w = Vec::new();
+    let mut start = 0;
+    while start + 1 < n {
+        let len = (ctx + 1).min(n - start);
+        w.push((start, len));
+        start += ctx;
+    }
+    w
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    /// Mean negative log-likelihood per predicted token, in nats.
+    pub nll: f64,
+    /// Number of predicted (scored) tokens.
+    pub tokens: usize,
+    pub windows: usize,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+/// Windows of equal length are scored together in batches of `batch`.
+fn batched_windows(n: usize, ctx: usize, batch: usize) -> Vec<Vec<(usize, usize)>> {
+    let mut groups: Vec<Vec<(usize, usize)>> = Vec::new();
+    for w in windows(n, ctx) {
+        match groups.last_mut() {
+            Some(g) if g.len() < batch && g[0].1 == w.1 => g.push(w),
+            _ => groups.push(vec![w]),
+        }
+    }
+    groups
+}
+
+fn window_tensor(
+    ids: &[u32],
+    group: &[(usize, usize)],
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let len = group[0].1;
+    let mut inp = Vec::with_capacity(group.len() * (len - 1));
+    let mut tgt = Vec::with_capacity(group.len() * (len - 1));
+    for &(s, l) in group {
+        inp.extend_from_slice(&ids[s..s + l - 1]);
+        tgt.extend_from_slice(&ids[s + 1..s + l]);
+    }
+    Ok((
+        Tensor::from_vec(inp, (group.len(), len - 1), dev)?,
+        Tensor::from_vec(tgt, (group.len(), len - 1), dev)?,
+    ))
+}
+
+fn check_ids(model: &Llama, ids: &[u32], ctx: usize) -> Result<()> {
+    if ids.len() < 2 {
+        bail!("the evaluation text has fewer than 2 tokens; nothing to score");
+    }
+    if ctx == 0 || ctx > model.cfg.max_position_embeddings {
+        bail!(
+            "ctx = {ctx}: allowed values are 1..={} (the model's max_position_embeddings)",
+            model.cfg.max_position_embeddings
+        );
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= model.cfg.vocab_size) {
+        bail!("token id {bad} is outside the model's vocabulary ({}): tokenizer and model do not match", model.cfg.vocab_size);
+    }
+    Ok(())
+}
+
+/// Perplexity of `model` over `ids`; `on_tokens` is called with the tokens scored so far.
+pub fn perplexity(
+    model: &Llama,
+    ids: &[u32],
+    ctx: usize,
+    batch: usize,
+    mut on_tokens: impl FnMut(usize),
+) -> Result<Perplexity> {
+    check_ids(model, ids, ctx)?;
+    let t0 = Instant::now();
+    let mut sum = 0f64;
+    let mut count = 0usize;
+    let groups = batched_windows(ids.len(), ctx, batch.max(1));
+    let nwin: usize = groups.iter().map(|g| g.len()).sum();
+    for g in &groups {
+        let (inp, tgt) = window_tensor(ids, g, &model.device)?;
+        let logits = model.forward(&inp).context("forward pass")?;
+        let lp = log_softmax_last(&logits)?;
+        let picked = lp
+            .gather(&tgt.unsqueeze(D::Minus1)?, D::Minus1)?
+            .squeeze(D::Minus1)?;
+        let v: Vec<f32> = picked.flatten_all()?.to_vec1()?;
+        for x in v {
+            sum -= x as f64;
+        }
+        count += tgt.elem_count();
+        on_tokens(count);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let nll = sum / count as f64;
+    if !nll.is_finite() {
+        bail!("perplexity is not finite (mean NLL = {nll}); the model produced NaN or infinite logits");
+    }
+    Ok(Perplexity {
+        ppl: nll.exp(),
+        nll,
+        tokens: count,
+        windows: nwin,
+        seconds: secs,
+        tokens_per_second: count as f64 / secs,
+    })
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Agreement {
+    /// Share of positions where the student's argmax equals the teacher's.
+    pub agreement: f64,
+    /// Mean KL(teacher || student) per token, nats.
+    pub kl: f64,
+    pub tokens: usize,
+}
+
+/// Top-1 agreement and KL of `student` against `teacher` on the scoring windows of `ids`.
+pub fn agreement(
+    teacher: &Llama,
+    student: &Llama,
+    ids: &[u32],
+    ctx: usize,
+    batch: usize,
+) -> Result<Agreement> {
+    check_ids(teacher, ids, ctx)?;
+    let mut same = 0usize;
+    let mut kl = 0f64;
+    let mut count = 0usize;
+    for g in batched_windows(ids.len(), ctx, batch.max(1)) {
+        let (inp, _) = window_tensor(ids, &g, &teacher.device)?;
+        let lt = log_softmax_last(&teacher.forward(&inp)?)?;
+        let ls = log_softmax_last(&student.forward(&inp)?)?;
+        let at: Vec<u32> = lt.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
+        let as_: Vec<u32> = ls.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
+        same += at.iter().zip(&as_).filter(|(a, b)| a == b).count();
+        let k = (lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?;
+        let k: Vec<f32> = k.flatten_all()?.to_vec1()?;
+        kl += k.iter().map(|&x| x as f64).sum::<f64>();
+        count += at.len();
+    }
+    Ok(Agreement {
+        agreement: same as f64 / count as f64,
+        kl: kl / count as f64,
+        tokens: count,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_every_prediction_once() {
+        let w = windows(1100, 512);
+        assert_eq!(w, vec![(0, 513), (512, 513), (1024, 76)]);
+        let predicted: usize = w.iter().map(|(_, l)| l - 1).sum();
+        assert_eq!(predicted, 1099);
+        assert_eq!(windows(513, 512), vec![(0, 513)]);
+        assert_eq!(windows(514, 512), vec![(0, 513), (512, 2)]);
+    }
+}

@@ -1,0 +1,418 @@
+//! The generate stage: the teacher writes its own training corpus. Decoding workers run
+//! batches with continuous batching over per-sequence KV caches and send finished samples
+//! through a bounded channel to the shard writer, which writes Parquet shards and updates the
+//! corpus manifest after each one. Reruns keep every verified shard and make only the rest.
+
+pub mod sampler;
+mod worker;
+
+use anyhow::{bail, Context, Result};
+use corpus::{fsio, CorpusManifest, Sample, TeacherInfo};
+use model::{Llama, ModelFolder, QuantConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How the first token of a sample is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstToken {
+    /// Uniform over the vocabulary minus special tokens.
+    #[default]
+    Random,
+    /// Sample i starts with the i-th non-special token (cycling).
+    Sweep,
+}
+
+impl std::str::FromStr for FirstToken {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "random" => Ok(FirstToken::Random),
+            "sweep" => Ok(FirstToken::Sweep),
+            o => bail!("first_token = {o:?}: allowed values are \"random\" and \"sweep\""),
+        }
+    }
+}
+
+/// Inclusive range of greedy-prefix lengths, counting the first token; written `3..5`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixRange {
+    pub min: u8,
+    pub max: u8,
+}
+
+impl std::str::FromStr for PrefixRange {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let parse = |x: &str| {
+            x.trim().parse::<u8>().map_err(|_| {
+                anyhow::anyhow!(
+                    "greedy_prefix = {s:?}: expected N or MIN..MAX with 1 <= MIN <= MAX <= 255"
+                )
+            })
+        };
+        let (min, max) = match s.split_once("..") {
+            Some((a, b)) => (parse(a)?, parse(b.trim_start_matches('='))?),
+            None => (parse(s)?, parse(s)?),
+        };
+        if min == 0 || min > max {
+            bail!("greedy_prefix = {s:?}: expected 1 <= MIN <= MAX (e.g. \"3..5\")");
+        }
+        Ok(PrefixRange { min, max })
+    }
+}
+
+impl std::fmt::Display for PrefixRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{}", self.min, self.max)
+    }
+}
+
+impl Serialize for PrefixRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for PrefixRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_shard_size() -> u64 {
+    1024
+}
+fn default_batch() -> usize {
+    32
+}
+fn default_temperature() -> f64 {
+    1.0
+}
+fn default_prefix() -> PrefixRange {
+    PrefixRange { min: 3, max: 5 }
+}
+fn default_workers() -> usize {
+    1
+}
+
+/// The `[generate]` table of a pipeline file, and the flags of `pipeline generate`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    pub samples: u64,
+    pub max_tokens: usize,
+    #[serde(default = "default_shard_size")]
+    pub shard_size: u64,
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default = "default_prefix")]
+    pub greedy_prefix: PrefixRange,
+    #[serde(default)]
+    pub first_token: FirstToken,
+    /// Also store the decoded text of each sample.
+    #[serde(default)]
+    pub text: bool,
+    /// Decoding threads; the corpus does not depend on it.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl GenerateConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.samples == 0 {
+            bail!("generate.samples = 0: must be at least 1");
+        }
+        if self.max_tokens == 0 {
+            bail!("generate.max_tokens = 0: must be at least 1");
+        }
+        if self.shard_size == 0 {
+            bail!("generate.shard_size = 0: must be at least 1");
+        }
+        if self.batch == 0 {
+            bail!("generate.batch = 0: must be at least 1");
+        }
+        if self.workers == 0 {
+            bail!("generate.workers = 0: must be at least 1");
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!(
+                "generate.temperature = {}: must be a finite number >= 0",
+                self.temperature
+            );
+        }
+        if self.top_k == Some(0) {
+            bail!("generate.top_k = 0: must be at least 1 (or absent)");
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("generate.top_p = {p}: allowed values are 0 < top_p <= 1");
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings that decide the corpus bytes (batch and workers do not).
+    pub fn content_settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "greedy_prefix": self.greedy_prefix.to_string(),
+            "first_token": self.first_token,
+            "text": self.text,
+        })
+    }
+
+    pub fn num_shards(&self) -> usize {
+        self.samples.div_ceil(self.shard_size) as usize
+    }
+}
+
+/// Progress events for the caller's progress bar / log.
+pub enum Event<'a> {
+    Start {
+        samples_to_make: u64,
+        shards_kept: usize,
+    },
+    Sample {
+        tokens: usize,
+    },
+    ShardWritten {
+        index: usize,
+    },
+    Note(&'a str),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateReport {
+    pub out: PathBuf,
+    pub shards_kept: usize,
+    pub shards_written: usize,
+    pub samples_made: u64,
+    pub tokens_made: u64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub complete: bool,
+}
+
+/// Token ids a sample may start with: everything the tokenizer knows that is not special.
+pub fn first_token_candidates(tok: &tokenizers::Tokenizer, model: &Llama) -> Vec<u32> {
+    let n = tok.get_vocab_size(true).min(model.cfg.vocab_size) as u32;
+    let mut special: Vec<u32> = tok
+        .get_added_tokens_decoder()
+        .iter()
+        .filter(|(_, t)| t.special)
+        .map(|(&id, _)| id)
+        .collect();
+    special.extend(model.cfg.bos_token_id);
+    special.extend(model.cfg.eos_token_ids.iter().copied());
+    (0..n).filter(|i| !special.contains(i)).collect()
+}
+
+/// Makes the corpus in `out` (or the shards in `shard_range` of it), resuming what is there.
+pub fn generate(
+    teacher_dir: &Path,
+    out: &Path,
+    cfg: &GenerateConfig,
+    shard_range: Option<std::ops::Range<usize>>,
+    force: bool,
+    mut on_event: impl FnMut(Event),
+) -> Result<GenerateReport> {
+    cfg.validate()?;
+    let folder = ModelFolder::open(teacher_dir)?;
+    let tokenizer = folder.tokenizer()?;
+    if cfg.max_tokens > folder.config.max_position_embeddings {
+        bail!(
+            "generate.max_tokens = {} is above the teacher's context ({} in {})",
+            cfg.max_tokens,
+            folder.config.max_position_embeddings,
+            teacher_dir.join("config.json").display()
+        );
+    }
+    let fp = folder.fingerprint()?;
+    let teacher = TeacherInfo {
+        path: teacher_dir.display().to_string(),
+        weights_sha256: fp.weights_sha256,
+        tokenizer_sha256: fp.tokenizer_sha256,
+        vocab_size: folder.config.vocab_size,
+    };
+    let wanted = CorpusManifest::new(
+        teacher,
+        cfg.content_settings(),
+        cfg.seed,
+        cfg.samples,
+        cfg.shard_size,
+    );
+    let nshards = wanted.num_shards();
+    let range = shard_range.unwrap_or(0..nshards);
+    if range.start >= range.end || range.end > nshards {
+        bail!(
+            "--shards {}..{}: the corpus has shards 0..{nshards}",
+            range.start,
+            range.end
+        );
+    }
+
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create corpus folder {}", out.display()))?;
+    let mut manifest = if CorpusManifest::exists(out) {
+        let existing = CorpusManifest::load(out)?;
+        match existing.compatible_with(&wanted) {
+            Ok(()) => existing,
+            Err(e) if force => {
+                on_event(Event::Note(&format!("--force: discarding the existing corpus in {} ({e:#})", out.display())));
+                for entry in existing.shards.values() {
+                    let _ = std::fs::remove_file(out.join(&entry.file));
+                }
+                wanted.clone()
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{} already holds a corpus with other settings; use another --out, or --force to replace it",
+                    out.display()
+                )))
+            }
+        }
+    } else {
+        wanted.clone()
+    };
+    for p in fsio::remove_temp_files(out)? {
+        on_event(Event::Note(&format!(
+            "removed partial file {}",
+            p.display()
+        )));
+    }
+    // Keep shards whose file still matches the manifest; anything else is made again.
+    let mut kept = 0;
+    let listed: Vec<usize> = manifest.shards.keys().copied().collect();
+    for idx in listed {
+        let entry = manifest.shards[&idx].clone();
+        let path = out.join(&entry.file);
+        let ok = match std::fs::metadata(&path) {
+            Ok(m) if m.len() == entry.bytes => fsio::sha256_file(&path)? == entry.sha256,
+            _ => false,
+        };
+        if ok {
+            if range.contains(&idx) {
+                kept += 1;
+            }
+        } else {
+            on_event(Event::Note(&format!(
+                "shard {idx} ({}) is missing or corrupt: regenerating it",
+                path.display()
+            )));
+            manifest.shards.remove(&idx);
+        }
+    }
+    manifest.save(out)?;
+
+    let todo: Vec<usize> = range
+        .clone()
+        .filter(|i| !manifest.shards.contains_key(i))
+        .collect();
+    let ids: Vec<u64> = todo
+        .iter()
+        .flat_map(|&s| {
+            let first = manifest.first_sample(s);
+            first..first + manifest.expected_rows(s)
+        })
+        .collect();
+    on_event(Event::Start {
+        samples_to_make: ids.len() as u64,
+        shards_kept: kept,
+    });
+
+    let t0 = Instant::now();
+    let mut tokens_made = 0u64;
+    let mut written = 0usize;
+    if !ids.is_empty() {
+        let model = Arc::new(Llama::load(
+            &folder,
+            QuantConfig::none(),
+            &candle_core::Device::Cpu,
+        )?);
+        let job = Arc::new(worker::Job {
+            first_tokens: first_token_candidates(&tokenizer, &model),
+            model,
+            cfg: cfg.clone(),
+            ids,
+            next: AtomicUsize::new(0),
+        });
+        if job.first_tokens.is_empty() {
+            bail!(
+                "{}: the tokenizer has no non-special token to start a sample with",
+                folder.tokenizer_path().display()
+            );
+        }
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Sample>>(cfg.batch * 2 * cfg.workers);
+        let mut handles = Vec::new();
+        for _ in 0..cfg.workers {
+            let job = job.clone();
+            let tx = tx.clone();
+            handles.push(std::thread::spawn(move || worker::run(&job, &tx)));
+        }
+        drop(tx);
+        // Shard writer: buffer finished samples per shard, write a shard once it is whole.
+        let mut pending: BTreeMap<usize, Vec<Sample>> = BTreeMap::new();
+        for msg in rx.iter() {
+            let mut s = msg?;
+            tokens_made += s.tokens.len() as u64;
+            on_event(Event::Sample {
+                tokens: s.tokens.len(),
+            });
+            if cfg.text {
+                s.text =
+                    Some(tokenizer.decode(&s.tokens, true).map_err(|e| {
+                        anyhow::anyhow!("cannot decode sample {}: {e}", s.sample_id)
+                    })?);
+            }
+            let shard = (s.sample_id / cfg.shard_size) as usize;
+            let buf = pending.entry(shard).or_default();
+            buf.push(s);
+            if buf.len() as u64 == manifest.expected_rows(shard) {
+                let mut rows = pending.remove(&shard).unwrap_or_default();
+                rows.sort_by_key(|r| r.sample_id);
+                let path = out.join(corpus::shard_file_name(shard));
+                let entry = corpus::write_shard(&path, &rows, cfg.text)?;
+                manifest.shards.insert(shard, entry);
+                manifest.save(out)?;
+                written += 1;
+                on_event(Event::ShardWritten { index: shard });
+            }
+        }
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a decoding worker panicked"))??;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(GenerateReport {
+        out: out.to_path_buf(),
+        shards_kept: kept,
+        shards_written: written,
+        samples_made: 0,
+        tokens_made,
+        seconds: secs,
+        tokens_per_second: if secs > 0.0 {
+            tokens_made as f64 / secs
+        } else {
+            0.0
+        },
+        complete: manifest.is_complete(),
+    })
+}

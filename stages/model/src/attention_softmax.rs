@@ -1,0 +1,129 @@
+//! Causal softmax of attention scores in one pass: scale, mask and normalise each row.
+//! The separate tensor ops (scale, add mask, max, sub, exp, sum, div) dominated the forward
+//! pass of small-head models; this op does the same math once per element.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Scores are [.., rows, t] where row r is query position r % t (query heads that share a KV
+/// head are stacked along rows); column j is visible when j <= r % t.
+struct CausalSoftmax {
+    t: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(src) = s else {
+            candle_core::bail!("causal-softmax: f32 expected")
+        };
+        let Some((o1, o2)) = l.contiguous_offsets() else {
+            candle_core::bail!("causal-softmax: contiguous input expected")
+        };
+        let src = &src[o1..o2];
+        let t = self.t;
+        if l.dims().last() != Some(&t) {
+            candle_core::bail!("causal-softmax: last dim must be {t}");
+        }
+        let rows_per_block = l.dims()[l.dims().len() - 2];
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(t)
+            .zip(src.par_chunks(t))
+            .enumerate()
+            .for_each(|(r, (d, x))| {
+                let i = (r % rows_per_block) % t;
+                let vis = &x[..=i];
+                let mut max = f32::NEG_INFINITY;
+                for &v in vis {
+                    max = max.max(v * self.scale);
+                }
+                let mut sum = 0f32;
+                for (dv, &v) in d[..=i].iter_mut().zip(vis) {
+                    let e = (v * self.scale - max).exp();
+                    *dv = e;
+                    sum += e;
+                }
+                for dv in d[..=i].iter_mut() {
+                    *dv /= sum;
+                }
+            });
+        Ok((CpuStorage::F32(dst), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // d softmax: s * (g - sum(g * s)); masked entries have s = 0.
+        let gs = (grad * res)?.sum_keepdim(D::Minus1)?;
+        let g = (res * grad.broadcast_sub(&gs)?)?;
+        Ok(Some((g * self.scale as f64)?))
+    }
+}
+
+/// softmax(scores * scale + causal mask) over the last dim; scores [.., rep * t, t].
+pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == candle_core::DType::F32 {
+        return scores.contiguous()?.apply_op1(CausalSoftmax {
+            t,
+            scale: scale as f32,
+        });
+    }
+    let rows = scores.dim(D::Minus2)?;
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (rows, t), scores.device())?.to_dtype(scores.dtype())?;
+    crate::llama::softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn reference(x: &Tensor, t: usize, scale: f64) -> Tensor {
+        let rows = x.dim(D::Minus2).unwrap();
+        let mask: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (rows, t), x.device()).unwrap();
+        crate::llama::softmax_last(&(x * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn matches_masked_softmax_forward_and_backward() {
+        let dev = Device::Cpu;
+        let (t, rep) = (7, 3);
+        let x = Var::randn(0f32, 1.0, (2, 2, rep * t, t), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (2, 2, rep * t, t), &dev).unwrap();
+        let a = causal_softmax(x.as_tensor(), t, 0.35).unwrap();
+        let b = reference(x.as_tensor(), t, 0.35);
+        let d: f32 = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-6, "forward differs by {d}");
+        let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ga, gb) = (ga.get(&x).unwrap(), gb.get(&x).unwrap());
+        let d: f32 = (ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-6, "gradient differs by {d}");
+    }
+}

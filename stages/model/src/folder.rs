@@ -1,0 +1,151 @@
+//! A Hugging Face model folder on disk: `config.json`, `model.safetensors` (or a sharded
+//! `model.safetensors.index.json`) and `tokenizer.json`. Loading checks every tensor against
+//! the config so a broken checkpoint fails with the file and tensor name, not a panic later.
+
+use crate::config::LlamaConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+pub struct ModelFolder {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    pub weight_files: Vec<PathBuf>,
+}
+
+/// Identity of a teacher: hashes of its weights and tokenizer, recorded in corpus manifests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TeacherFingerprint {
+    pub weights_sha256: String,
+    pub tokenizer_sha256: String,
+}
+
+fn sha256_files(files: &[PathBuf]) -> Result<String> {
+    let mut h = Sha256::new();
+    for f in files {
+        let mut file =
+            std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+        std::io::copy(&mut file, &mut h).with_context(|| format!("cannot read {}", f.display()))?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+impl ModelFolder {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "model folder {} does not exist or is not a folder",
+                dir.display()
+            );
+        }
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            bail!(
+                "{}: missing config.json (expected a Hugging Face model folder)",
+                dir.display()
+            );
+        }
+        let config = LlamaConfig::load(&config_path)?;
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let weight_files = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", index.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| {
+                    format!("{}: missing object field `weight_map`", index.display())
+                })?;
+            let files: BTreeSet<String> = map
+                .values()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect();
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are supported)",
+                dir.display()
+            );
+        };
+        for f in &weight_files {
+            if !f.exists() {
+                bail!(
+                    "{}: weight file listed in the index is missing",
+                    f.display()
+                );
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weight_files,
+        })
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+
+    /// Loads `tokenizer.json` and checks that every id it can produce fits the model's vocabulary.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let path = self.tokenizer_path();
+        if !path.exists() {
+            bail!("{}: missing tokenizer.json", self.dir.display());
+        }
+        let tok = Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let n = tok.get_vocab_size(true);
+        if n > self.config.vocab_size {
+            bail!(
+                "{}: tokenizer has {n} tokens but {} says vocab_size = {}: tokenizer and model do not match",
+                path.display(),
+                self.dir.join("config.json").display(),
+                self.config.vocab_size
+            );
+        }
+        Ok(tok)
+    }
+
+    pub fn fingerprint(&self) -> Result<TeacherFingerprint> {
+        Ok(TeacherFingerprint {
+            weights_sha256: sha256_files(&self.weight_files)?,
+            tokenizer_sha256: sha256_files(&[self.tokenizer_path()])?,
+        })
+    }
+
+    /// Every tensor of the checkpoint, converted to f32 on `device`.
+    pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for f in &self.weight_files {
+            let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+                anyhow::anyhow!("{}: not a valid safetensors file: {e}", f.display())
+            })?;
+            for (name, view) in st.tensors() {
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::F32 => DType::F32,
+                    safetensors::Dtype::F16 => DType::F16,
+                    safetensors::Dtype::BF16 => DType::BF16,
+                    other => bail!(
+                        "{}: tensor {name} has dtype {other:?}; expected f32, f16 or bf16",
+                        f.display()
+                    ),
+                };
+                let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+                    .with_context(|| format!("{}: tensor {name}", f.display()))?
+                    .to_dtype(DType::F32)?
+                    .to_device(device)?;
+                out.insert(name.to_string(), t);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,19 @@
+//! The model library: a Llama-family decoder (Llama, Mistral, Qwen2-style bias) loaded from a
+//! Hugging Face folder, with one quantization seam (`QuantConfig`) handed to the seven linear
+//! projections and to the K/V cache. It has two forward paths: a full-sequence pass that is
+//! differentiable (training, evaluation) and an incremental pass with a per-sequence KV cache
+//! (generation). No training code lives here.
+
+pub mod attention_softmax;
+pub mod config;
+pub mod decode;
+pub mod folder;
+pub mod llama;
+pub mod qconfig;
+pub mod rowmatmul;
+
+pub use config::LlamaConfig;
+pub use decode::SeqCache;
+pub use folder::{ModelFolder, TeacherFingerprint};
+pub use llama::Llama;
+pub use qconfig::{parse_bits, KvPoint, QuantConfig};

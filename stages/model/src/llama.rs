@@ -1,0 +1,373 @@
+//! The Llama-family decoder: embeddings, `num_hidden_layers` blocks of (RMSNorm, GQA attention
+//! with RoPE, RMSNorm, SwiGLU MLP), final norm and LM head. `forward` is the full-sequence,
+//! differentiable pass; `decode.rs` adds the incremental pass over a KV cache.
+//! Quantization enters only through `QuantConfig`, applied in `Linear::forward` and `quant_kv`.
+
+use crate::attention_softmax::causal_softmax;
+use crate::config::LlamaConfig;
+use crate::qconfig::QuantConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+
+/// A projection `y = x Wᵀ (+ b)`; weight [out, in] as stored by Hugging Face.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// The weight as the forward pass sees it (fake-quantized per channel or per group).
+    pub fn effective_weight(&self, q: &QuantConfig) -> candle_core::Result<Tensor> {
+        match q.w_bits {
+            Some(b) => quant::fake_quant_ste(&self.weight, b, q.w_group),
+            None => Ok(self.weight.clone()),
+        }
+    }
+
+    /// Activations are quantized per token (over the last dim) before the product.
+    pub fn forward(&self, x: &Tensor, q: &QuantConfig) -> candle_core::Result<Tensor> {
+        let x = match q.a_bits {
+            Some(b) => quant::fake_quant_ste(x, b, None)?,
+            None => x.clone(),
+        };
+        let w = self.effective_weight(q)?;
+        let y = x.broadcast_matmul(&w.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Precomputed RoPE tables (Hugging Face "rotate half" layout), [max_pos, head_dim / 2].
+#[derive(Clone)]
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<Self> {
+        let half = cfg.head_dim / 2;
+        // Same as transformers: inv_freq in f32, then position * inv_freq in f32.
+        // Angles and their cos/sin in f64, rounded once to f32: the most accurate table, and
+        // the one that reproduces the reference perplexities of 4-bit post-RoPE K best.
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for i in 0..half {
+                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64);
+                let a = p as f64 * inv;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half), device)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?,
+        })
+    }
+
+    /// x: [.., t, head_dim] with cos/sin broadcastable to [.., t, head_dim / 2].
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+        let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+        Tensor::cat(&[a, b], D::Minus1)
+    }
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&r)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dim; the max shift is a constant for autograd.
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+pub fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let s = x.broadcast_sub(&m)?;
+    s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Fake-quantizes K or V per token across all KV heads: x is [b, t, n_kv * head_dim].
+pub fn quant_kv(x: &Tensor, q: &QuantConfig) -> candle_core::Result<Tensor> {
+    match q.kv_bits {
+        Some(b) => quant::fake_quant_ste(x, b, None),
+        None => Ok(x.clone()),
+    }
+}
+
+#[derive(Clone)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub quant: QuantConfig,
+    pub embed_tokens: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    pub rope: Rope,
+    pub device: Device,
+}
+
+/// The Hugging Face names of every tensor the model uses, with their shapes.
+pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, q, kv) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+    );
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+        if cfg.attention_bias {
+            v.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            v.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            v.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+impl Llama {
+    /// Loads a Hugging Face folder (weights converted to f32).
+    pub fn load(
+        folder: &crate::folder::ModelFolder,
+        quant: QuantConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let tensors = folder.load_tensors(device)?;
+        let source = folder
+            .weight_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self::from_tensors(folder.config.clone(), quant, tensors, &source, device)
+    }
+
+    /// Builds the model from named tensors (e.g. trainable `Var`s), checking names and shapes.
+    pub fn from_tensors(
+        cfg: LlamaConfig,
+        quant: QuantConfig,
+        mut t: HashMap<String, Tensor>,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        quant.validate()?;
+        for (name, shape) in expected_tensors(&cfg) {
+            match t.get(&name) {
+                None => {
+                    bail!("{source}: missing tensor `{name}` (config.json implies shape {shape:?})")
+                }
+                Some(x) if x.dims() != shape.as_slice() => bail!(
+                    "{source}: tensor `{name}` has shape {:?}, config.json implies {shape:?}",
+                    x.dims()
+                ),
+                _ => {}
+            }
+        }
+        let mut take = |n: &str| -> Result<Tensor> {
+            t.remove(n)
+                .with_context(|| format!("{source}: missing tensor `{n}`"))
+        };
+        let embed_tokens = take("model.embed_tokens.weight")?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |n: &str, bias: bool| -> Result<Linear> {
+                Ok(Linear {
+                    weight: take(&format!("{p}.{n}.weight"))?,
+                    bias: if bias {
+                        Some(take(&format!("{p}.{n}.bias"))?)
+                    } else {
+                        None
+                    },
+                })
+            };
+            let ab = cfg.attention_bias;
+            let attn = Attention {
+                q_proj: lin("self_attn.q_proj", ab)?,
+                k_proj: lin("self_attn.k_proj", ab)?,
+                v_proj: lin("self_attn.v_proj", ab)?,
+                o_proj: lin("self_attn.o_proj", false)?,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", false)?,
+                up_proj: lin("mlp.up_proj", false)?,
+                down_proj: lin("mlp.down_proj", false)?,
+            };
+            blocks.push(Block {
+                input_layernorm: take(&format!("{p}.input_layernorm.weight"))?,
+                attn,
+                post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp,
+            });
+        }
+        let norm = take("model.norm.weight")?;
+        // Tied models use the embedding as LM head even when a copy of it is stored.
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            take("lm_head.weight")?
+        };
+        let rope = Rope::new(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            quant,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    /// Every parameter under its Hugging Face name (tied LM head listed once, as the embedding).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            v.push((
+                format!("{p}.input_layernorm.weight"),
+                b.input_layernorm.clone(),
+            ));
+            for (n, lin) in [
+                ("self_attn.q_proj", &b.attn.q_proj),
+                ("self_attn.k_proj", &b.attn.k_proj),
+                ("self_attn.v_proj", &b.attn.v_proj),
+                ("self_attn.o_proj", &b.attn.o_proj),
+                ("mlp.gate_proj", &b.mlp.gate_proj),
+                ("mlp.up_proj", &b.mlp.up_proj),
+                ("mlp.down_proj", &b.mlp.down_proj),
+            ] {
+                v.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+                if let Some(bias) = &lin.bias {
+                    v.push((format!("{p}.{n}.bias"), bias.clone()));
+                }
+            }
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.post_attention_layernorm.clone(),
+            ));
+        }
+        v.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            v.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        v
+    }
+
+    /// Full-sequence forward from position 0: ids [b, t] (u32) -> logits [b, t, vocab].
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let q = &self.quant;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let rep = nh / nkv;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
+        let cos = self.rope.cos.narrow(0, 0, t)?;
+        let sin = self.rope.sin.narrow(0, 0, t)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for blk in &self.blocks {
+            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+            let qs = blk.attn.q_proj.forward(&h, q)?;
+            let mut k = blk.attn.k_proj.forward(&h, q)?;
+            let v = quant_kv(&blk.attn.v_proj.forward(&h, q)?, q)?;
+            if q.kv_point == crate::qconfig::KvPoint::PreRope {
+                k = quant_kv(&k, q)?;
+            }
+            let qs = qs.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            let qs = Rope::apply(&qs, &cos, &sin)?;
+            let mut k = Rope::apply(&k, &cos, &sin)?;
+            if q.kv_point == crate::qconfig::KvPoint::PostRope && q.kv_bits.is_some() {
+                let flat = k.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
+                k = quant_kv(&flat, q)?
+                    .reshape((b, t, nkv, hd))?
+                    .transpose(1, 2)?;
+            }
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            // Group the `rep` query heads that share one KV head: [b, nkv, rep * t, hd].
+            let qg = qs.reshape((b, nkv, rep * t, hd))?;
+            let att = causal_softmax(&qg.matmul(&k.contiguous()?.t()?)?, t, scale)?;
+            let y = att
+                .matmul(&v)?
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            x = (x + blk.attn.o_proj.forward(&y, q)?)?;
+            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
+            let g = blk.mlp.gate_proj.forward(&h, q)?.silu()?;
+            let u = blk.mlp.up_proj.forward(&h, q)?;
+            x = (x + blk.mlp.down_proj.forward(&(g * u)?, q)?)?;
+        }
+        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        x.broadcast_matmul(&self.lm_head.t()?)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+}

@@ -1,0 +1,103 @@
+//! The quantization seam: which tensors of a decoder block are fake-quantized, and how.
+//! Granularity follows DESIGN.md: weights per output channel (or per group of k inputs),
+//! activations per token, K and V per token across all KV heads of the layer.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// Where K is quantized: after RoPE (what a real low-bit cache stores) or right after k_proj.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvPoint {
+    #[default]
+    PostRope,
+    PreRope,
+}
+
+impl std::str::FromStr for KvPoint {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "post_rope" => Ok(KvPoint::PostRope),
+            "pre_rope" => Ok(KvPoint::PreRope),
+            other => {
+                bail!("kv_point = {other:?}: allowed values are \"post_rope\" and \"pre_rope\"")
+            }
+        }
+    }
+}
+
+/// `None` bits mean "not quantized" (16 / none in user input).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantConfig {
+    pub w_bits: Option<u32>,
+    /// Per-group size along the input dimension; `None` = per output channel.
+    pub w_group: Option<usize>,
+    pub a_bits: Option<u32>,
+    pub kv_bits: Option<u32>,
+    #[serde(default)]
+    pub kv_point: KvPoint,
+}
+
+/// Parses a user's bit width: 2..=8 quantize, 16 or 32 mean "off".
+pub fn parse_bits(field: &str, bits: u32) -> Result<Option<u32>> {
+    match bits {
+        2..=8 => Ok(Some(bits)),
+        16 | 32 => Ok(None),
+        _ => bail!("{field} = {bits}: allowed values are 2..=8, or 16 / none for no quantization"),
+    }
+}
+
+impl QuantConfig {
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (field, bits) in [
+            ("w_bits", self.w_bits),
+            ("a_bits", self.a_bits),
+            ("kv_bits", self.kv_bits),
+        ] {
+            if let Some(b) = bits {
+                if !(2..=8).contains(&b) {
+                    bail!(
+                        "{field} = {b}: allowed values are 2..=8, or 16 / none for no quantization"
+                    );
+                }
+            }
+        }
+        if self.w_group == Some(0) {
+            bail!("w_group = 0: a group size must be at least 1 (or absent for per-channel)");
+        }
+        Ok(())
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.w_bits.is_none() && self.a_bits.is_none() && self.kv_bits.is_none()
+    }
+
+    /// Short label such as `w4a8kv4` or `fp`.
+    pub fn label(&self) -> String {
+        if self.is_off() {
+            return "fp".into();
+        }
+        let mut s = String::new();
+        if let Some(b) = self.w_bits {
+            s += &format!("w{b}");
+            if let Some(g) = self.w_group {
+                s += &format!("g{g}");
+            }
+        }
+        if let Some(b) = self.a_bits {
+            s += &format!("a{b}");
+        }
+        if let Some(b) = self.kv_bits {
+            s += &format!("kv{b}");
+            if self.kv_point == KvPoint::PreRope {
+                s += "_pre_rope";
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,258 @@
+//! Symmetric MinMax fake quantization (DESIGN.md, "Quantizers"):
+//!
+//! ```text
+//! qmax  = 2^(b-1) - 1
+//! alpha = max |x| over the group / qmax        (alpha = 0 -> output 0)
+//! q(x)  = clamp(round_half_even(x / alpha), -qmax, qmax) * alpha
+//! ```
+//!
+//! Groups run along the last dimension: the whole row (per channel for an [out, in] weight,
+//! per token for activations) or `k` consecutive values of a row (the last group may be
+//! shorter). `x / alpha` is a true division, as in PyTorch, so results match bit for bit.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Error, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::QuantError;
+
+/// 1.5 * 2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to an integer,
+/// half to even (the FPU's rounding mode), unlike candle's `round` (half away from zero).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// How the values sharing one scale are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Granularity {
+    /// One scale per output channel (a weight row).
+    PerChannel,
+    /// One scale per `k` consecutive values of a row.
+    PerGroup(usize),
+    /// One scale per token (an activation row).
+    PerToken,
+}
+
+impl Granularity {
+    /// The group length along the last dimension (`None` = the whole row).
+    pub fn group(&self) -> Option<usize> {
+        match self {
+            Granularity::PerChannel | Granularity::PerToken => None,
+            Granularity::PerGroup(k) => Some(*k),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), QuantError> {
+        match self {
+            Granularity::PerGroup(0) => Err(QuantError::invalid(
+                "group_size",
+                0,
+                "a group size of at least 1",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads a bit width from the configuration: 16 or 32 mean "no quantization" (`None`),
+/// 2 to 8 quantize, anything else is an error.
+pub fn parse_bits(bits: u32) -> Result<Option<u32>, QuantError> {
+    match bits {
+        16 | 32 => Ok(None),
+        2..=8 => Ok(Some(bits)),
+        _ => Err(QuantError::invalid(
+            "bits",
+            bits,
+            "2 to 8 to quantize, or 16 / 32 for no quantization",
+        )),
+    }
+}
+
+/// A configured fake quantizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FakeQuant {
+    pub bits: u32,
+    pub granularity: Granularity,
+}
+
+impl FakeQuant {
+    /// `Ok(None)` when `bits` is 16 or 32 (quantization off).
+    pub fn new(bits: u32, granularity: Granularity) -> Result<Option<FakeQuant>, QuantError> {
+        granularity.validate()?;
+        Ok(parse_bits(bits)?.map(|bits| FakeQuant { bits, granularity }))
+    }
+
+    /// Quantized values, no gradient.
+    pub fn quantize(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        fake_quant(x, self.bits, self.granularity.group())
+    }
+
+    /// Quantized values with a straight-through (identity) gradient, for training.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        fake_quant_ste(x, self.bits, self.granularity.group())
+    }
+}
+
+fn check_args(bits: u32, group: Option<usize>) -> candle_core::Result<f32> {
+    if !(2..=8).contains(&bits) {
+        return Err(Error::Msg(format!(
+            "fake_quant: bits = {bits} is not allowed; allowed: 2 to 8"
+        )));
+    }
+    if group == Some(0) {
+        return Err(Error::Msg(
+            "fake_quant: group_size = 0 is not allowed; allowed: at least 1".into(),
+        ));
+    }
+    Ok(((1u32 << (bits - 1)) - 1) as f32)
+}
+
+fn fast_path(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype().is_float()
+}
+
+/// Fake-quantizes `x` (forward values only, no gradient) with `bits` bits, groups of `group`
+/// values along the last dimension (`None` = the whole row).
+pub fn fake_quant(x: &Tensor, bits: u32, group: Option<usize>) -> candle_core::Result<Tensor> {
+    let qmax = check_args(bits, group)?;
+    if fast_path(x) {
+        let op = FakeQuantOp { qmax, group };
+        x.detach()
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&op)?
+            .to_dtype(x.dtype())
+    } else {
+        fake_quant_tensor_ops(&x.detach(), bits, group)
+    }
+}
+
+/// Like [`fake_quant`], with a straight-through estimator: the gradient w.r.t. `x` is the
+/// identity. The forward values are exactly those of [`fake_quant`].
+pub fn fake_quant_ste(x: &Tensor, bits: u32, group: Option<usize>) -> candle_core::Result<Tensor> {
+    let qmax = check_args(bits, group)?;
+    if fast_path(x) {
+        // One pass: the custom op's backward passes the gradient through unchanged.
+        let op = FakeQuantOp { qmax, group };
+        x.to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1(op)?
+            .to_dtype(x.dtype())
+    } else {
+        // (detach(x) - x) is exactly +0 forward and has gradient -1, so q(x) minus it gives
+        // the exact quantized values, -0.0 included, with an identity gradient
+        // (x + (q - x).detach() would round twice).
+        let q = fake_quant_tensor_ops(&x.detach(), bits, group)?;
+        q.sub(&x.detach().sub(x)?)
+    }
+}
+
+/// The same math written with candle tensor ops (any device), computed in f32. Public so
+/// that tests can compare it with the CPU kernel.
+pub fn fake_quant_tensor_ops(
+    x: &Tensor,
+    bits: u32,
+    group: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let qmax = check_args(bits, group)?;
+    let dims = x.dims().to_vec();
+    let d = dims.last().copied().unwrap_or(1);
+    let n = x.elem_count();
+    if n == 0 {
+        return Ok(x.clone());
+    }
+    let rows = n / d;
+    let g = group.unwrap_or(d).min(d);
+    let n_groups = d.div_ceil(g);
+    let padded = n_groups * g;
+    let dev = x.device();
+
+    let x2 = x.to_dtype(DType::F32)?.reshape((rows, d))?;
+    // Zero padding of the short last group leaves its max |x| unchanged.
+    let x2 = if padded > d {
+        x2.pad_with_zeros(1, 0, padded - d)?
+    } else {
+        x2
+    };
+    let xg = x2.reshape((rows, n_groups, g))?;
+    let amax = xg.abs()?.max_keepdim(2)?;
+    // True division (candle's `tensor / f64` multiplies by the reciprocal).
+    let alpha = amax.broadcast_div(&Tensor::new(qmax, dev)?)?;
+    // alpha = 0 only when the group is all zeros: divide by 1 instead, the result is 0 * 0.
+    let safe = alpha.eq(0f32)?.where_cond(&alpha.ones_like()?, &alpha)?;
+    let v = xg.broadcast_div(&safe)?.clamp(-qmax, qmax)?;
+    let magic = Tensor::new(ROUND_MAGIC, dev)?;
+    let r_abs = v.abs()?.broadcast_add(&magic)?.broadcast_sub(&magic)?;
+    // Round |v| and restore the sign, so that small negative values give -0.0 as in torch.
+    let r = v.lt(0f32)?.where_cond(&r_abs.neg()?, &r_abs)?;
+    r.broadcast_mul(&alpha)?
+        .reshape((rows, padded))?
+        .narrow(1, 0, d)?
+        .reshape(dims)?
+        .to_dtype(x.dtype())
+}
+
+/// The CPU kernel: contiguous f32 rows, rayon over rows.
+struct FakeQuantOp {
+    qmax: f32,
+    group: Option<usize>,
+}
+
+impl CustomOp1 for FakeQuantOp {
+    fn name(&self) -> &'static str {
+        "fake-quant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Msg("fake-quant: input must be contiguous".into()))?;
+        let x = &data[start..end];
+        let shape = layout.shape().clone();
+        let row = shape.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; x.len()];
+        if !x.is_empty() {
+            quantize_rows(x, &mut out, row, self.qmax, self.group);
+        }
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // Straight-through estimator, no clipping window.
+        Ok(Some(grad_res.clone()))
+    }
+}
+
+fn quantize_rows(x: &[f32], out: &mut [f32], row: usize, qmax: f32, group: Option<usize>) {
+    let g = group.unwrap_or(row).min(row);
+    // Enough rows per rayon task that small rows do not drown in scheduling.
+    let min_rows = (16 * 1024 / row).max(1);
+    out.par_chunks_mut(row)
+        .zip(x.par_chunks(row))
+        .with_min_len(min_rows)
+        .for_each(|(o, xr)| {
+            for (oc, xc) in o.chunks_mut(g).zip(xr.chunks(g)) {
+                quantize_group(xc, oc, qmax);
+            }
+        });
+}
+
+fn quantize_group(x: &[f32], out: &mut [f32], qmax: f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let alpha = amax / qmax;
+    if alpha == 0.0 {
+        out.fill(0.0);
+        return;
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v / alpha).clamp(-qmax, qmax).round_ties_even() * alpha;
+    }
+}

@@ -1,0 +1,50 @@
+//! Quantizer math for the distillation pipeline, with no model code:
+//!
+//! - [`fake`]: symmetric MinMax fake quantization (QAT weights per channel or per group,
+//!   activations and KV per token) with a straight-through gradient;
+//! - [`codebook`]: NF4 / NF3 / NF2, int-k and bitsandbytes' dynamic 8-bit code books;
+//! - [`blockwise`]: QLoRA block-wise k-bit quantization with double quantization.
+//!
+//! The numbers are bit-identical to the PyTorch / bitsandbytes 0.50.2 (CPU) references in
+//! `shared/fixtures/quant.safetensors` (see DESIGN.md, "Quantizers" and "Block-wise k-bit
+//! quantization").
+
+pub mod blockwise;
+pub mod codebook;
+pub mod fake;
+mod tables;
+
+pub use blockwise::{pack_bits, quantize_blockwise, unpack_bits, BlockQuantized, BlockScales};
+pub use codebook::{dynamic8, normal_map, CodeBook, DYNAMIC8_CODE, NF2_CODE, NF3_CODE, NF4_CODE};
+pub use fake::{fake_quant, fake_quant_ste, parse_bits, FakeQuant, Granularity};
+
+/// Errors from invalid quantizer settings or inputs; each names the field and what is allowed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantError {
+    #[error("{field} = {value} is not allowed; allowed: {allowed}")]
+    InvalidValue {
+        field: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("data has {len} values but shape {shape:?} holds {expected}")]
+    ShapeMismatch {
+        len: usize,
+        shape: Vec<usize>,
+        expected: usize,
+    },
+}
+
+impl QuantError {
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl ToString,
+        allowed: &'static str,
+    ) -> QuantError {
+        QuantError::InvalidValue {
+            field,
+            value: value.to_string(),
+            allowed,
+        }
+    }
+}

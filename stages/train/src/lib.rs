@@ -1,0 +1,437 @@
+//! The train stage: a student initialised from the teacher is trained with W/A/KV fake
+//! quantization (the model crate's `QuantConfig`) to match the frozen teacher's logits on the
+//! synthetic corpus. Checkpointed and resumable after SIGKILL: on CPU a killed and resumed run
+//! ends with the same bytes as an uninterrupted one.
+//!
+//! - `config`: the `[train]` and `[student]` tables
+//! - `data`: corpus -> rows -> micro-batches, on a reader thread behind a bounded channel
+//! - `loss`: the distillation loss (CE between temperature-scaled distributions), KL, agreement
+//! - `optim`: AdamW, learning-rate schedule, gradient clipping
+//! - `checkpoint`: checkpoint folders, verification, pruning, the final student folder
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod loss;
+pub mod optim;
+
+pub use config::{Packing, Schedule, StudentConfig, TrainConfig};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use checkpoint::CheckpointState;
+use corpus::{fsio, CorpusManifest};
+use data::{Loader, LoaderSpec};
+use model::{Llama, LlamaConfig, ModelFolder, QuantConfig};
+use optim::{AdamW, Param};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const LOG_FILE: &str = "train_log.jsonl";
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+pub const STUDENT_DIR: &str = "student";
+
+/// One line of `train_log.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub step: u64,
+    /// Distillation loss (CE), averaged over the step's micro-batches.
+    pub loss: f64,
+    pub kl: f64,
+    pub agreement: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    /// The optimizer step the student has reached.
+    pub steps_done: u64,
+    /// The checkpoint step this invocation started from, if it resumed.
+    pub resumed_from: Option<u64>,
+    pub final_loss: f64,
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+    /// `None` when the run stopped early (`stop_after`) before `train.steps`.
+    pub student_dir: Option<PathBuf>,
+}
+
+/// Trains `train.steps` optimizer steps (resuming from the newest checkpoint under `out`) and
+/// writes the final student to `<out>/student/`.
+pub fn train(
+    teacher_dir: &Path,
+    corpus_dir: &Path,
+    out: &Path,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+    on_log: impl FnMut(&LogLine),
+) -> Result<TrainReport> {
+    train_until(teacher_dir, corpus_dir, out, student, cfg, None, on_log)
+}
+
+/// Which student tensors receive gradients.
+fn is_trainable(name: &str, cfg: &TrainConfig) -> bool {
+    if name == "model.embed_tokens.weight" {
+        cfg.train_embeddings
+    } else if name == "lm_head.weight" {
+        cfg.train_lm_head
+    } else if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+        cfg.train_norms
+    } else {
+        true
+    }
+}
+
+/// Builds the student from `init` (teacher or checkpoint tensors): trainable tensors become
+/// `Var`s, and the model holds the Vars' own tensors so optimizer updates reach the forward pass.
+pub fn build_student(
+    mcfg: &LlamaConfig,
+    quant: &QuantConfig,
+    init: &HashMap<String, Tensor>,
+    cfg: &TrainConfig,
+    source: &str,
+    device: &Device,
+) -> Result<(Llama, Vec<Param>)> {
+    let mut tensors = HashMap::new();
+    let mut params = Vec::new();
+    for (name, _) in model::llama::expected_tensors(mcfg) {
+        let t = init
+            .get(&name)
+            .with_context(|| format!("{source}: missing tensor `{name}`"))?;
+        if is_trainable(&name, cfg) {
+            // from_tensor copies the storage, so the teacher's tensors are never touched.
+            let var = Var::from_tensor(t)?;
+            tensors.insert(name.clone(), var.as_tensor().clone());
+            params.push(Param { name, var });
+        } else {
+            tensors.insert(name, t.clone());
+        }
+    }
+    let model = Llama::from_tensors(mcfg.clone(), quant.clone(), tensors, source, device)?;
+    Ok((model, params))
+}
+
+/// What a checkpoint must agree on with the current run to be resumed: the teacher, the corpus,
+/// the quantization and every setting that changes the computation (`steps` may grow; logging
+/// and checkpoint cadence do not change the weights).
+fn fingerprint(
+    teacher: &model::TeacherFingerprint,
+    corpus_sha: &str,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+) -> Result<Value> {
+    let mut train = serde_json::to_value(cfg)?;
+    if let Value::Object(m) = &mut train {
+        for k in ["steps", "log_every", "checkpoint_every", "keep_checkpoints"] {
+            m.remove(k);
+        }
+    }
+    Ok(json!({
+        "teacher": teacher,
+        "corpus_manifest_sha256": corpus_sha,
+        "student": student,
+        "train": train,
+    }))
+}
+
+/// Keeps the log lines of steps `<= step` (a resumed run rewrites the rest); drops a torn
+/// last line left by a kill.
+fn truncate_log(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        if serde_json::from_str::<LogLine>(line).is_ok_and(|l| l.step <= step) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    fsio::write_atomic(path, kept.as_bytes())
+}
+
+/// `train`, stopping after optimizer step `stop_after` (with a checkpoint there) if it comes
+/// before `train.steps`. The schedule still follows `train.steps`, so a stopped run resumed
+/// with the same config continues exactly as if it had not stopped.
+#[allow(clippy::too_many_arguments)]
+pub fn train_until(
+    teacher_dir: &Path,
+    corpus_dir: &Path,
+    out: &Path,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+    stop_after: Option<u64>,
+    mut on_log: impl FnMut(&LogLine),
+) -> Result<TrainReport> {
+    let started = Instant::now();
+    cfg.validate()?;
+    let quant = student.quant_config()?;
+    let device = Device::Cpu;
+
+    let folder = ModelFolder::open(teacher_dir)?;
+    let mcfg = folder.config.clone();
+    if cfg.seq_len > mcfg.max_position_embeddings {
+        bail!(
+            "train.seq_len = {}: allowed values are 2..={} (the teacher's max_position_embeddings)",
+            cfg.seq_len,
+            mcfg.max_position_embeddings
+        );
+    }
+    if mcfg.tie_word_embeddings && cfg.train_embeddings != cfg.train_lm_head {
+        bail!(
+            "train.train_embeddings = {} but train.train_lm_head = {}: the teacher ties the LM head to the embedding, so both must be equal",
+            cfg.train_embeddings,
+            cfg.train_lm_head
+        );
+    }
+    let manifest = CorpusManifest::load(corpus_dir)?;
+    if !manifest.is_complete() {
+        bail!(
+            "corpus {} is incomplete (missing shards {:?}); finish it with `pipeline generate` first",
+            corpus_dir.display(),
+            manifest.missing_shards()
+        );
+    }
+    let corpus_sha = fsio::sha256_file(&CorpusManifest::path(corpus_dir))?;
+    let teacher_fp = folder.fingerprint()?;
+    if teacher_fp.weights_sha256 != manifest.teacher.weights_sha256 {
+        eprintln!(
+            "warning: corpus {} was generated by another teacher (weights sha256 {}), not {}",
+            corpus_dir.display(),
+            manifest.teacher.weights_sha256,
+            teacher_dir.display()
+        );
+    }
+    let fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg)?;
+
+    // Find where to start: the newest checkpoint that verifies, if its settings match ours.
+    let ckpt_root = out.join(CHECKPOINT_DIR);
+    std::fs::create_dir_all(&ckpt_root)
+        .with_context(|| format!("creating {}", ckpt_root.display()))?;
+    checkpoint::remove_temp_dirs(&ckpt_root)?;
+    checkpoint::remove_temp_dirs(out)?;
+    fsio::remove_temp_files(out)?;
+    let resume = checkpoint::newest_valid(&ckpt_root, &mut |msg| eprintln!("{msg}"))?;
+    if let Some((dir, state)) = &resume {
+        if let Some((key, theirs, ours)) = checkpoint::first_difference(&state.fingerprint, &fp, "")
+        {
+            bail!(
+                "checkpoint {} was made with {key} = {theirs}, but the current run has {key} = {ours}; \
+                 refusing to mix them (restore the setting, or train into a new --out folder)",
+                dir.display()
+            );
+        }
+        if state.step > cfg.steps {
+            bail!(
+                "checkpoint {} is at step {}, beyond train.steps = {}; raise steps or use a new --out folder",
+                dir.display(),
+                state.step,
+                cfg.steps
+            );
+        }
+    }
+    let start_step = resume.as_ref().map_or(0, |(_, s)| s.step);
+    let cursor = resume.as_ref().map_or(0, |(_, s)| s.loader_cursor);
+
+    // The reader thread verifies and reads the corpus while the models load.
+    let spec = LoaderSpec {
+        packing: cfg.packing,
+        seq_len: cfg.seq_len,
+        batch: cfg.batch,
+        seed: cfg.seed,
+        bos: mcfg.bos_token_id,
+        pad: mcfg.eos_token_ids.first().copied().unwrap_or(0),
+        vocab_size: mcfg.vocab_size,
+    };
+    let mut loader = Loader::start(corpus_dir, spec, cursor)?;
+
+    let teacher_tensors = folder.load_tensors(&device)?;
+    let teacher_names: Vec<String> = teacher_tensors.keys().cloned().collect();
+    let teacher = Llama::from_tensors(
+        mcfg.clone(),
+        QuantConfig::none(),
+        teacher_tensors.clone(),
+        teacher_dir.to_string_lossy().as_ref(),
+        &device,
+    )?;
+    let (init, source) = match &resume {
+        Some((dir, _)) => {
+            let p = dir.join(checkpoint::STUDENT_FILE);
+            (
+                checkpoint::read_safetensors(&p, &device)?,
+                p.display().to_string(),
+            )
+        }
+        None => (teacher_tensors, teacher_dir.display().to_string()),
+    };
+    let (student_model, params) = build_student(&mcfg, &quant, &init, cfg, &source, &device)?;
+    drop(init);
+    let mut opt = AdamW::new(cfg, &params)?;
+    if let Some((dir, _)) = &resume {
+        let p = dir.join(checkpoint::OPTIMIZER_FILE);
+        opt.load_moments(
+            &params,
+            checkpoint::read_safetensors(&p, &device)?,
+            &p.display().to_string(),
+        )?;
+        eprintln!("resuming from {} (step {start_step})", dir.display());
+    }
+
+    let log_path = out.join(LOG_FILE);
+    truncate_log(&log_path, start_step)?;
+    let mut log_file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+
+    let end_step = stop_after.map_or(cfg.steps, |s| s.clamp(start_step, cfg.steps));
+    let mut last_ckpt = resume.as_ref().map(|(d, _)| d.clone());
+    let mut last_loss = resume.as_ref().map_or(f64::NAN, |(_, s)| s.loss);
+    let mut cursor = cursor;
+    let loop_start = Instant::now();
+    let (mut total_tokens, mut window_tokens, mut window_start) = (0usize, 0usize, Instant::now());
+    let no_ckpt = || "none yet".to_string();
+
+    for step in start_step + 1..=end_step {
+        let lr = optim::lr_at(cfg, step);
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let (mut loss_sum, mut kl_sum, mut agree_sum) = (0f64, 0f64, 0f64);
+        for _ in 0..cfg.grad_accum {
+            let batch = loader.next_batch()?;
+            debug_assert_eq!(batch.index, cursor);
+            cursor += 1;
+            let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.len), &device)?;
+            let teacher_logits = teacher.forward(&ids)?;
+            let student_logits = student_model.forward(&ids)?;
+            let d = loss::distill_loss(
+                &teacher_logits,
+                &student_logits,
+                batch.mask.as_deref(),
+                cfg.temperature,
+            )?;
+            let value = d.loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                bail!(
+                    "step {step}: the distillation loss is {value}; stopping. Last good checkpoint: {} \
+                     (all checkpoints are kept). Lower train.lr (now {}) or check the corpus",
+                    last_ckpt.as_ref().map_or_else(no_ckpt, |p| p.display().to_string()),
+                    cfg.lr
+                );
+            }
+            // Gradients of the mean over micro-batches: each backward sees loss / grad_accum.
+            let g = d
+                .loss
+                .affine(1.0 / cfg.grad_accum as f64, 0.0)?
+                .backward()?;
+            for (acc, p) in grads.iter_mut().zip(&params) {
+                let gi = match g.get(p.var.as_tensor()) {
+                    Some(x) => x.clone(),
+                    None => p.var.zeros_like()?,
+                };
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + gi)?,
+                    None => gi,
+                });
+            }
+            loss_sum += value;
+            kl_sum += d.kl;
+            agree_sum += d.agreement;
+            window_tokens += batch.rows * batch.len;
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .map(|g| g.context("no micro-batch ran"))
+            .collect::<Result<_>>()?;
+        let grad_norm = optim::clip_grad_norm(&mut grads, cfg.grad_clip)?;
+        if !grad_norm.is_finite() {
+            bail!(
+                "step {step}: the gradient norm is {grad_norm}; stopping. Last good checkpoint: {} (all checkpoints are kept)",
+                last_ckpt.as_ref().map_or_else(no_ckpt, |p| p.display().to_string())
+            );
+        }
+        opt.step(&params, &grads, lr, step)?;
+        let n = cfg.grad_accum as f64;
+        last_loss = loss_sum / n;
+
+        if step % cfg.log_every == 0 || step == end_step {
+            let secs = window_start.elapsed().as_secs_f64();
+            let line = LogLine {
+                step,
+                loss: last_loss,
+                kl: kl_sum / n,
+                agreement: agree_sum / n,
+                lr,
+                grad_norm,
+                tokens_per_second: window_tokens as f64 / secs.max(1e-9),
+            };
+            writeln!(log_file, "{}", serde_json::to_string(&line)?)
+                .with_context(|| format!("writing {}", log_path.display()))?;
+            eprintln!(
+                "step {step}/{}  loss {:.4}  kl {:.4}  agree {:.1}%  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+                cfg.steps,
+                line.loss,
+                line.kl,
+                100.0 * line.agreement,
+                lr,
+                grad_norm,
+                line.tokens_per_second
+            );
+            on_log(&line);
+            total_tokens += window_tokens;
+            window_tokens = 0;
+            window_start = Instant::now();
+        }
+
+        if step % cfg.checkpoint_every == 0 || step == end_step {
+            let state = CheckpointState {
+                format: 1,
+                step,
+                loader_cursor: cursor,
+                lr,
+                loss: last_loss,
+                fingerprint: fp.clone(),
+            };
+            let dir = checkpoint::write(
+                &ckpt_root,
+                &student_model.named_tensors(),
+                &opt.named_moments(&params),
+                &state,
+            )?;
+            checkpoint::prune(&ckpt_root, cfg.keep_checkpoints)?;
+            last_ckpt = Some(dir);
+        }
+    }
+    drop(loader);
+    total_tokens += window_tokens;
+    let loop_secs = loop_start.elapsed().as_secs_f64();
+
+    let student_dir = if end_step == cfg.steps {
+        // Under the teacher's names: a tied model that also stored `lm_head.weight` gets it back.
+        let mut tensors = student_model.named_tensors();
+        if mcfg.tie_word_embeddings && teacher_names.iter().any(|n| n == "lm_head.weight") {
+            tensors.push(("lm_head.weight".into(), student_model.embed_tokens.clone()));
+        }
+        let dst = out.join(STUDENT_DIR);
+        checkpoint::export_student(teacher_dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;
+        Some(dst)
+    } else {
+        None
+    };
+    Ok(TrainReport {
+        steps_done: end_step,
+        resumed_from: resume.map(|(_, s)| s.step),
+        final_loss: last_loss,
+        tokens_per_second: total_tokens as f64 / loop_secs.max(1e-9),
+        seconds: started.elapsed().as_secs_f64(),
+        student_dir,
+    })
+}

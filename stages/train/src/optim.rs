@@ -1,0 +1,215 @@
+//! AdamW over the student's `Var`s (our own, so its moments can be checkpointed and restored
+//! bit for bit), the learning-rate schedule, and gradient clipping by global norm.
+
+use crate::config::{Schedule, TrainConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use std::collections::HashMap;
+
+/// One trainable tensor under its Hugging Face name.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+}
+
+impl Param {
+    /// Weight decay applies to matrices only; norm gains (and biases) are not shrunk to 0.
+    fn decays(&self) -> bool {
+        self.var.rank() >= 2
+    }
+}
+
+/// Learning rate of optimizer step `step` (1-based): linear warmup over `warmup_steps`, then
+/// constant, or a linear / cosine decay from `lr` towards `min_lr` over the remaining steps.
+pub fn lr_at(cfg: &TrainConfig, step: u64) -> f64 {
+    if step <= cfg.warmup_steps {
+        return cfg.lr * step as f64 / cfg.warmup_steps as f64;
+    }
+    let span = cfg.steps.saturating_sub(cfg.warmup_steps).max(1) as f64;
+    // The first step after warmup runs at the full rate.
+    let progress = ((step - cfg.warmup_steps - 1) as f64 / span).clamp(0.0, 1.0);
+    let factor = match cfg.schedule {
+        Schedule::Constant => return cfg.lr,
+        Schedule::Linear => 1.0 - progress,
+        Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    };
+    cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+}
+
+/// Global L2 norm of all gradients, summed in parameter order (deterministic).
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0f64;
+    for g in grads {
+        sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Scales the gradients so their global norm is at most `max_norm` (0 = off); returns the
+/// norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = g.affine(scale, 0.0)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// AdamW (Loshchilov & Hutter) with bias correction and decoupled weight decay.
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// First and second moments, one per parameter, in parameter order.
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(cfg: &TrainConfig, params: &[Param]) -> Result<Self> {
+        let zeros = |p: &Param| p.var.zeros_like();
+        Ok(AdamW {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            m: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
+            v: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// Applies optimizer step `t` (1-based, for the bias correction) with learning rate `lr`.
+    pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, t: u64) -> Result<()> {
+        let (b1, b2) = (self.beta1, self.beta2);
+        let c1 = 1.0 - b1.powi(t as i32);
+        let c2 = 1.0 - b2.powi(t as i32);
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let m = (self.m[i].affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+            let v = (self.v[i].affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+            let denom = (v.affine(1.0 / c2, 0.0)?.sqrt()? + self.eps)?;
+            let update = m.affine(1.0 / c1, 0.0)?.div(&denom)?;
+            let w = p.var.as_tensor();
+            let w = if self.weight_decay > 0.0 && p.decays() {
+                w.affine(1.0 - lr * self.weight_decay, 0.0)?
+            } else {
+                w.clone()
+            };
+            let new = (w - update.affine(lr, 0.0)?)?;
+            p.var
+                .set(&new)
+                .with_context(|| format!("updating {}", p.name))?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`m.NAME`, `v.NAME`) for the checkpoint.
+    pub fn named_moments(&self, params: &[Param]) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * params.len());
+        for (i, p) in params.iter().enumerate() {
+            out.push((format!("m.{}", p.name), self.m[i].clone()));
+            out.push((format!("v.{}", p.name), self.v[i].clone()));
+        }
+        out
+    }
+
+    /// Restores the moments saved by `named_moments`; every parameter must be present.
+    pub fn load_moments(
+        &mut self,
+        params: &[Param],
+        mut t: HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<()> {
+        for (i, p) in params.iter().enumerate() {
+            for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{kind}.{}", p.name);
+                let x = t
+                    .remove(&key)
+                    .with_context(|| format!("{source}: missing tensor `{key}`"))?;
+                if x.dims() != p.var.dims() {
+                    bail!(
+                        "{source}: tensor `{key}` has shape {:?}, expected {:?}",
+                        x.dims(),
+                        p.var.dims()
+                    );
+                }
+                *slot = x;
+            }
+        }
+        if let Some(extra) = t.keys().next() {
+            bail!("{source}: unexpected tensor `{extra}` (the checkpoint trains other parameters)");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedules() {
+        let mut c = TrainConfig::new(110, 1, 4);
+        c.warmup_steps = 10;
+        c.lr = 1.0;
+        c.min_lr = 0.1;
+        assert!((lr_at(&c, 5) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_at(&c, 10), 1.0);
+        assert_eq!(lr_at(&c, 60), 1.0);
+        c.schedule = Schedule::Linear;
+        assert_eq!(lr_at(&c, 11), 1.0);
+        assert!((lr_at(&c, 61) - 0.55).abs() < 1e-12);
+        c.schedule = Schedule::Cosine;
+        assert_eq!(lr_at(&c, 11), 1.0);
+        assert!((lr_at(&c, 61) - 0.55).abs() < 1e-12);
+        assert!(lr_at(&c, 110) > 0.1 && lr_at(&c, 110) < 0.11);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr() -> Result<()> {
+        // With bias correction the first update is lr * g / (|g| + eps) = lr * sign(g).
+        let dev = Device::Cpu;
+        let p = Param {
+            name: "w".into(),
+            var: Var::from_vec(vec![1f32, -2.0, 3.0, 0.5], (2, 2), &dev)?,
+        };
+        let g = Tensor::from_vec(vec![0.3f32, -0.01, 5.0, 0.0], (2, 2), &dev)?;
+        let mut c = TrainConfig::new(1, 1, 4);
+        c.weight_decay = 0.5;
+        let mut opt = AdamW::new(&c, std::slice::from_ref(&p))?;
+        opt.step(std::slice::from_ref(&p), &[g], 0.1, 1)?;
+        let w: Vec<f32> = p.var.flatten_all()?.to_vec1()?;
+        let want = [
+            1.0 * 0.95 - 0.1,
+            -2.0 * 0.95 + 0.1,
+            3.0 * 0.95 - 0.1,
+            0.5 * 0.95,
+        ];
+        for (a, b) in w.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{w:?} vs {want:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn clipping() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut g = vec![Tensor::new(&[3f32], &dev)?, Tensor::new(&[4f32], &dev)?];
+        let n = clip_grad_norm(&mut g, 1.0)?;
+        assert!((n - 5.0).abs() < 1e-6);
+        assert!((global_norm(&g)? - 1.0).abs() < 1e-5);
+        Ok(())
+    }
+}
