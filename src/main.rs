@@ -3,10 +3,14 @@
 
 mod eval_cmd;
 mod generate_cmd;
+mod pipeline_file;
 mod progress;
+mod report;
+mod runner;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +34,24 @@ enum Command {
     Corpus(generate_cmd::CorpusCommand),
     /// Train a fake-quantized student by logit distillation on a corpus (resumable).
     Train(train_cmd::TrainArgs),
+    /// Run a whole pipeline file (generate -> train -> eval), skipping and resuming stages.
+    Run {
+        /// Pipeline TOML, e.g. pipelines/llmqat.toml.
+        pipeline: PathBuf,
+        /// Override a setting: --set section.key=value (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Redo this stage and every stage after it (repeatable).
+        #[arg(long)]
+        force: Vec<String>,
+    },
+    /// Where a run stands: each stage's state and what the next `run` would do.
+    Status {
+        /// A run directory or a pipeline TOML.
+        target: PathBuf,
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
 }
 
 fn main() {
@@ -39,6 +61,8 @@ fn main() {
         Command::Generate(a) => generate_cmd::run(a),
         Command::Corpus(c) => generate_cmd::corpus(c),
         Command::Train(a) => train_cmd::run(a),
+        Command::Run { pipeline, sets, force } => runner::run(&pipeline, &sets, &force),
+        Command::Status { target, sets } => runner::status(&target, &sets),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -193,3 +193,61 @@ mod tests {
         assert_eq!(windows(514, 512), vec![(0, 513), (512, 2)]);
     }
 }
+
+/// Perplexity of the teacher and, on the same windows, perplexity plus agreement / KL of each
+/// student against it; the teacher runs once per window.
+pub fn score_against_teacher(
+    teacher: &Llama,
+    students: &[&Llama],
+    ids: &[u32],
+    ctx: usize,
+    batch: usize,
+    mut on_tokens: impl FnMut(usize),
+) -> Result<(Perplexity, Vec<(Perplexity, Agreement)>)> {
+    check_ids(teacher, ids, ctx)?;
+    let t0 = Instant::now();
+    let n = students.len();
+    let mut t_sum = 0f64;
+    let mut s_sum = vec![0f64; n];
+    let mut same = vec![0usize; n];
+    let mut kl = vec![0f64; n];
+    let mut count = 0usize;
+    let groups = batched_windows(ids.len(), ctx, batch.max(1));
+    let nwin: usize = groups.iter().map(|g| g.len()).sum();
+    for g in &groups {
+        let (inp, tgt) = window_tensor(ids, g, &teacher.device)?;
+        let tgt = tgt.unsqueeze(D::Minus1)?;
+        let lt = log_softmax_last(&teacher.forward(&inp)?)?;
+        let nll_of = |lp: &Tensor| -> Result<f64> {
+            let v: Vec<f32> = lp.gather(&tgt, D::Minus1)?.flatten_all()?.to_vec1()?;
+            Ok(-v.iter().map(|&x| x as f64).sum::<f64>())
+        };
+        t_sum += nll_of(&lt)?;
+        let at: Vec<u32> = lt.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
+        let pt = lt.exp()?;
+        for (i, s) in students.iter().enumerate() {
+            let ls = log_softmax_last(&s.forward(&inp)?)?;
+            s_sum[i] += nll_of(&ls)?;
+            let as_: Vec<u32> = ls.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
+            same[i] += at.iter().zip(&as_).filter(|(a, b)| a == b).count();
+            let k: Vec<f32> = (&pt * (&lt - &ls)?)?.sum(D::Minus1)?.flatten_all()?.to_vec1()?;
+            kl[i] += k.iter().map(|&x| x as f64).sum::<f64>();
+        }
+        count += at.len();
+        on_tokens(count);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let ppl = |sum: f64| -> Result<Perplexity> {
+        let nll = sum / count as f64;
+        if !nll.is_finite() {
+            bail!("perplexity is not finite (mean NLL = {nll})");
+        }
+        Ok(Perplexity { ppl: nll.exp(), nll, tokens: count, windows: nwin, seconds: secs, tokens_per_second: count as f64 / secs })
+    };
+    let teacher_ppl = ppl(t_sum)?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push((ppl(s_sum[i])?, Agreement { agreement: same[i] as f64 / count as f64, kl: kl[i] / count as f64, tokens: count }));
+    }
+    Ok((teacher_ppl, out))
+}

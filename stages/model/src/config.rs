@@ -79,9 +79,8 @@ impl LlamaConfig {
                 let g: Value = serde_json::from_str(&t)
                     .with_context(|| format!("{}: not valid JSON", gen.display()))?;
                 for id in token_ids(g.get("eos_token_id")) {
-                    // generation_config.json of llama2.c exports lists BOS (1) as an EOS id too;
-                    // a sample can never legitimately end on BOS, so ignore it there.
-                    if Some(id) != cfg.bos_token_id && !cfg.eos_token_ids.contains(&id) {
+                    // llama2.c models list BOS as an EOS id too: they start each story with BOS.
+                    if !cfg.eos_token_ids.contains(&id) {
                         cfg.eos_token_ids.push(id);
                     }
                 }

@@ -1,0 +1,292 @@
+//! The pipeline TOML file: typed tables for every stage, parsed and validated once at load,
+//! with `--set section.key=value` overrides. Errors name the file, the line and the key.
+
+use anyhow::{anyhow, bail, Context, Result};
+use generate::GenerateConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Component, Path, PathBuf};
+use train::{StudentConfig, TrainConfig};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunTable {
+    pub name: String,
+    /// The run directory this pipeline owns (relative paths are relative to the working directory).
+    pub directory: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherTable {
+    /// Hugging Face folder of the teacher.
+    pub model: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalTable {
+    /// Held-out text for perplexity.
+    pub text: PathBuf,
+    /// Window length (default: the model's context).
+    #[serde(default)]
+    pub ctx: Option<usize>,
+    #[serde(default = "default_eval_batch")]
+    pub batch: usize,
+    /// Score only the first N tokens of the text (quick runs); absent = the whole text.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+}
+
+fn default_eval_batch() -> usize {
+    4
+}
+
+/// Block-wise quantization of a frozen base (used by LoRA-style students; see `pipeline quantize`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeTable {
+    #[serde(default = "default_qformat")]
+    pub format: String,
+    #[serde(default = "default_block")]
+    pub block_size: usize,
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
+}
+
+fn default_qformat() -> String {
+    "nf4".into()
+}
+fn default_block() -> usize {
+    64
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportTable {
+    /// `safetensors`: the student as a Hugging Face folder of f32 weights plus quantization.json.
+    #[serde(default = "default_export")]
+    pub format: String,
+}
+
+fn default_export() -> String {
+    "safetensors".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    pub run: RunTable,
+    pub teacher: TeacherTable,
+    pub generate: GenerateConfig,
+    #[serde(default)]
+    pub quantize: Option<QuantizeTable>,
+    #[serde(default)]
+    pub student: StudentConfig,
+    pub train: TrainConfig,
+    pub eval: EvalTable,
+    #[serde(default)]
+    pub export: Option<ExportTable>,
+}
+
+/// Line (1-based) of `key = ...` inside `[section]`, for error messages.
+fn locate(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            current = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        } else if current == section {
+            if let Some((k, _)) = l.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Parses `value` of a `--set` as TOML (numbers, booleans, quoted strings), else as a bare string.
+fn set_value(v: &str) -> toml::Value {
+    let doc = format!("x = {v}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("x").unwrap_or(toml::Value::String(v.into())),
+        Err(_) => toml::Value::String(v.into()),
+    }
+}
+
+/// Whether a relative path stays inside its base once resolved lexically.
+fn stays_inside(p: &Path) -> bool {
+    let mut depth: i64 = 0;
+    for c in p.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::RootDir | Component::Prefix(_) => return false,
+            Component::CurDir => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+impl PipelineFile {
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        Self::parse(&text, path, sets)
+    }
+
+    pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Self> {
+        let f = path.display();
+        let mut table: toml::Table = text.parse().map_err(|e| anyhow!("{f}: {e}"))?;
+        for s in sets {
+            let Some((key, value)) = s.split_once('=') else {
+                bail!("--set {s:?}: expected section.key=value, e.g. train.steps=100");
+            };
+            let Some((section, field)) = key.trim().split_once('.') else {
+                bail!("--set {s:?}: expected section.key=value, e.g. teacher.model=../model");
+            };
+            let sec = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            let Some(sec) = sec.as_table_mut() else { bail!("--set {s:?}: `{section}` is not a table") };
+            sec.insert(field.to_string(), set_value(value.trim()));
+        }
+        let merged = toml::to_string(&table)?;
+        // Errors from serde carry the line of the merged document; report them against the
+        // user's file when the key can be found there.
+        let p: PipelineFile = toml::from_str(&merged).map_err(|e| {
+            let msg = e.message().to_string();
+            anyhow!("{f}: {}", msg.trim())
+        })?;
+        p.validate(text, path)?;
+        Ok(p)
+    }
+
+    fn validate(&self, text: &str, path: &Path) -> Result<()> {
+        let f = path.display();
+        let at = |section: &str, key: &str| match locate(text, section, key) {
+            Some(l) => format!("{f}, line {l}"),
+            None => format!("{f}"),
+        };
+        // Stage validators name `section.key`; attach the file and line of that key.
+        let with_place = |r: Result<()>, section: &str| -> Result<()> {
+            r.map_err(|e| {
+                let msg = format!("{e:#}");
+                let key = msg
+                    .split(|c: char| c.is_whitespace() || c == '=')
+                    .next()
+                    .and_then(|k| k.split_once('.'))
+                    .map(|(_, k)| k.to_string())
+                    .unwrap_or_default();
+                anyhow!("{}: [{section}] {msg}", at(section, &key))
+            })
+        };
+        if self.run.name.trim().is_empty() {
+            bail!("{}: [run] name must not be empty", at("run", "name"));
+        }
+        if self.run.directory.as_os_str().is_empty() {
+            bail!("{}: [run] directory must not be empty", at("run", "directory"));
+        }
+        if self.run.directory.is_file() {
+            bail!("{}: [run] directory = {:?} is a file, not a folder", at("run", "directory"), self.run.directory);
+        }
+        if self.run.device != "cpu" {
+            bail!("{}: [run] device = {:?}: allowed values are \"cpu\" (CUDA is not built in)", at("run", "device"), self.run.device);
+        }
+        with_place(self.generate.validate(), "generate")?;
+        with_place(self.student.quant_config().and_then(|q| q.validate()), "student")?;
+        with_place(self.train.validate(), "train")?;
+        if self.eval.batch == 0 {
+            bail!("{}: [eval] batch = 0: must be at least 1", at("eval", "batch"));
+        }
+        if self.eval.ctx == Some(0) {
+            bail!("{}: [eval] ctx = 0: must be at least 1", at("eval", "ctx"));
+        }
+        if self.eval.max_tokens.is_some_and(|n| n < 2) {
+            bail!("{}: [eval] max_tokens must be at least 2", at("eval", "max_tokens"));
+        }
+        if let Some(q) = &self.quantize {
+            if !["nf4", "nf3", "nf2", "int8", "int4", "int3", "int2"].contains(&q.format.as_str()) {
+                bail!(
+                    "{}: [quantize] format = {:?}: allowed values are nf4, nf3, nf2, int8, int4, int3, int2",
+                    at("quantize", "format"),
+                    q.format
+                );
+            }
+            if q.block_size == 0 {
+                bail!("{}: [quantize] block_size = 0: must be at least 1", at("quantize", "block_size"));
+            }
+        }
+        if let Some(e) = &self.export {
+            if e.format != "safetensors" {
+                bail!("{}: [export] format = {:?}: allowed values are \"safetensors\"", at("export", "format"), e.format);
+            }
+        }
+        if !self.teacher.model.exists() {
+            bail!("{}: [teacher] model = {:?} does not exist", at("teacher", "model"), self.teacher.model);
+        }
+        let teacher = model::ModelFolder::open(&self.teacher.model)
+            .map_err(|e| anyhow!("{}: [teacher] model: {e:#}", at("teacher", "model")))?;
+        let ctx = teacher.config.max_position_embeddings;
+        if self.generate.max_tokens > ctx {
+            bail!(
+                "{}: [generate] max_tokens = {} is above the teacher's context ({ctx})",
+                at("generate", "max_tokens"),
+                self.generate.max_tokens
+            );
+        }
+        if self.train.seq_len > ctx {
+            bail!("{}: [train] seq_len = {} is above the teacher's context ({ctx})", at("train", "seq_len"), self.train.seq_len);
+        }
+        if !self.eval.text.exists() {
+            bail!("{}: [eval] text = {:?} does not exist", at("eval", "text"), self.eval.text);
+        }
+        if !stays_inside(Path::new(&self.run.name)) || self.run.name.contains('/') {
+            bail!("{}: [run] name = {:?} must be a plain name (it must not write outside the run directory)", at("run", "name"), self.run.name);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_values_are_typed() {
+        assert_eq!(set_value("3"), toml::Value::Integer(3));
+        assert_eq!(set_value("0.5"), toml::Value::Float(0.5));
+        assert_eq!(set_value("true"), toml::Value::Boolean(true));
+        assert_eq!(set_value("../a/b"), toml::Value::String("../a/b".into()));
+        assert_eq!(set_value("\"x\""), toml::Value::String("x".into()));
+    }
+
+    #[test]
+    fn locate_finds_keys_in_sections() {
+        let t = "[run]\nname = \"a\"\n[train]\nsteps = 3\nlr = 1\n";
+        assert_eq!(locate(t, "train", "lr"), Some(5));
+        assert_eq!(locate(t, "run", "lr"), None);
+    }
+
+    #[test]
+    fn paths_that_leave_are_detected() {
+        assert!(stays_inside(Path::new("a/b")));
+        assert!(!stays_inside(Path::new("../a")));
+        assert!(!stays_inside(Path::new("a/../../b")));
+        assert!(!stays_inside(Path::new("/abs")));
+    }
+}
