@@ -114,10 +114,12 @@ pub fn generate_with_progress(
         } => {
             bar.set_length(samples_to_make);
             if shards_kept > 0 {
-                bar.println(format!(
-                    "keeping {shards_kept} finished shard(s) in {}",
-                    out.display()
-                ));
+                bar.suspend(|| {
+                    eprintln!(
+                        "keeping {shards_kept} finished shard(s) in {}",
+                        out.display()
+                    )
+                });
             }
         }
         Event::Sample { tokens: n } => {
@@ -127,7 +129,7 @@ pub fn generate_with_progress(
             bar.set_message(format!("{:.0} tokens/s", tokens as f64 / s));
         }
         Event::ShardWritten { .. } => {}
-        Event::Note(n) => bar.println(n),
+        Event::Note(n) => bar.suspend(|| eprintln!("{n}")),
     });
     bar.finish_and_clear();
     r

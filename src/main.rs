@@ -61,7 +61,11 @@ fn main() {
         Command::Generate(a) => generate_cmd::run(a),
         Command::Corpus(c) => generate_cmd::corpus(c),
         Command::Train(a) => train_cmd::run(a),
-        Command::Run { pipeline, sets, force } => runner::run(&pipeline, &sets, &force),
+        Command::Run {
+            pipeline,
+            sets,
+            force,
+        } => runner::run(&pipeline, &sets, &force),
         Command::Status { target, sets } => runner::status(&target, &sets),
     };
     if let Err(e) = result {

@@ -145,7 +145,8 @@ fn stays_inside(p: &Path) -> bool {
 
 impl PipelineFile {
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
         Self::parse(&text, path, sets)
     }
 
@@ -162,16 +163,25 @@ impl PipelineFile {
             let sec = table
                 .entry(section.to_string())
                 .or_insert_with(|| toml::Value::Table(Default::default()));
-            let Some(sec) = sec.as_table_mut() else { bail!("--set {s:?}: `{section}` is not a table") };
+            let Some(sec) = sec.as_table_mut() else {
+                bail!("--set {s:?}: `{section}` is not a table")
+            };
             sec.insert(field.to_string(), set_value(value.trim()));
         }
         let merged = toml::to_string(&table)?;
         // Errors from serde carry the line of the merged document; report them against the
         // user's file when the key can be found there.
-        let p: PipelineFile = toml::from_str(&merged).map_err(|e| {
-            let msg = e.message().to_string();
-            anyhow!("{f}: {}", msg.trim())
-        })?;
+        let p: PipelineFile = match toml::from_str(&merged) {
+            Ok(p) => p,
+            Err(e) => {
+                // The user's own text carries line numbers and the offending key; report its
+                // error when it has one, else the error of the overridden document.
+                if let Err(orig) = toml::from_str::<PipelineFile>(text) {
+                    bail!("{f}: {}", orig.to_string().trim());
+                }
+                bail!("{f} (after --set overrides): {}", e.message().trim());
+            }
+        };
         p.validate(text, path)?;
         Ok(p)
     }
@@ -199,25 +209,45 @@ impl PipelineFile {
             bail!("{}: [run] name must not be empty", at("run", "name"));
         }
         if self.run.directory.as_os_str().is_empty() {
-            bail!("{}: [run] directory must not be empty", at("run", "directory"));
+            bail!(
+                "{}: [run] directory must not be empty",
+                at("run", "directory")
+            );
         }
         if self.run.directory.is_file() {
-            bail!("{}: [run] directory = {:?} is a file, not a folder", at("run", "directory"), self.run.directory);
+            bail!(
+                "{}: [run] directory = {:?} is a file, not a folder",
+                at("run", "directory"),
+                self.run.directory
+            );
         }
         if self.run.device != "cpu" {
-            bail!("{}: [run] device = {:?}: allowed values are \"cpu\" (CUDA is not built in)", at("run", "device"), self.run.device);
+            bail!(
+                "{}: [run] device = {:?}: allowed values are \"cpu\" (CUDA is not built in)",
+                at("run", "device"),
+                self.run.device
+            );
         }
         with_place(self.generate.validate(), "generate")?;
-        with_place(self.student.quant_config().and_then(|q| q.validate()), "student")?;
+        with_place(
+            self.student.quant_config().and_then(|q| q.validate()),
+            "student",
+        )?;
         with_place(self.train.validate(), "train")?;
         if self.eval.batch == 0 {
-            bail!("{}: [eval] batch = 0: must be at least 1", at("eval", "batch"));
+            bail!(
+                "{}: [eval] batch = 0: must be at least 1",
+                at("eval", "batch")
+            );
         }
         if self.eval.ctx == Some(0) {
             bail!("{}: [eval] ctx = 0: must be at least 1", at("eval", "ctx"));
         }
         if self.eval.max_tokens.is_some_and(|n| n < 2) {
-            bail!("{}: [eval] max_tokens must be at least 2", at("eval", "max_tokens"));
+            bail!(
+                "{}: [eval] max_tokens must be at least 2",
+                at("eval", "max_tokens")
+            );
         }
         if let Some(q) = &self.quantize {
             if !["nf4", "nf3", "nf2", "int8", "int4", "int3", "int2"].contains(&q.format.as_str()) {
@@ -228,16 +258,27 @@ impl PipelineFile {
                 );
             }
             if q.block_size == 0 {
-                bail!("{}: [quantize] block_size = 0: must be at least 1", at("quantize", "block_size"));
+                bail!(
+                    "{}: [quantize] block_size = 0: must be at least 1",
+                    at("quantize", "block_size")
+                );
             }
         }
         if let Some(e) = &self.export {
             if e.format != "safetensors" {
-                bail!("{}: [export] format = {:?}: allowed values are \"safetensors\"", at("export", "format"), e.format);
+                bail!(
+                    "{}: [export] format = {:?}: allowed values are \"safetensors\"",
+                    at("export", "format"),
+                    e.format
+                );
             }
         }
         if !self.teacher.model.exists() {
-            bail!("{}: [teacher] model = {:?} does not exist", at("teacher", "model"), self.teacher.model);
+            bail!(
+                "{}: [teacher] model = {:?} does not exist",
+                at("teacher", "model"),
+                self.teacher.model
+            );
         }
         let teacher = model::ModelFolder::open(&self.teacher.model)
             .map_err(|e| anyhow!("{}: [teacher] model: {e:#}", at("teacher", "model")))?;
@@ -250,10 +291,18 @@ impl PipelineFile {
             );
         }
         if self.train.seq_len > ctx {
-            bail!("{}: [train] seq_len = {} is above the teacher's context ({ctx})", at("train", "seq_len"), self.train.seq_len);
+            bail!(
+                "{}: [train] seq_len = {} is above the teacher's context ({ctx})",
+                at("train", "seq_len"),
+                self.train.seq_len
+            );
         }
         if !self.eval.text.exists() {
-            bail!("{}: [eval] text = {:?} does not exist", at("eval", "text"), self.eval.text);
+            bail!(
+                "{}: [eval] text = {:?} does not exist",
+                at("eval", "text"),
+                self.eval.text
+            );
         }
         if !stays_inside(Path::new(&self.run.name)) || self.run.name.contains('/') {
             bail!("{}: [run] name = {:?} must be a plain name (it must not write outside the run directory)", at("run", "name"), self.run.name);

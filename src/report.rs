@@ -89,7 +89,10 @@ pub fn write_report(dir: &Path, input: &ReportInput) -> Result<String> {
 
     let json = report_json(input, &log, gap);
     let json_text = serde_json::to_string_pretty(&json).context("serializing report.json")?;
-    write_atomic(&dir.join("report.json"), format!("{json_text}\n").as_bytes())?;
+    write_atomic(
+        &dir.join("report.json"),
+        format!("{json_text}\n").as_bytes(),
+    )?;
 
     let table = score_table(input, gap);
     let md = report_markdown(input, &log, &table);
@@ -319,7 +322,10 @@ fn report_markdown(input: &ReportInput, log: &TrainLog, table: &str) -> String {
                 parts.push(format!("{name} {}", fmt_g(v)));
             }
         }
-        md.push_str(&format!("- last logged training step: {}\n", parts.join(", ")));
+        md.push_str(&format!(
+            "- last logged training step: {}\n",
+            parts.join(", ")
+        ));
     }
 
     if !input.timings.is_empty() {
@@ -378,14 +384,19 @@ fn padded_range(values: impl Iterator<Item = f64>, pad_frac: f64) -> (f64, f64) 
         return (0.0, 1.0);
     }
     let span = hi - lo;
-    let pad = if span > 0.0 { span * pad_frac } else { lo.abs().max(1.0) * 0.5 };
+    let pad = if span > 0.0 {
+        span * pad_frac
+    } else {
+        lo.abs().max(1.0) * 0.5
+    };
     (lo - pad, hi + pad)
 }
 
 fn render_loss_svg(log: &TrainLog, input: &ReportInput) -> Result<String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (PLOT_W, 2 * LOSS_PANEL_H)).into_drawing_area();
+        let root =
+            SVGBackend::with_string(&mut svg, (PLOT_W, 2 * LOSS_PANEL_H)).into_drawing_area();
         let err = plot_err("loss.svg");
         root.fill(&WHITE).map_err(|e| err(&e))?;
         if log.entries.is_empty() {
@@ -393,13 +404,12 @@ fn render_loss_svg(log: &TrainLog, input: &ReportInput) -> Result<String> {
             root.draw(&Text::new(
                 NO_STEPS,
                 ((PLOT_W / 2) as i32, LOSS_PANEL_H as i32),
-                ("sans-serif", 24)
-                    .into_font()
-                    .color(&BLACK)
-                    .pos(plotters::style::text_anchor::Pos::new(
+                ("sans-serif", 24).into_font().color(&BLACK).pos(
+                    plotters::style::text_anchor::Pos::new(
                         plotters::style::text_anchor::HPos::Center,
                         plotters::style::text_anchor::VPos::Center,
-                    )),
+                    ),
+                ),
             ))
             .map_err(|e| err(&e))?;
         } else {
@@ -422,7 +432,11 @@ fn step_range(log: &TrainLog) -> (f64, f64) {
     }
 }
 
-fn draw_loss_panel(area: &DrawingArea<SVGBackend, Shift>, log: &TrainLog, input: &ReportInput) -> Result<()> {
+fn draw_loss_panel(
+    area: &DrawingArea<SVGBackend, Shift>,
+    log: &TrainLog,
+    input: &ReportInput,
+) -> Result<()> {
     let err = plot_err("loss panel");
     let loss = series(log, |e| e.loss);
     let kl = series(log, |e| e.kl);
@@ -479,7 +493,11 @@ fn draw_loss_panel(area: &DrawingArea<SVGBackend, Shift>, log: &TrainLog, input:
     Ok(())
 }
 
-fn draw_agreement_panel(area: &DrawingArea<SVGBackend, Shift>, log: &TrainLog, input: &ReportInput) -> Result<()> {
+fn draw_agreement_panel(
+    area: &DrawingArea<SVGBackend, Shift>,
+    log: &TrainLog,
+    input: &ReportInput,
+) -> Result<()> {
     let err = plot_err("agreement panel");
     let agree = series(log, |e| e.agreement);
     let rtn_agree = input.rtn.agreement.filter(|a| a.is_finite());
@@ -497,7 +515,13 @@ fn draw_agreement_panel(area: &DrawingArea<SVGBackend, Shift>, log: &TrainLog, i
         .configure_mesh()
         .x_desc("step")
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| if y1 <= 1.0 { format!("{:.0} %", y * 100.0) } else { format!("{y:.0}") })
+        .y_label_formatter(&|y| {
+            if y1 <= 1.0 {
+                format!("{:.0} %", y * 100.0)
+            } else {
+                format!("{y:.0}")
+            }
+        })
         .draw()
         .map_err(|e| err(&e))?;
     if agree.is_empty() {
@@ -539,17 +563,34 @@ fn draw_agreement_panel(area: &DrawingArea<SVGBackend, Shift>, log: &TrainLog, i
 
 fn render_perplexity_svg(input: &ReportInput) -> Result<String> {
     let bars: Vec<(String, f64, RGBColor)> = vec![
-        ("teacher".to_string(), input.teacher_score.ppl, RGBColor(70, 110, 180)),
-        (format!("RTN {}", input.quant_label), input.rtn.ppl, RGBColor(200, 90, 70)),
-        (format!("QAT {}", input.quant_label), input.student.ppl, RGBColor(80, 160, 90)),
+        (
+            "teacher".to_string(),
+            input.teacher_score.ppl,
+            RGBColor(70, 110, 180),
+        ),
+        (
+            format!("RTN {}", input.quant_label),
+            input.rtn.ppl,
+            RGBColor(200, 90, 70),
+        ),
+        (
+            format!("QAT {}", input.quant_label),
+            input.student.ppl,
+            RGBColor(80, 160, 90),
+        ),
     ];
-    let finite: Vec<f64> = bars.iter().map(|b| b.1).filter(|p| p.is_finite() && *p > 0.0).collect();
+    let finite: Vec<f64> = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|p| p.is_finite() && *p > 0.0)
+        .collect();
     let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (PLOT_W, PPL_H)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| plot_err("perplexity.svg")(&e))?;
+        root.fill(&WHITE)
+            .map_err(|e| plot_err("perplexity.svg")(&e))?;
         if finite.is_empty() {
             draw_ppl_bars(&root, 0.0..1.0, 0.0, &bars, "")?;
         } else if hi / lo > 10.0 {
@@ -579,7 +620,10 @@ where
     let err = plot_err("perplexity bars");
     let n = bars.len() as u32;
     let mut chart = ChartBuilder::on(area)
-        .caption(format!("Held-out perplexity (lower is better){note}"), ("sans-serif", 20))
+        .caption(
+            format!("Held-out perplexity (lower is better){note}"),
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(70)
@@ -621,16 +665,22 @@ where
         )
         .map_err(|e| err(&e))?;
     // Value labels above the bars: the exact numbers matter more than bar heights.
-    let labels = bars.iter().enumerate().filter(|(_, b)| b.1.is_finite()).map(|(i, b)| {
-        Text::new(
-            fmt_num(b.1, 2),
-            (SegmentValue::CenterOf(i as u32), b.1),
-            ("sans-serif", 16).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Center,
-                plotters::style::text_anchor::VPos::Bottom,
-            )),
-        )
-    });
+    let labels = bars
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.1.is_finite())
+        .map(|(i, b)| {
+            Text::new(
+                fmt_num(b.1, 2),
+                (SegmentValue::CenterOf(i as u32), b.1),
+                ("sans-serif", 16).into_font().color(&BLACK).pos(
+                    plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Bottom,
+                    ),
+                ),
+            )
+        });
     chart.draw_series(labels).map_err(|e| err(&e))?;
     Ok(())
 }
@@ -648,7 +698,8 @@ mod tests {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos())
                 .unwrap_or(0);
-            let p = std::env::temp_dir().join(format!("report-{tag}-{}-{nanos}", std::process::id()));
+            let p =
+                std::env::temp_dir().join(format!("report-{tag}-{}-{nanos}", std::process::id()));
             std::fs::create_dir_all(&p).expect("create temp dir");
             TempDir(p)
         }
@@ -660,7 +711,13 @@ mod tests {
     }
 
     fn score(ppl: f64, agreement: Option<f64>, kl: Option<f64>) -> ModelScore {
-        ModelScore { ppl, nll: ppl.ln(), tokens: 4096, agreement, kl }
+        ModelScore {
+            ppl,
+            nll: ppl.ln(),
+            tokens: 4096,
+            agreement,
+            kl,
+        }
     }
 
     fn input<'a>(log: &'a Path, rtn_ppl: f64) -> ReportInput<'a> {
@@ -674,7 +731,11 @@ mod tests {
             student: score(12.0, Some(0.81), Some(0.21)),
             train_log: log,
             train_steps: 30,
-            timings: vec![("generate".into(), 12.5), ("train".into(), 100.25), ("eval".into(), 3.0)],
+            timings: vec![
+                ("generate".into(), 12.5),
+                ("train".into(), 100.25),
+                ("eval".into(), 3.0),
+            ],
         }
     }
 
@@ -685,8 +746,17 @@ mod tests {
 
     fn check_svg(p: &Path) -> String {
         let s = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert!(s.starts_with("<svg"), "{} starts with {:?}", p.display(), &s[..s.len().min(40)]);
-        assert!(s.trim_end().ends_with("</svg>"), "{} is not closed", p.display());
+        assert!(
+            s.starts_with("<svg"),
+            "{} starts with {:?}",
+            p.display(),
+            &s[..s.len().min(40)]
+        );
+        assert!(
+            s.trim_end().ends_with("</svg>"),
+            "{} is not closed",
+            p.display()
+        );
         s
     }
 
@@ -733,9 +803,15 @@ mod tests {
         assert_eq!(j["train_log"]["last"]["loss"], 0.05);
 
         let md = std::fs::read_to_string(out.join("report.md")).expect("read report.md");
-        assert!(md.contains("| teacher (full precision) | 10.000 | 2.3026 | — | — |"), "{md}");
+        assert!(
+            md.contains("| teacher (full precision) | 10.000 | 2.3026 | — | — |"),
+            "{md}"
+        );
         assert!(md.contains("| RTN w4a8kv4 | 20.000 |"), "{md}");
-        assert!(md.contains("| QAT student w4a8kv4 | 12.000 | 2.4849 | 81.00 % | 0.2100 |"), "{md}");
+        assert!(
+            md.contains("| QAT student w4a8kv4 | 12.000 | 2.4849 | 81.00 % | 0.2100 |"),
+            "{md}"
+        );
         assert!(md.contains("80.00 %"), "{md}");
         assert!(md.contains("(loss.svg)") && md.contains("(perplexity.svg)"));
         assert!(md.contains(&table));

@@ -48,11 +48,22 @@ impl Plan {
         }
         let tr = json!({ "input": sha(&gen), "student": p.student, "train": train });
         let ev = json!({ "input": sha(&tr), "eval": p.eval });
-        Ok(Plan { configs: vec![("generate".into(), gen), ("train".into(), tr), ("eval".into(), ev)] })
+        Ok(Plan {
+            configs: vec![
+                ("generate".into(), gen),
+                ("train".into(), tr),
+                ("eval".into(), ev),
+            ],
+        })
     }
 
     fn config(&self, stage: &str) -> &Value {
-        &self.configs.iter().find(|(s, _)| s == stage).expect("known stage").1
+        &self
+            .configs
+            .iter()
+            .find(|(s, _)| s == stage)
+            .expect("known stage")
+            .1
     }
 }
 
@@ -70,7 +81,9 @@ fn read_stage(run: &Path, stage: &str) -> Result<Option<Value>> {
         return Ok(None);
     }
     let t = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    Ok(Some(serde_json::from_str(&t).with_context(|| format!("{}: not valid JSON", p.display()))?))
+    Ok(Some(serde_json::from_str(&t).with_context(|| {
+        format!("{}: not valid JSON", p.display())
+    })?))
 }
 
 /// First key whose value differs between two JSON objects, as `a.b: old -> new`.
@@ -81,7 +94,11 @@ fn first_difference(old: &Value, new: &Value, prefix: &str) -> Option<String> {
             keys.sort();
             keys.dedup();
             for k in keys {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 match (a.get(k), b.get(k)) {
                     (Some(x), Some(y)) => {
                         if let Some(d) = first_difference(x, y, &p) {
@@ -114,7 +131,13 @@ fn progress(run: &Path, stage: &str, p: &PipelineFile) -> String {
                 .into_iter()
                 .flatten()
                 .flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("step-")?
+                        .parse::<u64>()
+                        .ok()
+                })
                 .max();
             match newest {
                 Some(s) => format!("checkpoint at step {s} of {}", p.train.steps),
@@ -127,7 +150,11 @@ fn progress(run: &Path, stage: &str, p: &PipelineFile) -> String {
 
 pub fn state(run: &Path, stage: &str, plan: &Plan, p: &PipelineFile) -> Result<State> {
     let Some(s) = read_stage(run, stage)? else {
-        return Ok(if stage_dir(run, stage).exists() { State::Partial(progress(run, stage, p)) } else { State::Pending });
+        return Ok(if stage_dir(run, stage).exists() {
+            State::Partial(progress(run, stage, p))
+        } else {
+            State::Pending
+        });
     };
     let want = plan.config(stage);
     if s.get("fingerprint").and_then(|f| f.as_str()) != Some(sha(want).as_str()) {
@@ -159,7 +186,10 @@ fn write_stage(run: &Path, stage: &str, plan: &Plan, status: &str, seconds: f64)
         "stage": stage, "status": status, "fingerprint": sha(plan.config(stage)),
         "config": plan.config(stage), "seconds": seconds, "outputs": outputs,
     });
-    fsio::write_atomic(&dir.join(STAGE_FILE), serde_json::to_string_pretty(&v)?.as_bytes())
+    fsio::write_atomic(
+        &dir.join(STAGE_FILE),
+        serde_json::to_string_pretty(&v)?.as_bytes(),
+    )
 }
 
 /// Final outputs of a stage (checkpoints are working state and are left out).
@@ -186,12 +216,20 @@ struct RunLock(#[allow(dead_code)] std::fs::File);
 
 fn lock(run: &Path) -> Result<RunLock> {
     use std::os::unix::io::AsRawFd;
-    std::fs::create_dir_all(run).with_context(|| format!("cannot create run directory {}", run.display()))?;
+    std::fs::create_dir_all(run)
+        .with_context(|| format!("cannot create run directory {}", run.display()))?;
     let p = run.join(".lock");
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p)
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
         .with_context(|| format!("cannot open {}", p.display()))?;
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("run directory {} is in use by another pipeline process", run.display());
+        bail!(
+            "run directory {} is in use by another pipeline process",
+            run.display()
+        );
     }
     Ok(RunLock(f))
 }
@@ -214,7 +252,8 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
             let d = stage_dir(&run, s);
             if d.exists() {
                 eprintln!("--force: removing {} ({s})", d.display());
-                std::fs::remove_dir_all(&d).with_context(|| format!("cannot remove {}", d.display()))?;
+                std::fs::remove_dir_all(&d)
+                    .with_context(|| format!("cannot remove {}", d.display()))?;
             }
         }
     }
@@ -244,15 +283,28 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
         let t0 = Instant::now();
         match s {
             "generate" => {
-                crate::generate_cmd::generate_with_progress(&p.teacher.model, &stage_dir(&run, s), &p.generate, None, false)?;
+                crate::generate_cmd::generate_with_progress(
+                    &p.teacher.model,
+                    &stage_dir(&run, s),
+                    &p.generate,
+                    None,
+                    false,
+                )?;
             }
             "train" => {
-                let r = train::train(&p.teacher.model, &stage_dir(&run, "generate"), &stage_dir(&run, s), &p.student, &p.train, |l| {
-                    eprintln!(
+                let r = train::train(
+                    &p.teacher.model,
+                    &stage_dir(&run, "generate"),
+                    &stage_dir(&run, s),
+                    &p.student,
+                    &p.train,
+                    |l| {
+                        eprintln!(
                         "train step {:>6}  loss {:.4}  kl {:.4}  agree {:.3}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
                         l.step, l.loss, l.kl, l.agreement, l.lr, l.grad_norm, l.tokens_per_second
                     )
-                })?;
+                    },
+                )?;
                 if let Some(from) = r.resumed_from {
                     eprintln!("train: resumed from step {from}");
                 }
@@ -265,10 +317,14 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
         write_stage(&run, s, &plan, "complete", secs)?;
     }
     if !did_something {
-        eprintln!("nothing to do: every stage of {} is complete", run.display());
+        eprintln!(
+            "nothing to do: every stage of {} is complete",
+            run.display()
+        );
     }
     let md = stage_dir(&run, "eval").join("report.md");
-    let table = std::fs::read_to_string(&md).with_context(|| format!("cannot read {}", md.display()))?;
+    let table =
+        std::fs::read_to_string(&md).with_context(|| format!("cannot read {}", md.display()))?;
     println!("{table}");
     Ok(())
 }
@@ -277,7 +333,8 @@ fn evaluate(run: &Path, p: &PipelineFile, timings: &[(String, f64)]) -> Result<(
     let dev = candle_core::Device::Cpu;
     let folder = model::ModelFolder::open(&p.teacher.model)?;
     let tok = folder.tokenizer()?;
-    let text = std::fs::read_to_string(&p.eval.text).with_context(|| format!("cannot read {}", p.eval.text.display()))?;
+    let text = std::fs::read_to_string(&p.eval.text)
+        .with_context(|| format!("cannot read {}", p.eval.text.display()))?;
     let mut ids = eval::encode_text(&tok, &text, folder.config.bos_token_id)?;
     if let Some(n) = p.eval.max_tokens {
         ids.truncate(n);
@@ -288,8 +345,14 @@ fn evaluate(run: &Path, p: &PipelineFile, timings: &[(String, f64)]) -> Result<(
     let sdir = stage_dir(run, "train").join(train::STUDENT_DIR);
     let student = model::Llama::load(&model::ModelFolder::open(&sdir)?, q.clone(), &dev)?;
     let ctx = p.eval.ctx.unwrap_or(folder.config.max_position_embeddings);
-    let mut bar = crate::progress::LazyBar::new((ids.len() - 1) as u64, "eval {bar:40} {pos}/{len} tokens eta {eta}");
-    let (t, scores) = eval::score_against_teacher(&teacher, &[&rtn, &student], &ids, ctx, p.eval.batch, |n| bar.set_position(n as u64))?;
+    let mut bar = crate::progress::LazyBar::new(
+        (ids.len() - 1) as u64,
+        "eval {bar:40} {pos}/{len} tokens eta {eta}",
+    );
+    let (t, scores) =
+        eval::score_against_teacher(&teacher, &[&rtn, &student], &ids, ctx, p.eval.batch, |n| {
+            bar.set_position(n as u64)
+        })?;
     bar.finish();
     let score = |pp: &eval::Perplexity, a: Option<&eval::Agreement>| ModelScore {
         ppl: pp.ppl,
@@ -316,7 +379,11 @@ fn evaluate(run: &Path, p: &PipelineFile, timings: &[(String, f64)]) -> Result<(
 
 /// `pipeline status RUN_DIR_OR_TOML`.
 pub fn status(arg: &Path, sets: &[String]) -> Result<()> {
-    let toml = if arg.is_dir() { arg.join("pipeline.toml") } else { arg.to_path_buf() };
+    let toml = if arg.is_dir() {
+        arg.join("pipeline.toml")
+    } else {
+        arg.to_path_buf()
+    };
     if !toml.exists() {
         bail!("{}: no pipeline file (pass the pipeline TOML, or a run directory made by `pipeline run`)", toml.display());
     }
@@ -329,7 +396,9 @@ pub fn status(arg: &Path, sets: &[String]) -> Result<()> {
         let st = state(&run, s, &plan, &p)?;
         let line = match &st {
             State::Done => {
-                let secs = read_stage(&run, s)?.and_then(|v| v["seconds"].as_f64()).unwrap_or(0.0);
+                let secs = read_stage(&run, s)?
+                    .and_then(|v| v["seconds"].as_f64())
+                    .unwrap_or(0.0);
                 format!("done ({secs:.1}s)")
             }
             State::Partial(pr) => format!("partial: {pr}"),
@@ -350,10 +419,16 @@ pub fn status(arg: &Path, sets: &[String]) -> Result<()> {
         if let Ok(v) = serde_json::from_str::<Value>(&r) {
             println!(
                 "  perplexity: teacher {} | rtn {} | student {} (agreement {})",
-                v["teacher"]["ppl"], v["rtn"]["ppl"], v["student"]["ppl"], v["student"]["agreement"]
+                v["teacher"]["ppl"],
+                v["rtn"]["ppl"],
+                v["student"]["ppl"],
+                v["student"]["agreement"]
             );
         }
     }
-    println!("next run: {}", next.unwrap_or_else(|| "nothing to do".into()));
+    println!(
+        "next run: {}",
+        next.unwrap_or_else(|| "nothing to do".into())
+    );
     Ok(())
 }

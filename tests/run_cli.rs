@@ -59,7 +59,10 @@ fn files_under(dir: &Path, rel: &str) -> Vec<(String, Vec<u8>)> {
     let root = dir.join(rel);
     for e in std::fs::read_dir(&root).unwrap().flatten() {
         if e.path().is_file() {
-            v.push((e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()));
+            v.push((
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            ));
         }
     }
     v.sort();
@@ -75,23 +78,41 @@ fn smoke_pipeline_runs_end_to_end() {
     let d = temp_dir("run_smoke");
     let out = d.join("out");
     let o = bin()
-        .args(["run", "pipelines/smoke.toml", "--set", &format!("run.directory={}", out.display())])
+        .args([
+            "run",
+            "pipelines/smoke.toml",
+            "--set",
+            &format!("run.directory={}", out.display()),
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     assert!(o.status.success(), "smoke failed: {}", stderr(&o));
     let table = stdout(&o);
-    assert!(table.contains("Teacher") || table.contains("teacher"), "{table}");
-    for f in ["eval/report.md", "eval/report.json", "train/student/model.safetensors", "corpus/manifest.json"] {
+    assert!(
+        table.contains("Teacher") || table.contains("teacher"),
+        "{table}"
+    );
+    for f in [
+        "eval/report.md",
+        "eval/report.json",
+        "train/student/model.safetensors",
+        "corpus/manifest.json",
+    ] {
         assert!(out.join(f).exists(), "missing {f}");
     }
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("eval/report.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval/report.json")).unwrap()).unwrap();
     for k in ["teacher", "rtn", "student"] {
         assert!(r[k]["ppl"].as_f64().unwrap() > 1.0, "{k}.ppl");
     }
     assert!(r["student"]["agreement"].as_f64().unwrap() > 0.0);
     assert!(r["student"]["kl"].as_f64().unwrap() >= 0.0);
-    let svgs = std::fs::read_dir(out.join("eval")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".svg")).count();
+    let svgs = std::fs::read_dir(out.join("eval"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".svg"))
+        .count();
     assert!(svgs >= 2, "plots missing");
 }
 
@@ -105,21 +126,34 @@ fn rerun_does_nothing_and_force_train_redoes_train_and_eval() {
     let stage_json = std::fs::read(d.join("run/train/stage.json")).unwrap();
     let (_, log) = run_ok(&["run", ps]);
     assert!(log.contains("nothing to do"), "{log}");
-    assert_eq!(std::fs::read(d.join("run/train/stage.json")).unwrap(), stage_json);
+    assert_eq!(
+        std::fs::read(d.join("run/train/stage.json")).unwrap(),
+        stage_json
+    );
     let (st, _) = run_ok(&["status", d.join("run").to_str().unwrap()]);
     assert!(st.contains("nothing to do"), "{st}");
 
     // A changed setting is refused, naming it.
     let o = run(&["run", ps, "--set", "train.lr=0.002"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("train.lr") && stderr(&o).contains("--force train"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("train.lr") && stderr(&o).contains("--force train"),
+        "{}",
+        stderr(&o)
+    );
     let (st, _) = run_ok(&["status", ps, "--set", "train.lr=0.002"]);
     assert!(st.contains("changed"), "{st}");
 
     let (_, log) = run_ok(&["run", ps, "--force", "train"]);
     assert!(log.contains("generate: complete, skipping"), "{log}");
-    assert!(log.contains("train: starting") && log.contains("eval: starting"), "{log}");
-    assert!(files_under(&d, "run/corpus") == corpus_before, "--force train touched the corpus");
+    assert!(
+        log.contains("train: starting") && log.contains("eval: starting"),
+        "{log}"
+    );
+    assert!(
+        files_under(&d, "run/corpus") == corpus_before,
+        "--force train touched the corpus"
+    );
 }
 
 #[test]
@@ -131,6 +165,13 @@ fn sigkill_at_random_moments_resumes_byte_identical() {
     std::fs::create_dir_all(&b).unwrap();
     let pa = write_pipeline(&a, "");
     let pb = write_pipeline(&b, "");
+    // Longer training so that every kill lands in a running process.
+    for p in [&pa, &pb] {
+        let t = std::fs::read_to_string(p)
+            .unwrap()
+            .replace("steps = 16", "steps = 60");
+        std::fs::write(p, t).unwrap();
+    }
     run_ok(&["run", pa.to_str().unwrap()]);
 
     // Seeded delays (xorshift) so a failure can be replayed.
@@ -140,7 +181,7 @@ fn sigkill_at_random_moments_resumes_byte_identical() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let ms = 300 + x % 2500;
+        let ms = 200 + x % 1300;
         let mut child = bin()
             .args(["run", pb.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
@@ -155,9 +196,17 @@ fn sigkill_at_random_moments_resumes_byte_identical() {
         let _ = child.wait();
     }
     eprintln!("{kills} kills");
-    assert!(kills >= 10, "only {kills} runs were still going when killed");
+    assert!(
+        kills >= 10,
+        "only {kills} runs were still going when killed"
+    );
     run_ok(&["run", pb.to_str().unwrap()]);
-    assert!(files_under(&a, "run/corpus").iter().filter(|f| f.0.ends_with(".parquet")).eq(files_under(&b, "run/corpus").iter().filter(|f| f.0.ends_with(".parquet"))));
+    assert!(files_under(&a, "run/corpus")
+        .iter()
+        .filter(|f| f.0.ends_with(".parquet"))
+        .eq(files_under(&b, "run/corpus")
+            .iter()
+            .filter(|f| f.0.ends_with(".parquet"))));
     assert_eq!(
         std::fs::read(a.join("run/train/student/model.safetensors")).unwrap(),
         std::fs::read(b.join("run/train/student/model.safetensors")).unwrap(),
@@ -182,20 +231,79 @@ fn malformed_pipeline_files_get_specific_errors() {
     std::fs::write(&file_as_dir, "x").unwrap();
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
         ("syntax", text.replace("[train]", "[train"), vec!["line"]),
-        ("unknown key", text.replace("steps = 16", "stepz = 16"), vec!["stepz"]),
-        ("wrong type", text.replace("steps = 16", "steps = \"ten\""), vec!["steps"]),
-        ("bits 0", text.replace("w_bits = 4", "w_bits = 0"), vec!["w_bits"]),
-        ("bits 33", text.replace("a_bits = 8", "a_bits = 33"), vec!["a_bits"]),
-        ("group 0", text.replace("w_bits = 4", "w_bits = 4\nw_group = 0"), vec!["w_group"]),
-        ("steps 0", text.replace("steps = 16", "steps = 0"), vec!["steps"]),
-        ("samples 0", text.replace("samples = 64", "samples = 0"), vec!["samples"]),
-        ("top_p", text.replace("seed = 3", "seed = 3\ntop_p = 1.5"), vec!["top_p"]),
-        ("kv_point", text.replace("kv_bits = 4", "kv_bits = 4\nkv_point = \"middle\""), vec!["kv_point", "post_rope"]),
-        ("device", text.replace("name = \"t\"", "name = \"t\"\ndevice = \"tpu\""), vec!["device", "cpu"]),
-        ("dir is file", text.replace(&d.join("run").display().to_string(), &file_as_dir.display().to_string()), vec!["directory", "file"]),
-        ("no teacher", text.replace("[teacher]", "[teacherz]"), vec!["teacher"]),
-        ("teacher missing", text.replace("models/stories260k", "models/nope"), vec!["model", "nope"]),
-        ("max_tokens > ctx", text.replace("max_tokens = 48", "max_tokens = 4096"), vec!["max_tokens"]),
+        (
+            "unknown key",
+            text.replace("steps = 16", "stepz = 16"),
+            vec!["stepz"],
+        ),
+        (
+            "wrong type",
+            text.replace("steps = 16", "steps = \"ten\""),
+            vec!["steps"],
+        ),
+        (
+            "bits 0",
+            text.replace("w_bits = 4", "w_bits = 0"),
+            vec!["w_bits"],
+        ),
+        (
+            "bits 33",
+            text.replace("a_bits = 8", "a_bits = 33"),
+            vec!["a_bits"],
+        ),
+        (
+            "group 0",
+            text.replace("w_bits = 4", "w_bits = 4\nw_group = 0"),
+            vec!["w_group"],
+        ),
+        (
+            "steps 0",
+            text.replace("steps = 16", "steps = 0"),
+            vec!["steps"],
+        ),
+        (
+            "samples 0",
+            text.replace("samples = 64", "samples = 0"),
+            vec!["samples"],
+        ),
+        (
+            "top_p",
+            text.replace("seed = 3", "seed = 3\ntop_p = 1.5"),
+            vec!["top_p"],
+        ),
+        (
+            "kv_point",
+            text.replace("kv_bits = 4", "kv_bits = 4\nkv_point = \"middle\""),
+            vec!["kv_point", "post_rope"],
+        ),
+        (
+            "device",
+            text.replace("name = \"t\"", "name = \"t\"\ndevice = \"tpu\""),
+            vec!["device", "cpu"],
+        ),
+        (
+            "dir is file",
+            text.replace(
+                &d.join("run").display().to_string(),
+                &file_as_dir.display().to_string(),
+            ),
+            vec!["directory", "file"],
+        ),
+        (
+            "no teacher",
+            text.replace("[teacher]", "[teacherz]"),
+            vec!["teacher"],
+        ),
+        (
+            "teacher missing",
+            text.replace("models/stories260k", "models/nope"),
+            vec!["model", "nope"],
+        ),
+        (
+            "max_tokens > ctx",
+            text.replace("max_tokens = 48", "max_tokens = 4096"),
+            vec!["max_tokens"],
+        ),
     ];
     for (name, body, needles) in cases {
         let p = d.join(format!("{}.toml", name.replace(' ', "_")));
@@ -204,11 +312,22 @@ fn malformed_pipeline_files_get_specific_errors() {
         assert!(!o.status.success(), "{name}: should fail");
         let e = stderr(&o);
         assert!(!e.contains("panicked"), "{name}: panicked: {e}");
-        assert!(e.contains(p.file_name().unwrap().to_str().unwrap()) || e.contains("max_tokens"), "{name}: error should name the file: {e}");
+        assert!(
+            e.contains(p.file_name().unwrap().to_str().unwrap()) || e.contains("max_tokens"),
+            "{name}: error should name the file: {e}"
+        );
         for n in needles {
             assert!(e.contains(n), "{name}: error should mention {n:?}: {e}");
         }
-        let entries: Vec<_> = std::fs::read_dir(d.join("run")).unwrap().flatten().map(|e| e.file_name()).collect();
-        assert_eq!(entries.len(), 1, "{name}: the run directory was touched: {entries:?}");
+        let entries: Vec<_> = std::fs::read_dir(d.join("run"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            entries.len(),
+            1,
+            "{name}: the run directory was touched: {entries:?}"
+        );
     }
 }

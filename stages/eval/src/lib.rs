@@ -230,7 +230,10 @@ pub fn score_against_teacher(
             s_sum[i] += nll_of(&ls)?;
             let as_: Vec<u32> = ls.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
             same[i] += at.iter().zip(&as_).filter(|(a, b)| a == b).count();
-            let k: Vec<f32> = (&pt * (&lt - &ls)?)?.sum(D::Minus1)?.flatten_all()?.to_vec1()?;
+            let k: Vec<f32> = (&pt * (&lt - &ls)?)?
+                .sum(D::Minus1)?
+                .flatten_all()?
+                .to_vec1()?;
             kl[i] += k.iter().map(|&x| x as f64).sum::<f64>();
         }
         count += at.len();
@@ -242,12 +245,26 @@ pub fn score_against_teacher(
         if !nll.is_finite() {
             bail!("perplexity is not finite (mean NLL = {nll})");
         }
-        Ok(Perplexity { ppl: nll.exp(), nll, tokens: count, windows: nwin, seconds: secs, tokens_per_second: count as f64 / secs })
+        Ok(Perplexity {
+            ppl: nll.exp(),
+            nll,
+            tokens: count,
+            windows: nwin,
+            seconds: secs,
+            tokens_per_second: count as f64 / secs,
+        })
     };
     let teacher_ppl = ppl(t_sum)?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        out.push((ppl(s_sum[i])?, Agreement { agreement: same[i] as f64 / count as f64, kl: kl[i] / count as f64, tokens: count }));
+        out.push((
+            ppl(s_sum[i])?,
+            Agreement {
+                agreement: same[i] as f64 / count as f64,
+                kl: kl[i] / count as f64,
+                tokens: count,
+            },
+        ));
     }
     Ok((teacher_ppl, out))
 }
