@@ -298,12 +298,8 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                     &stage_dir(&run, s),
                     &p.student,
                     &p.train,
-                    |l| {
-                        eprintln!(
-                        "train step {:>6}  loss {:.4}  kl {:.4}  agree {:.3}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
-                        l.step, l.loss, l.kl, l.agreement, l.lr, l.grad_norm, l.tokens_per_second
-                    )
-                    },
+                    // The train stage prints each logged step itself.
+                    |_| {},
                 )?;
                 if let Some(from) = r.resumed_from {
                     eprintln!("train: resumed from step {from}");
