@@ -179,21 +179,6 @@ pub fn agreement(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_cover_every_prediction_once() {
-        let w = windows(1100, 512);
-        assert_eq!(w, vec![(0, 513), (512, 513), (1024, 76)]);
-        let predicted: usize = w.iter().map(|(_, l)| l - 1).sum();
-        assert_eq!(predicted, 1099);
-        assert_eq!(windows(513, 512), vec![(0, 513)]);
-        assert_eq!(windows(514, 512), vec![(0, 513), (512, 2)]);
-    }
-}
-
 /// Perplexity of the teacher and, on the same windows, perplexity plus agreement / KL of each
 /// student against it; the teacher runs once per window.
 pub fn score_against_teacher(
@@ -267,4 +252,19 @@ pub fn score_against_teacher(
         ));
     }
     Ok((teacher_ppl, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_cover_every_prediction_once() {
+        let w = windows(1100, 512);
+        assert_eq!(w, vec![(0, 513), (512, 513), (1024, 76)]);
+        let predicted: usize = w.iter().map(|(_, l)| l - 1).sum();
+        assert_eq!(predicted, 1099);
+        assert_eq!(windows(513, 512), vec![(0, 513)]);
+        assert_eq!(windows(514, 512), vec![(0, 513), (512, 2)]);
+    }
 }

@@ -91,9 +91,9 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (37, 29), &dev)?;
         let x = Tensor::randn(0f32, 1.0, (9, 29), &dev)?;
         let all = row_matmul(&x, &w)?.to_vec2::<f32>()?;
-        for i in 0..9 {
+        for (i, row) in all.iter().enumerate() {
             let one = row_matmul(&x.narrow(0, i, 1)?, &w)?.to_vec2::<f32>()?;
-            assert_eq!(one[0], all[i]);
+            assert_eq!(&one[0], row);
         }
         let reference = x.matmul(&w.t()?)?.to_vec2::<f32>()?;
         for (r, a) in reference.iter().zip(&all) {
