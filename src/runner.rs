@@ -158,7 +158,7 @@ pub fn state(run: &Path, stage: &str, plan: &Plan, p: &PipelineFile) -> Result<S
     };
     let want = plan.config(stage);
     if s.get("fingerprint").and_then(|f| f.as_str()) != Some(sha(want).as_str()) {
-        let d = first_difference(s.get("config").unwrap_or(&Value::Null), want, stage)
+        let d = first_difference(s.get("config").unwrap_or(&Value::Null), want, "")
             .unwrap_or_else(|| "an input stage changed".into());
         return Ok(State::Changed(d));
     }
