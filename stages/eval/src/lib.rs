@@ -50,6 +50,29 @@ pub struct Perplexity {
     pub tokens_per_second: f64,
 }
 
+impl Perplexity {
+    fn from_sum(sum: f64, tokens: usize, windows: usize, seconds: f64) -> Result<Self> {
+        let nll = sum / tokens as f64;
+        if !nll.is_finite() {
+            bail!("perplexity is not finite (mean NLL = {nll}); the model produced NaN or infinite logits");
+        }
+        Ok(Perplexity {
+            ppl: nll.exp(),
+            nll,
+            tokens,
+            windows,
+            seconds,
+            tokens_per_second: tokens as f64 / seconds,
+        })
+    }
+}
+
+/// Summed negative log-probability of `tgt` ([b, t, 1] ids) under log-probabilities `lp`.
+fn summed_nll(lp: &Tensor, tgt: &Tensor) -> Result<f64> {
+    let v: Vec<f32> = lp.gather(tgt, D::Minus1)?.flatten_all()?.to_vec1()?;
+    Ok(-v.iter().map(|&x| x as f64).sum::<f64>())
+}
+
 /// Windows of equal length are scored together in batches of `batch`.
 fn batched_windows(n: usize, ctx: usize, batch: usize) -> Vec<Vec<(usize, usize)>> {
     let mut groups: Vec<Vec<(usize, usize)>> = Vec::new();
@@ -112,31 +135,12 @@ pub fn perplexity(
     let nwin: usize = groups.iter().map(|g| g.len()).sum();
     for g in &groups {
         let (inp, tgt) = window_tensor(ids, g, &model.device)?;
-        let logits = model.forward(&inp).context("forward pass")?;
-        let lp = log_softmax_last(&logits)?;
-        let picked = lp
-            .gather(&tgt.unsqueeze(D::Minus1)?, D::Minus1)?
-            .squeeze(D::Minus1)?;
-        let v: Vec<f32> = picked.flatten_all()?.to_vec1()?;
-        for x in v {
-            sum -= x as f64;
-        }
+        let lp = log_softmax_last(&model.forward(&inp).context("forward pass")?)?;
+        sum += summed_nll(&lp, &tgt.unsqueeze(D::Minus1)?)?;
         count += tgt.elem_count();
         on_tokens(count);
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let nll = sum / count as f64;
-    if !nll.is_finite() {
-        bail!("perplexity is not finite (mean NLL = {nll}); the model produced NaN or infinite logits");
-    }
-    Ok(Perplexity {
-        ppl: nll.exp(),
-        nll,
-        tokens: count,
-        windows: nwin,
-        seconds: secs,
-        tokens_per_second: count as f64 / secs,
-    })
+    Perplexity::from_sum(sum, count, nwin, t0.elapsed().as_secs_f64())
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -146,37 +150,6 @@ pub struct Agreement {
     /// Mean KL(teacher || student) per token, nats.
     pub kl: f64,
     pub tokens: usize,
-}
-
-/// Top-1 agreement and KL of `student` against `teacher` on the scoring windows of `ids`.
-pub fn agreement(
-    teacher: &Llama,
-    student: &Llama,
-    ids: &[u32],
-    ctx: usize,
-    batch: usize,
-) -> Result<Agreement> {
-    check_ids(teacher, ids, ctx)?;
-    let mut same = 0usize;
-    let mut kl = 0f64;
-    let mut count = 0usize;
-    for g in batched_windows(ids.len(), ctx, batch.max(1)) {
-        let (inp, _) = window_tensor(ids, &g, &teacher.device)?;
-        let lt = log_softmax_last(&teacher.forward(&inp)?)?;
-        let ls = log_softmax_last(&student.forward(&inp)?)?;
-        let at: Vec<u32> = lt.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
-        let as_: Vec<u32> = ls.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
-        same += at.iter().zip(&as_).filter(|(a, b)| a == b).count();
-        let k = (lt.exp()? * (&lt - &ls)?)?.sum(D::Minus1)?;
-        let k: Vec<f32> = k.flatten_all()?.to_vec1()?;
-        kl += k.iter().map(|&x| x as f64).sum::<f64>();
-        count += at.len();
-    }
-    Ok(Agreement {
-        agreement: same as f64 / count as f64,
-        kl: kl / count as f64,
-        tokens: count,
-    })
 }
 
 /// Perplexity of the teacher and, on the same windows, perplexity plus agreement / KL of each
@@ -203,16 +176,12 @@ pub fn score_against_teacher(
         let (inp, tgt) = window_tensor(ids, g, &teacher.device)?;
         let tgt = tgt.unsqueeze(D::Minus1)?;
         let lt = log_softmax_last(&teacher.forward(&inp)?)?;
-        let nll_of = |lp: &Tensor| -> Result<f64> {
-            let v: Vec<f32> = lp.gather(&tgt, D::Minus1)?.flatten_all()?.to_vec1()?;
-            Ok(-v.iter().map(|&x| x as f64).sum::<f64>())
-        };
-        t_sum += nll_of(&lt)?;
+        t_sum += summed_nll(&lt, &tgt)?;
         let at: Vec<u32> = lt.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
         let pt = lt.exp()?;
         for (i, s) in students.iter().enumerate() {
             let ls = log_softmax_last(&s.forward(&inp)?)?;
-            s_sum[i] += nll_of(&ls)?;
+            s_sum[i] += summed_nll(&ls, &tgt)?;
             let as_: Vec<u32> = ls.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
             same[i] += at.iter().zip(&as_).filter(|(a, b)| a == b).count();
             let k: Vec<f32> = (&pt * (&lt - &ls)?)?
@@ -225,20 +194,7 @@ pub fn score_against_teacher(
         on_tokens(count);
     }
     let secs = t0.elapsed().as_secs_f64();
-    let ppl = |sum: f64| -> Result<Perplexity> {
-        let nll = sum / count as f64;
-        if !nll.is_finite() {
-            bail!("perplexity is not finite (mean NLL = {nll})");
-        }
-        Ok(Perplexity {
-            ppl: nll.exp(),
-            nll,
-            tokens: count,
-            windows: nwin,
-            seconds: secs,
-            tokens_per_second: count as f64 / secs,
-        })
-    };
+    let ppl = |sum: f64| Perplexity::from_sum(sum, count, nwin, secs);
     let teacher_ppl = ppl(t_sum)?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {

@@ -339,6 +339,7 @@ pub fn generate(
 
     let t0 = Instant::now();
     let mut tokens_made = 0u64;
+    let mut samples_made = 0u64;
     let mut written = 0usize;
     if !ids.is_empty() {
         let model = Arc::new(Llama::load(
@@ -372,6 +373,7 @@ pub fn generate(
         for msg in rx.iter() {
             let mut s = msg?;
             tokens_made += s.tokens.len() as u64;
+            samples_made += 1;
             on_event(Event::Sample {
                 tokens: s.tokens.len(),
             });
@@ -405,7 +407,7 @@ pub fn generate(
         out: out.to_path_buf(),
         shards_kept: kept,
         shards_written: written,
-        samples_made: 0,
+        samples_made,
         tokens_made,
         seconds: secs,
         tokens_per_second: if secs > 0.0 {

@@ -80,10 +80,12 @@ impl Rope {
         let n = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
+        let inv: Vec<f64> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64))
+            .collect();
         for p in 0..n {
-            for i in 0..half {
-                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64);
-                let a = p as f64 * inv;
+            for f in &inv {
+                let a = p as f64 * f;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }
