@@ -3,7 +3,6 @@
 
 use crate::progress::LazyBar;
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Args;
 use model::{parse_bits, KvPoint, Llama, ModelFolder, QuantConfig};
 use std::path::PathBuf;
@@ -72,6 +71,8 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub compute: crate::compute_args::ComputeArgs,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -80,8 +81,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let tokenizer = folder.tokenizer()?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("cannot read text file {}", a.text.display()))?;
-    let device = Device::Cpu;
-    let model = Llama::load(&folder, quant.clone(), &device)?;
+    let compute = a.compute.open()?;
+    let model = Llama::load(&folder, quant.clone(), &compute.device)?.cast(compute.dtype)?;
     let ids = eval::encode_text(&tokenizer, &text, folder.config.bos_token_id)?;
     let ctx = a.ctx.unwrap_or(folder.config.max_position_embeddings);
     let mut bar = LazyBar::new(
@@ -96,6 +97,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "text": a.text.display().to_string(),
             "quant": quant.label(),
             "ctx": ctx,
+            "device": a.compute.device.to_string(),
+            "dtype": a.compute.dtype.to_string(),
             "ppl": r.ppl,
             "nll": r.nll,
             "tokens": r.tokens,

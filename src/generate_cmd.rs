@@ -52,6 +52,8 @@ pub struct GenerateArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub compute: crate::compute_args::ComputeArgs,
 }
 
 pub fn parse_range(s: &str) -> Result<std::ops::Range<usize>> {
@@ -93,6 +95,7 @@ impl GenerateArgs {
 
 /// Runs the generate stage with a progress bar on stderr; shared with `pipeline run`.
 pub fn generate_with_progress(
+    compute: &model::Compute,
     teacher: &Path,
     out: &Path,
     cfg: &GenerateConfig,
@@ -107,7 +110,7 @@ pub fn generate_with_progress(
     }
     let t0 = std::time::Instant::now();
     let mut tokens = 0u64;
-    let r = generate::generate(teacher, out, cfg, range, force, |e| match e {
+    let r = generate::generate_on(compute, teacher, out, cfg, range, force, |e| match e {
         Event::Start {
             samples_to_make,
             shards_kept,
@@ -138,7 +141,8 @@ pub fn generate_with_progress(
 pub fn run(a: GenerateArgs) -> Result<()> {
     let cfg = a.config();
     let range = a.shards.as_deref().map(parse_range).transpose()?;
-    let r = generate_with_progress(&a.teacher, &a.out, &cfg, range, a.force)?;
+    let compute = a.compute.open()?;
+    let r = generate_with_progress(&compute, &a.teacher, &a.out, &cfg, range, a.force)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

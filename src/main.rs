@@ -1,10 +1,13 @@
 //! `pipeline`: the command line of the data-free distillation pipeline. It parses arguments
 //! and hands each subcommand to the stage crate that does the work.
 
+mod bench_cmd;
+mod compute_args;
 mod eval_cmd;
 mod generate_cmd;
 mod pipeline_file;
 mod progress;
+mod quantize_cmd;
 mod report;
 mod runner;
 mod train_cmd;
@@ -45,6 +48,15 @@ enum Command {
         #[arg(long)]
         force: Vec<String>,
     },
+    /// Speed measurements (JSON): device copy bandwidth and matmul peak, decoding tokens/s.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
+    /// Write a random-weight Llama folder of a real model's shape (for speed measurements).
+    SynthModel(bench_cmd::SynthArgs),
+    /// Block-wise NF4/NF3/NF2/int-k quantization of a model folder (bitsandbytes or packed layout).
+    Quantize(quantize_cmd::QuantizeArgs),
+    /// Memory bandwidth of a large copy (the yardstick for `quantize` throughput), as JSON.
+    BenchMemcpy(quantize_cmd::MemcpyArgs),
     /// Where a run stands: each stage's state and what the next `run` would do.
     Status {
         /// A run directory or a pipeline TOML.
@@ -67,6 +79,10 @@ fn main() {
             force,
         } => runner::run(&pipeline, &sets, &force),
         Command::Status { target, sets } => runner::status(&target, &sets),
+        Command::Quantize(a) => quantize_cmd::run(a),
+        Command::BenchMemcpy(a) => quantize_cmd::bench_memcpy(a),
+        Command::Bench(c) => bench_cmd::run(c),
+        Command::SynthModel(a) => bench_cmd::synth(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

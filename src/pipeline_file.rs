@@ -15,12 +15,12 @@ pub struct RunTable {
     pub directory: PathBuf,
     #[serde(default)]
     pub seed: u64,
-    #[serde(default = "default_device")]
-    pub device: String,
-}
-
-fn default_device() -> String {
-    "cpu".into()
+    /// `cpu`, `cuda` or `cuda:N` for generate, train and eval.
+    #[serde(default)]
+    pub device: model::DeviceSpec,
+    /// Compute dtype of teacher and student: `f32`, `bf16` or `f16`.
+    #[serde(default)]
+    pub dtype: model::ComputeDtype,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,6 +59,29 @@ pub struct QuantizeTable {
     pub block_size: usize,
     #[serde(default = "default_true")]
     pub double_quant: bool,
+    /// `bnb` or `packed`; absent = bnb for nf4, packed otherwise (as `pipeline quantize`).
+    #[serde(default)]
+    pub layout: Option<String>,
+    /// Modules kept in full precision.
+    #[serde(default = "default_qskip")]
+    pub skip: Vec<String>,
+}
+
+impl QuantizeTable {
+    /// The typed settings `pipeline quantize` uses; fails with the key and allowed values.
+    pub fn settings(&self) -> Result<quantize::QuantizeSettings> {
+        quantize::QuantizeSettings::new(
+            &self.format,
+            self.layout.as_deref(),
+            self.block_size,
+            self.double_quant,
+            self.skip.clone(),
+        )
+    }
+}
+
+fn default_qskip() -> Vec<String> {
+    quantize::DEFAULT_SKIP.map(String::from).to_vec()
 }
 
 fn default_qformat() -> String {
@@ -221,13 +244,6 @@ impl PipelineFile {
                 self.run.directory
             );
         }
-        if self.run.device != "cpu" {
-            bail!(
-                "{}: [run] device = {:?}: allowed values are \"cpu\" (CUDA is not built in)",
-                at("run", "device"),
-                self.run.device
-            );
-        }
         with_place(self.generate.validate(), "generate")?;
         with_place(
             self.student.quant_config().and_then(|q| q.validate()),
@@ -250,18 +266,14 @@ impl PipelineFile {
             );
         }
         if let Some(q) = &self.quantize {
-            if !["nf4", "nf3", "nf2", "int8", "int4", "int3", "int2"].contains(&q.format.as_str()) {
-                bail!(
-                    "{}: [quantize] format = {:?}: allowed values are nf4, nf3, nf2, int8, int4, int3, int2",
-                    at("quantize", "format"),
-                    q.format
-                );
-            }
-            if q.block_size == 0 {
-                bail!(
-                    "{}: [quantize] block_size = 0: must be at least 1",
-                    at("quantize", "block_size")
-                );
+            if let Err(e) = q.settings() {
+                // The message starts with the offending key: point at its line.
+                let msg = format!("{e}");
+                let key = ["format", "layout", "block_size"]
+                    .into_iter()
+                    .find(|k| msg.starts_with(k))
+                    .unwrap_or("format");
+                bail!("{}: [quantize] {msg}", at("quantize", key));
             }
         }
         if let Some(e) = &self.export {

@@ -268,6 +268,8 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
     }
     let mut timings = vec![];
     let mut did_something = false;
+    // Opened once: tensors of two handles to the same GPU cannot be mixed.
+    let compute = model::Compute::open(p.run.device, p.run.dtype)?;
     for s in STAGES {
         match state(&run, s, &plan, &p)? {
             State::Done => {
@@ -284,6 +286,7 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
         match s {
             "generate" => {
                 crate::generate_cmd::generate_with_progress(
+                    &compute,
                     &p.teacher.model,
                     &stage_dir(&run, s),
                     &p.generate,
@@ -292,7 +295,8 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                 )?;
             }
             "train" => {
-                let r = train::train(
+                let r = train::train_on(
+                    &compute,
                     &p.teacher.model,
                     &stage_dir(&run, "generate"),
                     &stage_dir(&run, s),
@@ -305,7 +309,7 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                     eprintln!("train: resumed from step {from}");
                 }
             }
-            "eval" => evaluate(&run, &p, &timings)?,
+            "eval" => evaluate(&compute, &run, &p, &timings)?,
             _ => unreachable!(),
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -325,8 +329,13 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn evaluate(run: &Path, p: &PipelineFile, timings: &[(String, f64)]) -> Result<()> {
-    let dev = candle_core::Device::Cpu;
+fn evaluate(
+    compute: &model::Compute,
+    run: &Path,
+    p: &PipelineFile,
+    timings: &[(String, f64)],
+) -> Result<()> {
+    let dev = compute.device.clone();
     let folder = model::ModelFolder::open(&p.teacher.model)?;
     let tok = folder.tokenizer()?;
     let text = std::fs::read_to_string(&p.eval.text)
@@ -336,10 +345,12 @@ fn evaluate(run: &Path, p: &PipelineFile, timings: &[(String, f64)]) -> Result<(
         ids.truncate(n);
     }
     let q = p.student.quant_config()?;
-    let teacher = model::Llama::load(&folder, model::QuantConfig::none(), &dev)?;
-    let rtn = model::Llama::load(&folder, q.clone(), &dev)?;
+    let teacher =
+        model::Llama::load(&folder, model::QuantConfig::none(), &dev)?.cast(compute.dtype)?;
+    let rtn = model::Llama::load(&folder, q.clone(), &dev)?.cast(compute.dtype)?;
     let sdir = stage_dir(run, "train").join(train::STUDENT_DIR);
-    let student = model::Llama::load(&model::ModelFolder::open(&sdir)?, q.clone(), &dev)?;
+    let student = model::Llama::load(&model::ModelFolder::open(&sdir)?, q.clone(), &dev)?
+        .cast(compute.dtype)?;
     let ctx = p.eval.ctx.unwrap_or(folder.config.max_position_embeddings);
     let mut bar = crate::progress::LazyBar::new(
         (ids.len() - 1) as u64,

@@ -24,6 +24,8 @@ pub struct TrainArgs {
     /// TOML file with [train] and [student] tables (other tables are ignored); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: crate::compute_args::ComputeArgs,
     /// Optimizer steps in total.
     #[arg(long)]
     pub steps: Option<u64>,
@@ -152,7 +154,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cfg.seq_len,
         cfg.grad_accum
     );
-    let r = train::train(&a.teacher, &a.corpus, &a.out, &student, &cfg, |_| {})?;
+    let compute = a.compute.open()?;
+    let r = train::train_on(
+        &compute,
+        &a.teacher,
+        &a.corpus,
+        &a.out,
+        &student,
+        &cfg,
+        |_| {},
+    )?;
     let resumed = r
         .resumed_from
         .map_or(String::new(), |s| format!(" (resumed from step {s})"));

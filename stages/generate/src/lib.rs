@@ -8,7 +8,7 @@ mod worker;
 
 use anyhow::{bail, Context, Result};
 use corpus::{fsio, CorpusManifest, Sample, TeacherInfo};
-use model::{Llama, ModelFolder, QuantConfig};
+use model::{Compute, Llama, ModelFolder, QuantConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -231,6 +231,29 @@ pub fn generate(
     cfg: &GenerateConfig,
     shard_range: Option<std::ops::Range<usize>>,
     force: bool,
+    on_event: impl FnMut(Event),
+) -> Result<GenerateReport> {
+    generate_on(
+        &Compute::cpu(),
+        teacher_dir,
+        out,
+        cfg,
+        shard_range,
+        force,
+        on_event,
+    )
+}
+
+/// `generate` with the teacher on a chosen device and dtype. Only f32 on the CPU gives a
+/// corpus that is byte-identical across machines; elsewhere the tokens can differ where two
+/// logits are nearly tied.
+pub fn generate_on(
+    compute: &Compute,
+    teacher_dir: &Path,
+    out: &Path,
+    cfg: &GenerateConfig,
+    shard_range: Option<std::ops::Range<usize>>,
+    force: bool,
     mut on_event: impl FnMut(Event),
 ) -> Result<GenerateReport> {
     cfg.validate()?;
@@ -342,11 +365,9 @@ pub fn generate(
     let mut samples_made = 0u64;
     let mut written = 0usize;
     if !ids.is_empty() {
-        let model = Arc::new(Llama::load(
-            &folder,
-            QuantConfig::none(),
-            &candle_core::Device::Cpu,
-        )?);
+        let model = Arc::new(
+            Llama::load(&folder, QuantConfig::none(), &compute.device)?.cast(compute.dtype)?,
+        );
         let job = Arc::new(worker::Job {
             first_tokens: first_token_candidates(&tokenizer, &model),
             model,

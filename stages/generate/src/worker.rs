@@ -1,12 +1,14 @@
 //! A decoding worker: keeps up to `batch` sequences in flight; a finished sequence leaves and
-//! the next sample takes its slot (continuous batching).
+//! the next sample takes its slot (continuous batching). On the CPU each slot has its own
+//! `SeqCache` (batch-invariant, bit-reproducible logits); on a GPU the slots share one
+//! `BatchCache`, so a step costs a few kernels per layer rather than a few per sequence.
 
 use crate::sampler::{argmax, sample, SampleRng, SamplingParams};
 use crate::{FirstToken, GenerateConfig};
 use anyhow::Result;
 use corpus::{Finish, Sample};
 use crossbeam_channel::Sender;
-use model::{Llama, SeqCache};
+use model::{BatchCache, Llama, SeqCache};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -78,12 +80,18 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
     };
     let eos = &model.cfg.eos_token_ids;
     let mut slots: Vec<Option<Active>> = (0..cfg.batch).map(|_| None).collect();
-    let mut caches: Vec<SeqCache> = (0..cfg.batch)
-        .map(|_| SeqCache::new(model, cfg.max_tokens))
-        .collect::<candle_core::Result<_>>()?;
+    let mut caches = if model.device.is_cpu() {
+        Caches::PerSequence(
+            (0..cfg.batch)
+                .map(|_| SeqCache::new(model, cfg.max_tokens))
+                .collect::<candle_core::Result<_>>()?,
+        )
+    } else {
+        Caches::Batched(BatchCache::new(model, cfg.batch, cfg.max_tokens)?)
+    };
     loop {
         // Fill free slots; a sample of one token is finished before it needs the model.
-        for (slot, cache) in slots.iter_mut().zip(caches.iter_mut()) {
+        for (i, slot) in slots.iter_mut().enumerate() {
             while slot.is_none() {
                 let Some(id) = job.take() else { break };
                 let a = job.start(id);
@@ -92,7 +100,7 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
                         return Ok(());
                     }
                 } else {
-                    cache.reset();
+                    caches.reset(i);
                     *slot = Some(a);
                 }
             }
@@ -101,17 +109,11 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
         if live.is_empty() {
             return Ok(());
         }
-        let inputs: Vec<u32> = live
+        let inputs: Vec<Option<u32>> = slots
             .iter()
-            .map(|&i| *slots[i].as_ref().unwrap().tokens.last().unwrap())
+            .map(|s| s.as_ref().map(|a| *a.tokens.last().unwrap()))
             .collect();
-        let mut refs: Vec<&mut SeqCache> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| slots[*i].is_some())
-            .map(|(_, c)| c)
-            .collect();
-        let logits = model.decode_step(&inputs, &mut refs)?.to_vec2::<f32>()?;
+        let logits = caches.step(model, &inputs, &live)?;
         for (row, &i) in logits.iter().zip(&live) {
             let a = slots[i].as_mut().unwrap();
             let next = if a.tokens.len() < a.greedy {
@@ -132,6 +134,48 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
                 if tx.send(Ok(job.finish(a, f))).is_err() {
                     return Ok(());
                 }
+            }
+        }
+    }
+}
+
+/// The KV caches of a worker's slots.
+enum Caches {
+    PerSequence(Vec<SeqCache>),
+    Batched(BatchCache),
+}
+
+impl Caches {
+    fn reset(&mut self, slot: usize) {
+        match self {
+            Caches::PerSequence(c) => c[slot].reset(),
+            Caches::Batched(b) => b.reset(slot),
+        }
+    }
+
+    /// One decoding step of the slots holding a token; logits rows in the order of `live`.
+    fn step(
+        &mut self,
+        model: &Llama,
+        inputs: &[Option<u32>],
+        live: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Caches::PerSequence(c) => {
+                let tokens: Vec<u32> = inputs.iter().flatten().copied().collect();
+                let mut refs: Vec<&mut SeqCache> = c
+                    .iter_mut()
+                    .zip(inputs)
+                    .filter(|(_, t)| t.is_some())
+                    .map(|(c, _)| c)
+                    .collect();
+                Ok(model.decode_step(&tokens, &mut refs)?.to_vec2::<f32>()?)
+            }
+            Caches::Batched(b) => {
+                let all = model.decode_slots(inputs, b)?;
+                let rows: Vec<u32> = live.iter().map(|&i| i as u32).collect();
+                let rows = candle_core::Tensor::from_vec(rows, live.len(), all.device())?;
+                Ok(all.index_select(&rows, 0)?.to_vec2::<f32>()?)
             }
         }
     }

@@ -2,7 +2,8 @@
 //! The separate tensor ops (scale, add mask, max, sub, exp, sum, div) dominated the forward
 //! pass of small-head models; this op does the same math once per element.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Scores are [.., rows, t] where row r is query position r % t (query heads that share a KV
@@ -70,12 +71,77 @@ pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
             scale: scale as f32,
         });
     }
-    let rows = scores.dim(D::Minus2)?;
-    let mask: Vec<f32> = (0..rows)
-        .flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (rows, t), scores.device())?.to_dtype(scores.dtype())?;
-    crate::llama::softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
+    // Elsewhere (GPU, or not f32): a causal mask built on the device and candle's fused softmax
+    // (it accumulates in f32 whatever the dtype). Rows are `rep` stacked blocks of t query
+    // positions, so the mask is [t, t] per block.
+    let dtype = scores.dtype();
+    let dims = scores.dims().to_vec();
+    let rows = dims[dims.len() - 2];
+    let mut grouped = dims[..dims.len() - 2].to_vec();
+    grouped.extend([rows / t, t, t]);
+    let dev = scores.device();
+    let pos = Tensor::arange(0u32, t as u32, dev)?;
+    let visible = pos.reshape((1, t))?.broadcast_le(&pos.reshape((t, 1))?)?;
+    let mask = visible
+        .where_cond(
+            &Tensor::zeros((t, t), DType::F32, dev)?,
+            &Tensor::full(f32::NEG_INFINITY, (t, t), dev)?,
+        )?
+        .to_dtype(dtype)?;
+    let s = (scores.reshape(grouped)? * scale)?.broadcast_add(&mask)?;
+    let p = candle_nn::ops::softmax_last_dim(&s.detach())?;
+    // The fused kernel has no backward: attach the softmax gradient to s. This also keeps
+    // fewer [.., t, t] tensors alive for the backward pass than the separate ops would.
+    let p = if s.track_op() {
+        s.apply_op2(&p, SoftmaxGrad)?
+    } else {
+        p
+    };
+    p.reshape(dims)
+}
+
+/// `apply_op2(s, p)` returns p = softmax(s) (computed outside) with softmax's gradient w.r.t. s.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        p: &CpuStorage,
+        lp: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((p.try_clone(lp)?, lp.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        p: &candle_core::CudaStorage,
+        lp: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((p.try_clone(lp)?, lp.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _p: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // d softmax: p * (g - sum(g * p)), in f32 (the row sum is too coarse in bf16).
+        let dtype = res.dtype();
+        let (p, g) = (res.to_dtype(DType::F32)?, grad.to_dtype(DType::F32)?);
+        let gs = (&g * &p)?.sum_keepdim(D::Minus1)?;
+        let ds = (p * g.broadcast_sub(&gs)?)?.to_dtype(dtype)?;
+        Ok((Some(ds), None))
+    }
 }
 
 #[cfg(test)]
@@ -88,7 +154,10 @@ mod tests {
         let mask: Vec<f32> = (0..rows)
             .flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
-        let mask = Tensor::from_vec(mask, (rows, t), x.device()).unwrap();
+        let mask = Tensor::from_vec(mask, (rows, t), x.device())
+            .unwrap()
+            .to_dtype(x.dtype())
+            .unwrap();
         crate::llama::softmax_last(&(x * scale).unwrap().broadcast_add(&mask).unwrap()).unwrap()
     }
 
@@ -124,6 +193,38 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap();
+        assert!(d < 1e-6, "gradient differs by {d}");
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The path GPUs take (fused softmax + attached gradient), exercised on the CPU via f64.
+    #[test]
+    fn fused_path_matches_forward_and_backward() {
+        let dev = Device::Cpu;
+        let (t, rep) = (5, 2);
+        let x = Var::randn(0f64, 1.0, (2, 3, rep * t, t), &dev).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (2, 3, rep * t, t), &dev).unwrap();
+        let want = reference(x.as_tensor(), t, 0.5);
+        let got = causal_softmax(&x.as_tensor().detach(), t, 0.5).unwrap();
+        assert!(max_diff(&got, &want) < 1e-12);
+        let got = causal_softmax(x.as_tensor(), t, 0.5).unwrap();
+        assert_eq!(got.dtype(), DType::F64);
+        assert!(max_diff(&got, &want) < 1e-12);
+        let ga = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
         assert!(d < 1e-6, "gradient differs by {d}");
     }
 }

@@ -1,11 +1,15 @@
 //! Incremental decoding: a batch of sequences, each at its own position with its own KV cache,
 //! advances by one token. Projections run batched through `row_matmul`, attention runs per
 //! sequence, so a sequence's logits never depend on which other sequences share the batch.
+//!
+//! On a GPU, per-sequence attention costs a handful of kernel launches per sequence and layer;
+//! `BatchCache` + `decode_slots` keep all sequences' K/V in one tensor per layer and run the
+//! whole batch's attention with a few kernels (a length mask hides each slot's unused tail).
 
 use crate::llama::{quant_kv, rms_norm, softmax_last, Linear, Llama, Rope};
 use crate::qconfig::{KvPoint, QuantConfig};
 use crate::rowmatmul::row_matmul;
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 /// One sequence's KV cache: per layer, K and V buffers [n_kv, capacity, head_dim].
 pub struct SeqCache {
@@ -23,8 +27,8 @@ impl SeqCache {
         let mut k = Vec::with_capacity(c.num_hidden_layers);
         let mut v = Vec::with_capacity(c.num_hidden_layers);
         for _ in 0..c.num_hidden_layers {
-            k.push(Tensor::zeros(shape, model.dtype(), &model.device)?);
-            v.push(Tensor::zeros(shape, model.dtype(), &model.device)?);
+            k.push(Tensor::zeros(shape, model.compute, &model.device)?);
+            v.push(Tensor::zeros(shape, model.compute, &model.device)?);
         }
         Ok(Self {
             k,
@@ -56,10 +60,10 @@ impl Linear {
             Some(b) => quant::fake_quant(x, b, None)?,
             None => x.clone(),
         };
-        let w = self.effective_weight(q)?.detach();
+        let w = self.effective_weight(q)?.detach().to_dtype(x.dtype())?;
         let y = row_matmul(&x, &w)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }
@@ -94,14 +98,19 @@ impl Llama {
             .rope
             .cos
             .index_select(&pos, 0)?
-            .reshape((bsz, 1, half))?;
+            .reshape((bsz, 1, half))?
+            .to_dtype(self.compute)?;
         let sin = self
             .rope
             .sin
             .index_select(&pos, 0)?
-            .reshape((bsz, 1, half))?;
+            .reshape((bsz, 1, half))?
+            .to_dtype(self.compute)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(self.compute)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
             let qs = blk.attn.q_proj.forward_rows(&h, q)?;
@@ -124,7 +133,7 @@ impl Llama {
                 let kc = c.k[l].narrow(1, 0, n + 1)?;
                 let vc = c.v[l].narrow(1, 0, n + 1)?;
                 let qi = qs.get(i)?.reshape((nkv, rep, hd))?;
-                let att = softmax_last(&(qi.matmul(&kc.t()?)? * scale)?)?;
+                let att = attention_probs(&(qi.matmul(&kc.t()?)? * scale)?)?;
                 ys.push(att.matmul(&vc)?.reshape((1, nh * hd))?);
             }
             let y = Tensor::cat(&ys, 0)?;
@@ -138,6 +147,238 @@ impl Llama {
             c.len += 1;
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        row_matmul(&x, &self.lm_head)
+        row_matmul(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32)
+    }
+}
+
+/// Softmax of one sequence's scores: our exact f32 ops on the CPU (bit-stable), candle's fused
+/// kernel (in f32) elsewhere.
+fn attention_probs(scores: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        return softmax_last(scores);
+    }
+    let dtype = scores.dtype();
+    candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)
+}
+
+/// The K/V caches of `slots` sequences, per layer one tensor [slots, n_kv, capacity, head_dim].
+pub struct BatchCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    lens: Vec<usize>,
+    capacity: usize,
+}
+
+impl BatchCache {
+    pub fn new(model: &Llama, slots: usize, capacity: usize) -> Result<Self> {
+        let c = &model.cfg;
+        let capacity = capacity.min(c.max_position_embeddings);
+        let shape = (slots, c.num_key_value_heads, capacity, c.head_dim);
+        let zeros = || Tensor::zeros(shape, model.compute, &model.device);
+        Ok(Self {
+            k: (0..c.num_hidden_layers)
+                .map(|_| zeros())
+                .collect::<Result<_>>()?,
+            v: (0..c.num_hidden_layers)
+                .map(|_| zeros())
+                .collect::<Result<_>>()?,
+            lens: vec![0; slots],
+            capacity,
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Tokens in slot `i`'s cache (= position of its next token).
+    pub fn len(&self, i: usize) -> usize {
+        self.lens[i]
+    }
+
+    /// Frees slot `i` for a new sequence.
+    pub fn reset(&mut self, i: usize) {
+        self.lens[i] = 0;
+    }
+}
+
+impl Llama {
+    /// Advances every slot whose token is `Some` by one token and returns logits [slots, vocab]
+    /// (f32). The whole batch runs together; rows of `None` slots are meaningless and their
+    /// caches do not grow.
+    pub fn decode_slots(&self, tokens: &[Option<u32>], cache: &mut BatchCache) -> Result<Tensor> {
+        let s = cache.slots();
+        if tokens.len() != s {
+            bail!("decode_slots: {} tokens for {s} slots", tokens.len());
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if t.is_some() && cache.lens[i] >= cache.capacity {
+                bail!("decode_slots: KV cache full ({} tokens)", cache.capacity);
+            }
+        }
+        let cfg = &self.cfg;
+        let q = &self.quant;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let (rep, half, cap) = (nh / nkv, hd / 2, cache.capacity);
+        // An idle slot writes at its own next position (or the last one): never into live data.
+        let pos: Vec<usize> = cache.lens.iter().map(|&n| n.min(cap - 1)).collect();
+        let ids: Vec<u32> = tokens.iter().map(|t| t.unwrap_or(0)).collect();
+        let ids = Tensor::from_vec(ids, s, &self.device)?;
+        let pos_t = Tensor::from_vec(pos.iter().map(|&p| p as u32).collect(), s, &self.device)?;
+        let rope = |t: &Tensor| -> Result<Tensor> {
+            t.index_select(&pos_t, 0)?
+                .reshape((s, 1, half))?
+                .to_dtype(self.compute)
+        };
+        let (cos, sin) = (rope(&self.rope.cos)?, rope(&self.rope.sin)?);
+        // Rows of the flattened cache [slots * n_kv * capacity, head_dim] that this step writes.
+        let write_rows: Vec<u32> = (0..s * nkv)
+            .flat_map(|r| {
+                let row = (r * cap + pos[r / nkv]) as u32;
+                std::iter::repeat_n(row, hd)
+            })
+            .collect();
+        let write_rows = Tensor::from_vec(write_rows, (s * nkv, hd), &self.device)?;
+        // Attend over the longest slot; a slot sees its positions 0..=pos.
+        let span = pos.iter().max().map_or(1, |&p| p + 1);
+        let mask: Vec<f32> = pos
+            .iter()
+            .flat_map(|&p| (0..span).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (s, 1, 1, span), &self.device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(self.compute)?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+            let qs = blk.attn.q_proj.forward_rows(&h, q)?;
+            let mut k = blk.attn.k_proj.forward_rows(&h, q)?;
+            let v = quant_kv(&blk.attn.v_proj.forward_rows(&h, q)?, q)?;
+            if q.kv_point == KvPoint::PreRope {
+                k = quant_kv(&k, q)?;
+            }
+            let qs = Rope::apply(&qs.reshape((s, nh, hd))?, &cos, &sin)?;
+            let mut k = Rope::apply(&k.reshape((s, nkv, hd))?, &cos, &sin)?;
+            if q.kv_point == KvPoint::PostRope {
+                k = quant_kv(&k.reshape((s, nkv * hd))?, q)?;
+            }
+            let flat = (s * nkv * cap, hd);
+            cache.k[l].reshape(flat)?.scatter_set(
+                &write_rows,
+                &k.reshape((s * nkv, hd))?.contiguous()?,
+                0,
+            )?;
+            cache.v[l].reshape(flat)?.scatter_set(
+                &write_rows,
+                &v.reshape((s * nkv, hd))?.contiguous()?,
+                0,
+            )?;
+            let kc = cache.k[l].narrow(2, 0, span)?;
+            let vc = cache.v[l].narrow(2, 0, span)?;
+            let qg = qs.reshape((s, nkv, rep, hd))?;
+            let scores = (qg.matmul(&kc.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?
+                .broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.compute)?;
+            let y = att.matmul(&vc)?.reshape((s, nh * hd))?;
+            x = (x + blk.attn.o_proj.forward_rows(&y, q)?)?;
+            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
+            let g = blk.mlp.gate_proj.forward_rows(&h, q)?.silu()?;
+            let u = blk.mlp.up_proj.forward_rows(&h, q)?;
+            x = (x + blk.mlp.down_proj.forward_rows(&(g * u)?, q)?)?;
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if t.is_some() {
+                cache.lens[i] += 1;
+            }
+        }
+        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        row_matmul(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LlamaConfig;
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    fn tiny_model(quant: QuantConfig) -> Llama {
+        let v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 50, "max_position_embeddings": 32, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2
+        });
+        let cfg = LlamaConfig::from_json(&v, std::path::Path::new("test")).unwrap();
+        let dev = Device::Cpu;
+        let t: HashMap<String, Tensor> = crate::llama::expected_tensors(&cfg)
+            .into_iter()
+            .map(|(n, s)| {
+                let x = if n.ends_with("norm.weight") {
+                    Tensor::ones(s, DType::F32, &dev)
+                } else {
+                    Tensor::randn(0f32, 0.3, s, &dev)
+                };
+                (n, x.unwrap())
+            })
+            .collect();
+        Llama::from_tensors(cfg, quant, t, "test", &dev).unwrap()
+    }
+
+    /// The batched path (what GPUs run) gives the per-sequence path's logits, with slots at
+    /// different positions and idle slots in the batch.
+    #[test]
+    fn batched_slots_match_per_sequence_caches() {
+        let q = QuantConfig {
+            w_bits: Some(4),
+            a_bits: Some(8),
+            kv_bits: Some(4),
+            ..Default::default()
+        };
+        let m = tiny_model(q);
+        let mut seqs: Vec<SeqCache> = (0..3).map(|_| SeqCache::new(&m, 16).unwrap()).collect();
+        let mut batch = BatchCache::new(&m, 3, 16).unwrap();
+        // Step by step: which slots take a token (slot 2 starts late, slot 1 stops early).
+        let plan: [[Option<u32>; 3]; 6] = [
+            [Some(5), Some(7), None],
+            [Some(9), Some(3), None],
+            [Some(4), Some(8), Some(11)],
+            [Some(6), None, Some(12)],
+            [Some(10), None, Some(13)],
+            [Some(20), None, Some(14)],
+        ];
+        for toks in plan {
+            let live: Vec<usize> = (0..3).filter(|&i| toks[i].is_some()).collect();
+            let ids: Vec<u32> = live.iter().map(|&i| toks[i].unwrap()).collect();
+            let mut refs: Vec<&mut SeqCache> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| toks[*i].is_some())
+                .map(|(_, c)| c)
+                .collect();
+            let want = m
+                .decode_step(&ids, &mut refs)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let got = m
+                .decode_slots(&toks, &mut batch)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (row, &i) in want.iter().zip(&live) {
+                for (a, b) in row.iter().zip(&got[i]) {
+                    assert!((a - b).abs() < 1e-4, "slot {i}: {a} vs {b}");
+                }
+                assert_eq!(batch.len(i), seqs[i].len());
+            }
+        }
     }
 }

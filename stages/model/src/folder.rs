@@ -121,8 +121,12 @@ impl ModelFolder {
         })
     }
 
-    /// Every tensor of the checkpoint, converted to f32 on `device`.
+    /// Every tensor of the checkpoint, converted to f32 on `device`. A folder written by
+    /// `pipeline quantize` (or a bitsandbytes 4-bit checkpoint) is dequantized on load.
     pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        if quantize::is_quantized_folder(&self.dir) {
+            return self.load_dequantized(device);
+        }
         let mut out = HashMap::new();
         for f in &self.weight_files {
             let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
@@ -145,6 +149,41 @@ impl ModelFolder {
                     .to_device(device)?;
                 out.insert(name.to_string(), t);
             }
+        }
+        Ok(out)
+    }
+
+    fn load_dequantized(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for t in quantize::load_dequantized(&self.dir, &self.weight_files)? {
+            let (name, t) = match t {
+                quantize::LoadedTensor::F32 { name, shape, data } => {
+                    let t = Tensor::from_vec(data, shape, &Device::Cpu)
+                        .with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
+                    (name, t)
+                }
+                quantize::LoadedTensor::Raw {
+                    name,
+                    dtype,
+                    shape,
+                    bytes,
+                } => {
+                    let dtype = match dtype {
+                        quantize::input::Dtype::F32 => DType::F32,
+                        quantize::input::Dtype::F16 => DType::F16,
+                        quantize::input::Dtype::BF16 => DType::BF16,
+                        other => bail!(
+                            "{}: tensor {name} has dtype {}; expected f32, f16 or bf16",
+                            self.dir.display(),
+                            other.name()
+                        ),
+                    };
+                    let t = Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)
+                        .with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
+                    (name, t)
+                }
+            };
+            out.insert(name, t.to_dtype(DType::F32)?.to_device(device)?);
         }
         Ok(out)
     }

@@ -5,15 +5,18 @@
 //! (generation). No training code lives here.
 
 pub mod attention_softmax;
+pub mod compute;
 pub mod config;
 pub mod decode;
 pub mod folder;
 pub mod llama;
 pub mod qconfig;
 pub mod rowmatmul;
+pub mod synth;
 
+pub use compute::{Compute, ComputeDtype, DeviceSpec};
 pub use config::LlamaConfig;
-pub use decode::SeqCache;
+pub use decode::{BatchCache, SeqCache};
 pub use folder::{ModelFolder, TeacherFingerprint};
 pub use llama::Llama;
 pub use qconfig::{parse_bits, KvPoint, QuantConfig};

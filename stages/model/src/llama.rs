@@ -32,10 +32,11 @@ impl Linear {
             Some(b) => quant::fake_quant_ste(x, b, None)?,
             None => x.clone(),
         };
-        let w = self.effective_weight(q)?;
+        // Quantized in f32 on the master weight, then cast to the compute dtype (a no-op in f32).
+        let w = self.effective_weight(q)?.to_dtype(x.dtype())?;
         let y = x.broadcast_matmul(&w.t()?)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
         }
     }
@@ -107,9 +108,14 @@ impl Rope {
     }
 }
 
+/// RMSNorm, computed in f32 whatever the activations' dtype (a bf16 mean of squares is too coarse).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&r)?.broadcast_mul(w)
+    x.broadcast_mul(&r)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
 }
 
 /// Softmax over the last dim; the max shift is a constant for autograd.
@@ -143,6 +149,8 @@ pub struct Llama {
     pub lm_head: Tensor,
     pub rope: Rope,
     pub device: Device,
+    /// Dtype of activations and matrix products; weights are cast to it where used.
+    pub compute: DType,
 }
 
 /// The Hugging Face names of every tensor the model uses, with their shapes.
@@ -264,6 +272,7 @@ impl Llama {
             take("lm_head.weight")?
         };
         let rope = Rope::new(&cfg, device)?;
+        let compute = embed_tokens.dtype();
         Ok(Self {
             cfg,
             quant,
@@ -273,7 +282,54 @@ impl Llama {
             lm_head,
             rope,
             device: device.clone(),
+            compute,
         })
+    }
+
+    /// Converts every weight to `dtype` and computes in it: for frozen models (teacher, eval).
+    pub fn cast(mut self, dtype: DType) -> candle_core::Result<Self> {
+        if dtype == self.dtype() {
+            self.compute = dtype;
+            return Ok(self);
+        }
+        let c = |t: &Tensor| t.to_dtype(dtype);
+        let cl = |l: &Linear| -> candle_core::Result<Linear> {
+            Ok(Linear {
+                weight: c(&l.weight)?,
+                bias: l.bias.as_ref().map(c).transpose()?,
+            })
+        };
+        let tied = self.cfg.tie_word_embeddings;
+        self.embed_tokens = c(&self.embed_tokens)?;
+        self.lm_head = if tied {
+            self.embed_tokens.clone()
+        } else {
+            c(&self.lm_head)?
+        };
+        self.norm = c(&self.norm)?;
+        for b in &mut self.blocks {
+            b.input_layernorm = c(&b.input_layernorm)?;
+            b.post_attention_layernorm = c(&b.post_attention_layernorm)?;
+            for l in [
+                &mut b.attn.q_proj,
+                &mut b.attn.k_proj,
+                &mut b.attn.v_proj,
+                &mut b.attn.o_proj,
+                &mut b.mlp.gate_proj,
+                &mut b.mlp.up_proj,
+                &mut b.mlp.down_proj,
+            ] {
+                *l = cl(l)?;
+            }
+        }
+        self.compute = dtype;
+        Ok(self)
+    }
+
+    /// Computes in `dtype` but keeps the weights as they are (the student's f32 `Var`s): each
+    /// forward casts them, so gradients and optimizer updates stay in f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute = dtype;
     }
 
     /// Every parameter under its Hugging Face name (tied LM head listed once, as the embedding).
@@ -328,9 +384,10 @@ impl Llama {
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?;
-        let cos = self.rope.cos.narrow(0, 0, t)?;
-        let sin = self.rope.sin.narrow(0, 0, t)?;
+            .reshape((b, t, cfg.hidden_size))?
+            .to_dtype(self.compute)?;
+        let cos = self.rope.cos.narrow(0, 0, t)?.to_dtype(self.compute)?;
+        let sin = self.rope.sin.narrow(0, 0, t)?.to_dtype(self.compute)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for blk in &self.blocks {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
@@ -366,9 +423,12 @@ impl Llama {
             x = (x + blk.mlp.down_proj.forward(&(g * u)?, q)?)?;
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        x.broadcast_matmul(&self.lm_head.t()?)
+        // Logits leave in f32 (the losses and the sampler read them in f32).
+        x.broadcast_matmul(&self.lm_head.to_dtype(self.compute)?.t()?)?
+            .to_dtype(DType::F32)
     }
 
+    /// The dtype the weights are stored in.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
     }

@@ -123,7 +123,7 @@ pub fn quantize_blockwise(
 
 /// QLoRA's double quantization: subtract the mean of the absmax values (computed the way
 /// torch sums f32), then quantize them in blocks of 256 with the dynamic 8-bit code.
-fn double_quantize(absmax: &[f32]) -> BlockScales {
+pub fn double_quantize(absmax: &[f32]) -> BlockScales {
     let offset = torch_sum_f32(absmax) / absmax.len() as f32;
     let centered: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
     let code = dynamic8();

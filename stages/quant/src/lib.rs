@@ -14,7 +14,9 @@ pub mod codebook;
 pub mod fake;
 mod tables;
 
-pub use blockwise::{pack_bits, quantize_blockwise, unpack_bits, BlockQuantized, BlockScales};
+pub use blockwise::{
+    double_quantize, pack_bits, quantize_blockwise, unpack_bits, BlockQuantized, BlockScales,
+};
 pub use codebook::{dynamic8, normal_map, CodeBook, DYNAMIC8_CODE, NF2_CODE, NF3_CODE, NF4_CODE};
 pub use fake::{fake_quant, fake_quant_ste, parse_bits, FakeQuant, Granularity};
 

@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor, Var};
 use checkpoint::CheckpointState;
 use corpus::{fsio, CorpusManifest};
 use data::{Loader, LoaderSpec};
-use model::{Llama, LlamaConfig, ModelFolder, QuantConfig};
+use model::{Compute, Llama, LlamaConfig, ModelFolder, QuantConfig};
 use optim::{AdamW, Param};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -73,6 +73,28 @@ pub fn train(
     on_log: impl FnMut(&LogLine),
 ) -> Result<TrainReport> {
     train_until(teacher_dir, corpus_dir, out, student, cfg, None, on_log)
+}
+
+/// `train` on a chosen device and compute dtype (`train` is f32 on the CPU).
+pub fn train_on(
+    compute: &Compute,
+    teacher_dir: &Path,
+    corpus_dir: &Path,
+    out: &Path,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+    on_log: impl FnMut(&LogLine),
+) -> Result<TrainReport> {
+    train_until_on(
+        compute,
+        teacher_dir,
+        corpus_dir,
+        out,
+        student,
+        cfg,
+        None,
+        on_log,
+    )
 }
 
 /// Which student tensors receive gradients.
@@ -169,12 +191,38 @@ pub fn train_until(
     student: &StudentConfig,
     cfg: &TrainConfig,
     stop_after: Option<u64>,
+    on_log: impl FnMut(&LogLine),
+) -> Result<TrainReport> {
+    train_until_on(
+        &Compute::cpu(),
+        teacher_dir,
+        corpus_dir,
+        out,
+        student,
+        cfg,
+        stop_after,
+        on_log,
+    )
+}
+
+/// `train_until` on a chosen device and compute dtype. In bf16/f16 the teacher is stored in
+/// that dtype; the student keeps f32 master weights and f32 AdamW moments (so checkpoints are
+/// f32 whatever the device) and casts them to the compute dtype in each forward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn train_until_on(
+    compute: &Compute,
+    teacher_dir: &Path,
+    corpus_dir: &Path,
+    out: &Path,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+    stop_after: Option<u64>,
     mut on_log: impl FnMut(&LogLine),
 ) -> Result<TrainReport> {
     let started = Instant::now();
     cfg.validate()?;
     let quant = student.quant_config()?;
-    let device = Device::Cpu;
+    let device = compute.device.clone();
 
     let folder = ModelFolder::open(teacher_dir)?;
     let mcfg = folder.config.clone();
@@ -261,7 +309,8 @@ pub fn train_until(
         teacher_tensors.clone(),
         teacher_dir.to_string_lossy().as_ref(),
         &device,
-    )?;
+    )?
+    .cast(compute.dtype)?;
     let (init, source) = match &resume {
         Some((dir, _)) => {
             let p = dir.join(checkpoint::STUDENT_FILE);
@@ -272,7 +321,8 @@ pub fn train_until(
         }
         None => (teacher_tensors, teacher_dir.display().to_string()),
     };
-    let (student_model, params) = build_student(&mcfg, &quant, &init, cfg, &source, &device)?;
+    let (mut student_model, params) = build_student(&mcfg, &quant, &init, cfg, &source, &device)?;
+    student_model.set_compute_dtype(compute.dtype);
     drop(init);
     let mut opt = AdamW::new(cfg, &params)?;
     if let Some((dir, _)) = &resume {

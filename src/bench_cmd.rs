@@ -1,0 +1,358 @@
+//! `pipeline bench device|decode` and `pipeline synth-model`: speed measurements that print
+//! one JSON object each. `device` measures what the hardware gives through candle (copy
+//! bandwidth, matrix-product peak); `decode` times the generator's own decoding step and puts it
+//! next to the memory-bandwidth bound (bytes of weights and KV cache read per step / copy
+//! bandwidth). Training speed comes from `pipeline train`'s own log (tokens_per_second).
+
+use crate::compute_args::ComputeArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use clap::{Args, Subcommand};
+use model::{BatchCache, Compute, Llama, ModelFolder, QuantConfig, SeqCache};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Copy bandwidth and matrix-product throughput of the device.
+    Device {
+        #[command(flatten)]
+        compute: ComputeArgs,
+        /// Size of the copied buffer, MiB.
+        #[arg(long, default_value_t = 1024)]
+        copy_mib: usize,
+        /// Side of the square matrix products.
+        #[arg(long, default_value_t = 8192)]
+        matmul_n: usize,
+    },
+    /// Tokens/s of the generator's decoding step at a batch size, next to the bandwidth bound.
+    Decode(DecodeArgs),
+    /// Logits of the full-sequence and the decoding paths against a reference file
+    /// (../shared/fixtures/logits/MODEL.safetensors): max abs difference, argmax mismatches.
+    Logits(LogitsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Safetensors with `C.tokens`, `C.logits` and `C.logits_w4a8kv4` for cases C = a, b.
+    #[arg(long)]
+    pub reference: PathBuf,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Sequences decoded together; a list (1,32,128) measures each with one model load.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub batch: Vec<usize>,
+    /// Timed decoding steps (after `--warmup` untimed ones).
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 8)]
+    pub warmup: usize,
+    /// Copy bandwidth to use for the bound, GB/s (default: measured here on a 1 GiB buffer).
+    #[arg(long)]
+    pub copy_gbps: Option<f64>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// tinyllama-1.1b, llama-7b-2layers or llama-7b.
+    #[arg(long)]
+    pub shape: model::synth::SynthShape,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let t0 = Instant::now();
+    model::synth::write_synthetic_model(a.shape, &a.out, a.seed)?;
+    let folder = ModelFolder::open(&a.out)?;
+    folder.tokenizer()?;
+    let params: usize = model::llama::expected_tensors(&folder.config)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    println!(
+        "{}",
+        json!({"out": a.out.display().to_string(), "parameters": params,
+               "seconds": t0.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
+pub fn run(c: BenchCommand) -> Result<()> {
+    let v = match c {
+        BenchCommand::Device {
+            compute,
+            copy_mib,
+            matmul_n,
+        } => {
+            let c = compute.open()?;
+            let copy = copy_gbps(&c, copy_mib)?;
+            let mut v = json!({"device": compute.device.to_string(), "copy_gb_per_s": copy});
+            for dt in [DType::BF16, DType::F32] {
+                v[format!("{}_matmul_tflops", dt.as_str())] =
+                    json!(matmul_tflops(&c, matmul_n, dt)?);
+            }
+            v["matmul_n"] = json!(matmul_n);
+            v
+        }
+        BenchCommand::Decode(a) => decode(a)?,
+        BenchCommand::Logits(a) => logits(a)?,
+    };
+    println!("{v}");
+    Ok(())
+}
+
+/// Seconds per call of `f`, mean of `reps` after `warm` untimed calls, GPU work included.
+fn time_it(
+    c: &Compute,
+    warm: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warm {
+        f()?;
+    }
+    c.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    c.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// Device-to-device copy, counting bytes read and written.
+fn copy_gbps(c: &Compute, mib: usize) -> Result<f64> {
+    let n = mib * (1 << 20) / 4;
+    let x = Tensor::zeros(n, DType::F32, &c.device)?;
+    let secs = time_it(c, 3, 20, || {
+        x.copy()?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n * 4) as f64 / secs / 1e9)
+}
+
+/// Square matrix products on random data.
+fn matmul_tflops(c: &Compute, n: usize, dtype: DType) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), &c.device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &c.device)?.to_dtype(dtype)?;
+    let secs = time_it(c, 3, 10, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / secs / 1e12)
+}
+
+fn decode(a: DecodeArgs) -> Result<serde_json::Value> {
+    if a.batch.contains(&0) || a.steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    let c = a.compute.open()?;
+    let folder = ModelFolder::open(&a.model)?;
+    let model = Llama::load(&folder, QuantConfig::none(), &c.device)?.cast(c.dtype)?;
+    let copy = match a.copy_gbps {
+        Some(g) => g,
+        None => copy_gbps(&c, 1024)?,
+    };
+    let runs = a
+        .batch
+        .iter()
+        .map(|&b| decode_batch(&a, &c, &model, b, copy))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(json!({
+        "model": a.model.display().to_string(),
+        "device": a.compute.device.to_string(),
+        "dtype": a.compute.dtype.to_string(),
+        "parameters": model::llama::expected_tensors(&model.cfg)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>(),
+        "copy_gb_per_s": copy,
+        "runs": runs,
+    }))
+}
+
+/// One batch size: `warmup` untimed steps, then `steps` timed ones.
+fn decode_batch(
+    a: &DecodeArgs,
+    c: &Compute,
+    model: &Llama,
+    batch: usize,
+    copy: f64,
+) -> Result<serde_json::Value> {
+    let cfg = model.cfg.clone();
+    let total = a.warmup + a.steps + 1;
+    if total > cfg.max_position_embeddings {
+        bail!(
+            "--warmup + --steps = {} is beyond the model's context ({})",
+            total - 1,
+            cfg.max_position_embeddings
+        );
+    }
+    // The generator's cache choice: per-sequence caches on the CPU, one batch cache elsewhere.
+    let batched = !c.device.is_cpu();
+    let mut seqs = Vec::new();
+    let mut slots = None;
+    if batched {
+        slots = Some(BatchCache::new(model, batch, total)?);
+    } else {
+        for _ in 0..batch {
+            seqs.push(SeqCache::new(model, total)?);
+        }
+    }
+    // Distinct first tokens, then greedy. As in the generator, the logits come to the host
+    // every step (it samples there).
+    let mut tokens: Vec<u32> = (0..batch as u32)
+        .map(|i| 3 + i % (cfg.vocab_size as u32 - 3))
+        .collect();
+    let mut step = |tokens: &mut Vec<u32>| -> Result<()> {
+        let logits = match &mut slots {
+            Some(b) => {
+                let t: Vec<Option<u32>> = tokens.iter().map(|&t| Some(t)).collect();
+                model.decode_slots(&t, b)?
+            }
+            None => {
+                let mut refs: Vec<&mut SeqCache> = seqs.iter_mut().collect();
+                model.decode_step(tokens, &mut refs)?
+            }
+        };
+        *tokens = logits
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|row| generate::sampler::argmax(row))
+            .collect();
+        Ok(())
+    };
+    for _ in 0..a.warmup {
+        step(&mut tokens)?;
+    }
+    c.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..a.steps {
+        step(&mut tokens)?;
+    }
+    c.synchronize()?;
+    let secs = t0.elapsed().as_secs_f64();
+
+    // Bytes read per step: every matrix but the embedding table (only B rows of it are read),
+    // plus each sequence's K and V over its mean length in the timed steps.
+    let bytes_per = c.dtype.size_in_bytes() as f64;
+    let weights: usize = model::llama::expected_tensors(&cfg)
+        .iter()
+        .filter(|(n, _)| n != "model.embed_tokens.weight")
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let lm_head_tied = if cfg.tie_word_embeddings {
+        cfg.vocab_size * cfg.hidden_size
+    } else {
+        0
+    };
+    let weight_bytes = (weights + lm_head_tied) as f64 * bytes_per;
+    let mean_len = a.warmup as f64 + (a.steps as f64 + 1.0) / 2.0;
+    let kv_bytes =
+        batch as f64 * mean_len * (2 * cfg.num_hidden_layers * cfg.kv_dim()) as f64 * bytes_per;
+    let step_s = secs / a.steps as f64;
+    let bound_step_s = (weight_bytes + kv_bytes) / (copy * 1e9);
+    let tps = (batch * a.steps) as f64 / secs;
+    Ok(json!({
+        "batch": batch,
+        "batched_cache": batched,
+        "steps": a.steps,
+        "mean_context": mean_len,
+        "tokens_per_second": tps,
+        "ms_per_step": 1e3 * step_s,
+        "weight_bytes_per_step": weight_bytes,
+        "kv_bytes_per_step": kv_bytes,
+        "copy_gb_per_s": copy,
+        "bound_ms_per_step": 1e3 * bound_step_s,
+        "bound_tokens_per_second": batch as f64 / bound_step_s,
+        "fraction_of_bound": bound_step_s / step_s,
+    }))
+}
+
+fn logits(a: LogitsArgs) -> Result<serde_json::Value> {
+    let c = a.compute.open()?;
+    let folder = ModelFolder::open(&a.model)?;
+    let reference = candle_core::safetensors::load(&a.reference, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading {}", a.reference.display()))?;
+    let get = |k: &str| {
+        reference
+            .get(k)
+            .with_context(|| format!("{}: no tensor `{k}`", a.reference.display()))
+    };
+    let w4a8kv4 = QuantConfig {
+        w_bits: Some(4),
+        a_bits: Some(8),
+        kv_bits: Some(4),
+        ..Default::default()
+    };
+    let mut out = serde_json::Map::new();
+    for (label, q, key) in [
+        ("fp", QuantConfig::none(), "logits"),
+        ("w4a8kv4", w4a8kv4, "logits_w4a8kv4"),
+    ] {
+        let m = Llama::load(&folder, q, &c.device)?.cast(c.dtype)?;
+        for case in ["a", "b"] {
+            let tokens: Vec<u32> = get(&format!("{case}.tokens"))?
+                .to_dtype(DType::U32)?
+                .to_vec1()?;
+            let want = get(&format!("{case}.{key}"))?.to_dtype(DType::F32)?;
+            let ids = Tensor::new(tokens.as_slice(), &c.device)?.unsqueeze(0)?;
+            let full = m
+                .forward(&ids)?
+                .squeeze(0)?
+                .to_device(&candle_core::Device::Cpu)?;
+            // The decoding path, one token at a time, through the cache the generator uses here.
+            let mut rows = Vec::with_capacity(tokens.len());
+            if c.device.is_cpu() {
+                let mut cache = SeqCache::new(&m, tokens.len())?;
+                for &t in &tokens {
+                    rows.push(m.decode_step(&[t], &mut [&mut cache])?);
+                }
+            } else {
+                let mut cache = BatchCache::new(&m, 1, tokens.len())?;
+                for &t in &tokens {
+                    rows.push(m.decode_slots(&[Some(t)], &mut cache)?);
+                }
+            }
+            let inc = Tensor::cat(&rows, 0)?.to_device(&candle_core::Device::Cpu)?;
+            for (path, got) in [("forward", &full), ("decode", &inc)] {
+                out.insert(
+                    format!("{label}.{case}.{path}"),
+                    json!({
+                        "max_abs_diff": (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?,
+                        "argmax_mismatch": argmax_mismatch(got, &want)?,
+                        "positions": tokens.len(),
+                    }),
+                );
+            }
+        }
+    }
+    Ok(json!({
+        "model": a.model.display().to_string(),
+        "device": a.compute.device.to_string(),
+        "dtype": a.compute.dtype.to_string(),
+        "cases": out,
+    }))
+}
+
+/// Share of positions whose top-1 token differs.
+fn argmax_mismatch(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let x: Vec<u32> = a.argmax(candle_core::D::Minus1)?.to_vec1()?;
+    let y: Vec<u32> = b.argmax(candle_core::D::Minus1)?.to_vec1()?;
+    let n = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+    Ok(n as f64 / x.len().max(1) as f64)
+}

@@ -1,0 +1,100 @@
+//! `pipeline quantize` (block-wise NF/int-k quantization of a model folder) and
+//! `pipeline bench-memcpy` (the memory bandwidth its throughput is measured against).
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use quantize::{quantize_folder, QuantizeSettings, DEFAULT_SKIP};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Hugging Face model folder to quantize.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output folder (created; refused if it holds another model or quantization).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Code book: nf4, nf3, nf2, int8, int4, int3, int2.
+    #[arg(long)]
+    pub format: String,
+    /// bnb (bitsandbytes / transformers 4-bit, nf4 only) or packed; default bnb for nf4,
+    /// packed otherwise.
+    #[arg(long)]
+    pub layout: Option<String>,
+    /// Values per block sharing one absmax: a power of two from 32 to 4096.
+    #[arg(long, default_value_t = 64)]
+    pub block_size: usize,
+    /// Quantize the block absmax values too (8-bit, blocks of 256), as QLoRA does.
+    #[arg(long)]
+    pub double_quant: bool,
+    /// Modules kept in full precision, comma-separated (e.g. lm_head,embed_tokens,down_proj).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_SKIP.map(String::from))]
+    pub skip: Vec<String>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: QuantizeArgs) -> Result<()> {
+    let s = QuantizeSettings::new(
+        &a.format,
+        a.layout.as_deref(),
+        a.block_size,
+        a.double_quant,
+        a.skip.clone(),
+    )?;
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "quantize {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} tensor {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    let report = quantize_folder(&a.model, &a.out, &s, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!(
+            "{}/{} {}",
+            p.tensors_done, p.tensors_total, p.tensor
+        ));
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} -> {} [{} {} block {}{}]: {} weights, {:.3} bits/param, {:.1} MB -> {:.1} MB ({:.1}%), rel. error mean {:.4} max {:.4}, {:.2} GB/s quantizing, {:.1} s",
+            a.model.display(),
+            a.out.display(),
+            report.format,
+            report.layout,
+            report.block_size,
+            if report.double_quant { " +dq" } else { "" },
+            report.quantized_tensors,
+            report.bits_per_param,
+            report.input_file_bytes as f64 / 1e6,
+            report.output_file_bytes as f64 / 1e6,
+            100.0 * report.size_ratio,
+            report.mean_rel_error,
+            report.max_rel_error,
+            report.quantize_gb_per_s,
+            report.seconds
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct MemcpyArgs {
+    /// Buffer size in MiB (each of source and destination).
+    #[arg(long, default_value_t = 1024)]
+    pub mib: usize,
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+}
+
+pub fn bench_memcpy(a: MemcpyArgs) -> Result<()> {
+    let b = quantize::bandwidth::memcpy_bandwidth(a.mib << 20, a.repeats);
+    println!("{}", serde_json::to_string(&b)?);
+    Ok(())
+}

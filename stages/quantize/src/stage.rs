@@ -1,0 +1,437 @@
+//! The quantize stage: a Hugging Face model folder in, a quantized folder out. Tensors are
+//! read from the memory-mapped safetensors one at a time, quantized in parallel blocks and
+//! written at their planned place in the output (see [`crate::writer`]), so the resident
+//! memory stays near one tensor whatever the model's size. Every input header is checked
+//! and the output folder inspected before anything is written; files are replaced
+//! atomically and `quantize.json` comes last.
+
+use crate::header::{QuantizeHeader, WeightInfo, HEADER_FILE, REPORT_FILE};
+use crate::input::{Dtype, SafetensorsFile};
+use crate::kernel::quantize_pack;
+use crate::layout::{bnb_quant_state_json, planned_tensors, tail_tensor};
+use crate::report::{QuantizeReport, TensorReport};
+use crate::settings::{Layout, QuantizeSettings};
+use crate::writer::{OutTensor, StreamingWriter};
+use anyhow::{bail, Context, Result};
+use quant::blockwise::NESTED_BLOCK;
+use quant::BlockScales;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the stage stands, for a progress bar.
+pub struct Progress<'a> {
+    pub tensor: &'a str,
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// Quantizes the model folder `input` into `out` and returns the report (also written to
+/// `out/quantize_report.json`).
+pub fn quantize_folder(
+    input: &Path,
+    out: &Path,
+    s: &QuantizeSettings,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<QuantizeReport> {
+    let start = Instant::now();
+    let files = weight_files(input)?;
+    check_output(input, out, s)?;
+    // Every header is checked before the first byte is written.
+    let sources: Vec<SafetensorsFile> = files
+        .iter()
+        .map(|f| SafetensorsFile::open(f))
+        .collect::<Result<_>>()?;
+    let mut weights = BTreeMap::new();
+    for src in &sources {
+        for t in &src.tensors {
+            if t.name.contains(".quant_state.") || t.name.ends_with(".qcodes") {
+                bail!(
+                    "{}: tensor {} is already quantized; quantize the original model folder",
+                    src.path.display(),
+                    t.name
+                );
+            }
+            if s.quantizes(&t.name) {
+                if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                    bail!(
+                        "{}: tensor {} has dtype {}; only F32, F16 and BF16 weights can be quantized",
+                        src.path.display(),
+                        t.name,
+                        t.dtype.name()
+                    );
+                }
+                weights.insert(
+                    t.name.clone(),
+                    WeightInfo {
+                        shape: t.shape.clone(),
+                        dtype: t.dtype.torch_name().to_string(),
+                        file: file_name(&src.path),
+                    },
+                );
+            }
+        }
+    }
+    if weights.is_empty() {
+        bail!(
+            "{}: no projection weights (q/k/v/o/gate/up/down_proj) to quantize",
+            input.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    corpus::fsio::remove_temp_files(out)?;
+
+    let tensors_total: usize = sources.iter().map(|f| f.tensors.len()).sum();
+    let bytes_total: u64 = sources
+        .iter()
+        .flat_map(|f| &f.tensors)
+        .map(|t| (t.end - t.begin) as u64)
+        .sum();
+    let (mut tensors_done, mut bytes_done) = (0usize, 0u64);
+    let mut reports = Vec::new();
+    let mut quantize_seconds = 0f64;
+    let mut quantized_input_bytes = 0u64;
+    let (mut in_bytes, mut out_bytes) = (0u64, 0u64);
+    let mut weight_map = BTreeMap::new();
+    let code = s.format.codebook().values();
+    let code_bytes: Vec<u8> = code.iter().flat_map(|c| c.to_le_bytes()).collect();
+    let nested_code: Vec<u8> = quant::dynamic8()
+        .iter()
+        .flat_map(|c| c.to_le_bytes())
+        .collect();
+
+    for src in &sources {
+        in_bytes += std::fs::metadata(&src.path)?.len();
+        let fname = file_name(&src.path);
+        let mut planned = Vec::new();
+        let mut tails = Vec::new();
+        for t in &src.tensors {
+            if s.quantizes(&t.name) {
+                planned.extend(planned_tensors(&t.name, t.numel(), s));
+                tails.extend(tail_tensor(&t.name, s));
+            } else {
+                planned.push(OutTensor::new(&t.name, t.dtype, t.shape.clone()));
+            }
+        }
+        for p in planned.iter().map(|p| &p.name).chain(&tails) {
+            weight_map.insert(p.clone(), fname.clone());
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let mut w = StreamingWriter::create(&out.join(&fname), planned, tails, meta)?;
+        for t in &src.tensors {
+            progress(Progress {
+                tensor: &t.name,
+                tensors_done,
+                tensors_total,
+                bytes_done,
+                bytes_total,
+            });
+            if !s.quantizes(&t.name) {
+                w.write(&t.name, src.bytes(t))?;
+            } else {
+                let t0 = Instant::now();
+                let x = src.f32_values(t)?;
+                let q = quantize_pack(&x, s.block_size, s.format.codebook(), s.double_quant);
+                drop(x);
+                quantize_seconds += t0.elapsed().as_secs_f64();
+                quantized_input_bytes += (t.end - t.begin) as u64;
+                let name = &t.name;
+                let mut stored = 0usize;
+                let mut put = |w: &mut StreamingWriter, n: String, b: &[u8]| -> Result<()> {
+                    stored += b.len();
+                    w.write(&n, b)
+                };
+                match s.layout {
+                    Layout::Bnb => put(&mut w, name.clone(), &q.packed)?,
+                    Layout::Packed => put(&mut w, format!("{name}.qcodes"), &q.packed)?,
+                }
+                put(&mut w, format!("{name}.quant_map"), &code_bytes)?;
+                let offset = match &q.scales {
+                    BlockScales::F32(a) => {
+                        let b: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        put(&mut w, format!("{name}.absmax"), &b)?;
+                        None
+                    }
+                    BlockScales::Double {
+                        q: codes,
+                        nested_absmax,
+                        offset,
+                        nested_block,
+                        ..
+                    } => {
+                        debug_assert_eq!(*nested_block, NESTED_BLOCK);
+                        put(&mut w, format!("{name}.absmax"), codes)?;
+                        let b: Vec<u8> =
+                            nested_absmax.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        put(&mut w, format!("{name}.nested_absmax"), &b)?;
+                        put(&mut w, format!("{name}.nested_quant_map"), &nested_code)?;
+                        if s.layout == Layout::Packed {
+                            put(
+                                &mut w,
+                                format!("{name}.nested_offset"),
+                                &offset.to_le_bytes(),
+                            )?;
+                        }
+                        Some(*offset)
+                    }
+                };
+                if let Some(tail) = tail_tensor(name, s) {
+                    let json = bnb_quant_state_json(&t.shape, t.dtype, s.block_size, offset);
+                    stored += json.len();
+                    w.write_tail(&tail, json.as_bytes())?;
+                }
+                reports.push(TensorReport {
+                    name: name.clone(),
+                    shape: t.shape.clone(),
+                    params: t.numel(),
+                    input_bytes: t.end - t.begin,
+                    stored_bytes: stored,
+                    bits_per_param: stored as f64 * 8.0 / t.numel().max(1) as f64,
+                    rel_error: q.rel_error,
+                });
+            }
+            src.release(t);
+            tensors_done += 1;
+            bytes_done += (t.end - t.begin) as u64;
+        }
+        out_bytes += w.finish()?;
+    }
+    progress(Progress {
+        tensor: "",
+        tensors_done,
+        tensors_total,
+        bytes_done,
+        bytes_total,
+    });
+
+    copy_companions(input, out, s, &weight_map, files.len() > 1)?;
+    let header = QuantizeHeader {
+        version: 1,
+        settings: s.clone(),
+        bits: s.format.bits(),
+        nested_block_size: NESTED_BLOCK,
+        source: source_name(input),
+        weights,
+    };
+    let report = QuantizeReport::new(
+        input,
+        out,
+        s,
+        reports,
+        in_bytes,
+        out_bytes,
+        start.elapsed().as_secs_f64(),
+        quantize_seconds,
+        quantized_input_bytes,
+    );
+    corpus::fsio::write_atomic(
+        &out.join(REPORT_FILE),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    // Last: its presence marks a complete folder.
+    corpus::fsio::write_atomic(
+        &out.join(HEADER_FILE),
+        serde_json::to_string_pretty(&header)?.as_bytes(),
+    )?;
+    Ok(report)
+}
+
+/// The input folder as recorded in quantize.json (absolute, so reruns from elsewhere match).
+fn source_name(input: &Path) -> String {
+    input
+        .canonicalize()
+        .unwrap_or_else(|_| input.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The safetensors files of a Hugging Face folder: model.safetensors or the shards of
+/// model.safetensors.index.json.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!(
+            "model folder {} does not exist or is not a folder",
+            dir.display()
+        );
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        bail!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        );
+    }
+    let text = std::fs::read_to_string(&index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: missing object field `weight_map`", index.display()))?;
+    let mut names: Vec<String> = map
+        .values()
+        .filter_map(|x| x.as_str().map(String::from))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|n| {
+            corpus::fsio::check_plain_file_name(&n)
+                .with_context(|| format!("{}: weight_map", index.display()))?;
+            Ok(dir.join(n))
+        })
+        .collect()
+}
+
+/// Refuses an output folder that is the input, or that holds another model or a
+/// quantization with other settings; nothing in it is touched before this passes.
+fn check_output(input: &Path, out: &Path, s: &QuantizeSettings) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("--out {} exists and is not a folder", out.display());
+    }
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), out.canonicalize()) {
+        if a == b {
+            bail!(
+                "--out {} is the input model folder; choose another folder",
+                out.display()
+            );
+        }
+    }
+    match QuantizeHeader::read(out)? {
+        Some(h) => {
+            let path = out.join(HEADER_FILE);
+            let differs = |field: &str, have: String, want: String| -> Result<()> {
+                if have != want {
+                    bail!(
+                        "{}: the folder already holds a different quantization ({field} = {have}, this run asks for {want}); nothing was overwritten: choose another --out or delete the folder",
+                        path.display()
+                    );
+                }
+                Ok(())
+            };
+            let hs = &h.settings;
+            differs("format", hs.format.name(), s.format.name())?;
+            differs("layout", hs.layout.name().into(), s.layout.name().into())?;
+            differs(
+                "block_size",
+                hs.block_size.to_string(),
+                s.block_size.to_string(),
+            )?;
+            differs(
+                "double_quant",
+                hs.double_quant.to_string(),
+                s.double_quant.to_string(),
+            )?;
+            differs("skip", format!("{:?}", hs.skip), format!("{:?}", s.skip))?;
+            differs("source", h.source.clone(), source_name(input))?;
+            Ok(())
+        }
+        None => {
+            let taken = std::fs::read_dir(out)
+                .with_context(|| format!("cannot list {}", out.display()))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| {
+                    n == "config.json" || n.ends_with(".safetensors") || n.ends_with(".index.json")
+                });
+            if let Some(n) = taken {
+                bail!(
+                    "{}: --out already holds a model ({n}) that pipeline quantize did not write; nothing was overwritten: choose another --out",
+                    out.join(&n).display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// config.json (with bitsandbytes' `quantization_config` for the bnb layout), the tokenizer
+/// and the other small files of the folder; a sharded model gets a new index.
+fn copy_companions(
+    input: &Path,
+    out: &Path,
+    s: &QuantizeSettings,
+    weight_map: &BTreeMap<String, String>,
+    sharded: bool,
+) -> Result<()> {
+    for e in std::fs::read_dir(input).with_context(|| format!("cannot list {}", input.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !e.file_type()?.is_file()
+            || name.ends_with(".safetensors")
+            || name == "model.safetensors.index.json"
+            || name == HEADER_FILE
+            || name == REPORT_FILE
+        {
+            continue;
+        }
+        let src = e.path();
+        let mut bytes =
+            std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
+        if name == "config.json" && s.layout == Layout::Bnb {
+            let mut cfg: serde_json::Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not valid JSON", src.display()))?;
+            let obj = cfg
+                .as_object_mut()
+                .with_context(|| format!("{}: not a JSON object", src.display()))?;
+            let dtype = obj
+                .get("torch_dtype")
+                .or_else(|| obj.get("dtype"))
+                .and_then(|d| d.as_str())
+                .unwrap_or("float32")
+                .to_string();
+            obj.insert(
+                "quantization_config".into(),
+                bnb_quantization_config(s, &dtype),
+            );
+            bytes = serde_json::to_vec_pretty(&cfg)?;
+        }
+        corpus::fsio::write_atomic(&out.join(&name), &bytes)?;
+    }
+    if sharded {
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        corpus::fsio::write_atomic(
+            &out.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// transformers' `BitsAndBytesConfig` for a pre-quantized NF4 checkpoint; the skipped
+/// modules stay `nn.Linear` (transformers also never converts lm_head).
+fn bnb_quantization_config(s: &QuantizeSettings, compute_dtype: &str) -> serde_json::Value {
+    serde_json::json!({
+        "quant_method": "bitsandbytes",
+        "_load_in_4bit": true,
+        "_load_in_8bit": false,
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": s.double_quant,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_enable_fp32_cpu_offload": false,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_skip_modules": s.skip,
+        "llm_int8_threshold": 6.0,
+    })
+}
