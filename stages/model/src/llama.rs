@@ -75,9 +75,9 @@ pub struct Rope {
 impl Rope {
     fn new(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<Self> {
         let half = cfg.head_dim / 2;
-        // Same as transformers: inv_freq in f32, then position * inv_freq in f32.
-        // Angles and their cos/sin in f64, rounded once to f32: the most accurate table, and
-        // the one that reproduces the reference perplexities of 4-bit post-RoPE K best.
+        // Inverse frequencies, angles and cos/sin in f64, rounded once to f32: the most accurate
+        // table. (transformers rounds inv_freq and the angles to f32 first; either order is
+        // within the float noise of the 4-bit KV references, see scripts/torch_ppl_reference.py.)
         let n = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
