@@ -5,6 +5,7 @@
 //! (generation). No training code lives here.
 
 pub mod attention_softmax;
+pub mod causal_attention;
 pub mod compute;
 pub mod config;
 pub mod decode;

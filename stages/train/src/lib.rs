@@ -139,6 +139,9 @@ pub fn build_student(
     Ok((model, params))
 }
 
+/// Names the training kernels' summation order (see `fingerprint`).
+const KERNELS: &str = "fused-causal-attention-1";
+
 /// What a checkpoint must agree on with the current run to be resumed: the teacher, the corpus,
 /// the quantization and every setting that changes the computation (`steps` may grow; logging
 /// and checkpoint cadence do not change the weights).
@@ -155,6 +158,9 @@ fn fingerprint(
         }
     }
     Ok(json!({
+        // The CPU kernels' evaluation order: a change here changes the trained weights, so a
+        // checkpoint from another order is not resumed into this one.
+        "kernels": KERNELS,
         "teacher": teacher,
         "corpus_manifest_sha256": corpus_sha,
         "student": student,
@@ -311,6 +317,10 @@ pub fn train_until_on(
         &device,
     )?
     .cast(compute.dtype)?;
+    let teacher = Llama {
+        fused_attention: true,
+        ..teacher
+    };
     let (init, source) = match &resume {
         Some((dir, _)) => {
             let p = dir.join(checkpoint::STUDENT_FILE);
@@ -323,6 +333,7 @@ pub fn train_until_on(
     };
     let (mut student_model, params) = build_student(&mcfg, &quant, &init, cfg, &source, &device)?;
     student_model.set_compute_dtype(compute.dtype);
+    student_model.fused_attention = true;
     drop(init);
     let mut opt = AdamW::new(cfg, &params)?;
     if let Some((dir, _)) = &resume {
