@@ -46,7 +46,7 @@ COPY=$(python3 -c "import json;print(json.load(open('$RES/device.json'))['copy_g
 step perplexity
 : >"$RES/ppl.jsonl"
 for m in stories260k tinystories-656k; do
-  for dtype in f32 bf16; do
+  for dtype in f32 bf16 f16; do
     "$BIN" eval --model $C/models/$m --text $TEXT --json --device cuda --dtype $dtype >>"$RES/ppl.jsonl"
     "$BIN" eval --model $C/models/$m --text $TEXT --json --device cuda --dtype $dtype \
       --w-bits 4 --a-bits 8 --kv-bits 4 >>"$RES/ppl.jsonl"
@@ -69,6 +69,28 @@ step synth-model
 step decode
 "$BIN" bench decode --model $W/tinyllama --batch 1,32,128 --steps 64 --warmup 8 \
   --copy-gbps "$COPY" --device cuda --dtype bf16 | tee "$RES/decode.json"
+"$BIN" bench decode --model $W/tinyllama --batch 1,32,128 --steps 64 --warmup 8 \
+  --copy-gbps "$COPY" --device cuda --dtype bf16 --cuda-graph | tee "$RES/decode-graph.json"
+
+step generate-graph
+# The same corpus decoded eagerly and with CUDA graphs (stories260k, f32): same tokens?
+for g in "" --cuda-graph; do
+  "$BIN" generate --teacher $C/models/stories260k --out $W/gcorpus$g --samples 512 --max-tokens 256 \
+    --batch 64 --device cuda $g --json >"$RES/gen${g:-eager}.json" || exit 1
+done
+python3 - "$W" "$RES" <<'PY'
+import json, sys, glob, pyarrow.parquet as pq
+w, res = sys.argv[1], sys.argv[2]
+def toks(d):
+    out = []
+    for f in sorted(glob.glob(f"{d}/shard-*.parquet")):
+        out += [list(t) for t in pq.read_table(f).column("tokens").to_pylist()]
+    return out
+a, b = toks(f"{w}/gcorpus"), toks(f"{w}/gcorpus--cuda-graph")
+same = sum(x == y for x, y in zip(a, b))
+json.dump({"samples": len(a), "identical_samples": same}, open(f"{res}/generate-graph-compare.json", "w"))
+print("graph vs eager corpus:", same, "of", len(a), "samples identical")
+PY
 
 step generate
 # A corpus for the training benchmark, made by the synthetic teacher on the GPU.
@@ -91,6 +113,16 @@ grep -v '^ *[0-9]*: ' $W/train.log | tail -n 15
 kill $POLL
 cp $W/train/train_log.jsonl "$RES/train_log.jsonl"
 sort -n "$W/mem.log" | tail -n 1 >"$RES/train_peak_mib.txt"
+
+step f16-train
+# A few f16 training steps with the small teacher: finite losses, a checkpoint that loads.
+"$BIN" generate --teacher $C/models/stories260k --out $W/f16corpus --samples 64 --max-tokens 256 --device cuda >/dev/null
+"$BIN" train --teacher $C/models/stories260k --corpus $W/f16corpus --out $W/f16train --steps 20 --batch 8 \
+  --seq-len 256 --log-every 5 --checkpoint-every 10 --device cuda --dtype f16 >/dev/null 2>&1
+cp $W/f16train/train_log.jsonl "$RES/f16_train_log.jsonl"
+"$BIN" eval --model $W/f16train/student --text $TEXT --json --device cuda --dtype f16 \
+  --w-bits 4 --a-bits 8 --kv-bits 4 >"$RES/f16_student_eval.json"
+cat "$RES/f16_train_log.jsonl" "$RES/f16_student_eval.json"
 
 step kill-and-resume
 # Small teacher: an uninterrupted run, and one killed by SIGKILL after its step-20 checkpoint.
@@ -126,6 +158,14 @@ r["perplexity"] = ppl
 r["logits"] = [json.loads(l) for l in open(f"{out}/logits.jsonl")]
 dec = json.load(open(f"{out}/decode.json"))
 r["decode"] = dec
+r["decode_cuda_graph"] = json.load(open(f"{out}/decode-graph.json"))
+r["generate_cuda_graph"] = {
+    "eager": json.load(open(f"{out}/geneager.json")),
+    "graph": json.load(open(f"{out}/gen--cuda-graph.json")),
+    "compare": json.load(open(f"{out}/generate-graph-compare.json")),
+}
+r["f16_train_log"] = [json.loads(l) for l in open(f"{out}/f16_train_log.jsonl")]
+r["f16_student_eval"] = json.load(open(f"{out}/f16_student_eval.json"))
 params = dec["parameters"]
 log = [json.loads(l) for l in open(f"{out}/train_log.jsonl")]
 steady = log[2:] or log  # the first steps include warm-up (allocations, kernel loads)
@@ -151,7 +191,10 @@ r["resume"] = {
     "max_abs_loss_diff": max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)),
 }
 json.dump(r, open(f"{final}/gpu-check.json", "w"), indent=1)
-s = {k: r[k] for k in ("perplexity", "resume")}
+s = {k: r[k] for k in ("perplexity", "resume", "generate_cuda_graph", "f16_student_eval")}
+s["decode"] = [{k: x[k] for k in ("batch", "tokens_per_second", "fraction_of_bound")} for x in dec["runs"]]
+s["decode_cuda_graph"] = [{k: x[k] for k in ("batch", "tokens_per_second", "fraction_of_bound")}
+                          for x in r["decode_cuda_graph"]["runs"]]
 s["train"] = {k: v for k, v in r["train"].items() if k != "log"}
 print(json.dumps(s, indent=1))
 EOF

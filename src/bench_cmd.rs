@@ -59,6 +59,9 @@ pub struct DecodeArgs {
     /// Copy bandwidth to use for the bound, GB/s (default: measured here on a 1 GiB buffer).
     #[arg(long)]
     pub copy_gbps: Option<f64>,
+    /// Replay each step as a CUDA graph (GPU only); attention then spans the whole cache.
+    #[arg(long)]
+    pub cuda_graph: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -207,8 +210,15 @@ fn decode_batch(
     let mut seqs = Vec::new();
     let mut slots = None;
     if batched {
-        slots = Some(BatchCache::new(model, batch, total)?);
+        let mut cache = BatchCache::new(model, batch, total)?;
+        if a.cuda_graph {
+            cache.enable_cuda_graph()?;
+        }
+        slots = Some(cache);
     } else {
+        if a.cuda_graph {
+            bail!("--cuda-graph needs --device cuda");
+        }
         for _ in 0..batch {
             seqs.push(SeqCache::new(model, total)?);
         }
@@ -270,6 +280,7 @@ fn decode_batch(
     Ok(json!({
         "batch": batch,
         "batched_cache": batched,
+        "cuda_graph": a.cuda_graph,
         "steps": a.steps,
         "mean_context": mean_len,
         "tokens_per_second": tps,

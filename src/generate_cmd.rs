@@ -43,6 +43,9 @@ pub struct GenerateArgs {
     /// Decoding threads (does not change the corpus).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// On a GPU, replay each decoding step as one CUDA graph (needs --workers 1).
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Make only shards A..B (end exclusive), e.g. to split the work across machines.
     #[arg(long)]
     pub shards: Option<String>,
@@ -89,6 +92,7 @@ impl GenerateArgs {
             first_token: self.first_token,
             text: self.text,
             workers: self.workers,
+            cuda_graph: self.cuda_graph,
         }
     }
 }

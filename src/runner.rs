@@ -46,7 +46,12 @@ impl Plan {
                 o.remove(k);
             }
         }
-        let tr = json!({ "input": sha(&gen), "student": p.student, "train": train });
+        let mut tr = json!({ "input": sha(&gen), "student": p.student, "train": train });
+        // A bf16/f16 student differs from an f32 one; f32 runs keep the fingerprint they had
+        // before the dtype setting existed.
+        if p.run.dtype != model::ComputeDtype::F32 {
+            tr["dtype"] = json!(p.run.dtype);
+        }
         let ev = json!({ "input": sha(&tr), "eval": p.eval });
         Ok(Plan {
             configs: vec![

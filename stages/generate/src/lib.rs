@@ -129,6 +129,9 @@ pub struct GenerateConfig {
     /// Decoding threads; the corpus does not depend on it.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// On a GPU, replay each decoding step as one CUDA graph (much faster at small batches).
+    #[serde(default)]
+    pub cuda_graph: bool,
 }
 
 impl GenerateConfig {
@@ -147,6 +150,12 @@ impl GenerateConfig {
         }
         if self.workers == 0 {
             bail!("generate.workers = 0: must be at least 1");
+        }
+        if self.cuda_graph && self.workers > 1 {
+            bail!(
+                "generate.cuda_graph = true needs generate.workers = 1 (a graph is captured on the GPU's one stream), got {}",
+                self.workers
+            );
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             bail!(

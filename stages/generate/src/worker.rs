@@ -87,7 +87,11 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
                 .collect::<candle_core::Result<_>>()?,
         )
     } else {
-        Caches::Batched(BatchCache::new(model, cfg.batch, cfg.max_tokens)?)
+        let mut cache = BatchCache::new(model, cfg.batch, cfg.max_tokens)?;
+        if cfg.cuda_graph {
+            cache.enable_cuda_graph()?;
+        }
+        Caches::Batched(cache)
     };
     loop {
         // Fill free slots; a sample of one token is finished before it needs the model.

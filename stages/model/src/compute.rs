@@ -62,11 +62,22 @@ impl DeviceSpec {
     pub fn open(&self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(n) => Device::new_cuda(*n).with_context(|| {
-                format!(
-                    "cannot open CUDA device {n} (this binary needs the `cuda` feature: scripts/build-cuda.sh)"
-                )
-            }),
+            DeviceSpec::Cuda(n) => {
+                let dev = Device::new_cuda(*n).with_context(|| {
+                    format!(
+                        "cannot open CUDA device {n} (this binary needs the `cuda` feature: scripts/build-cuda.sh)"
+                    )
+                })?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(d) = &dev {
+                    // Everything runs on the device's one stream, so cudarc's per-launch event
+                    // records (for cross-stream ordering) are pure overhead, and they cannot be
+                    // captured into a CUDA graph.
+                    // SAFETY: no tensor is used on a second stream.
+                    unsafe { d.disable_event_tracking() };
+                }
+                Ok(dev)
+            }
         }
     }
 }

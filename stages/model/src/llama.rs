@@ -34,7 +34,7 @@ impl Linear {
         };
         // Quantized in f32 on the master weight, then cast to the compute dtype (a no-op in f32).
         let w = self.effective_weight(q)?.to_dtype(x.dtype())?;
-        let y = x.broadcast_matmul(&w.t()?)?;
+        let y = matmul_t(&x, &w)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
             None => Ok(y),
@@ -99,6 +99,10 @@ impl Rope {
 
     /// x: [.., t, head_dim] with cos/sin broadcastable to [.., t, head_dim / 2].
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        if fused_gpu_path(x) && x.rank() == 4 && cos.rank() == 2 {
+            // candle's kernel: one launch instead of eight ([b, h, t, d] with cos [t, d / 2]).
+            return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+        }
         let half = x.dim(D::Minus1)? / 2;
         let x1 = x.narrow(D::Minus1, 0, half)?;
         let x2 = x.narrow(D::Minus1, half, half)?;
@@ -108,14 +112,40 @@ impl Rope {
     }
 }
 
+/// `x [.., in] · w [out, in]ᵀ`. On a GPU as one 2-D product with the transposed weight read in
+/// place: `broadcast_matmul` would first copy the weight once per batch row (for a 1B model,
+/// gigabytes per forward pass). The CPU keeps the batched product, whose summation order the
+/// evaluation references were checked against.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() || x.rank() <= 2 {
+        return x.broadcast_matmul(&w.t()?);
+    }
+    let dims = x.dims();
+    let (inner, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(w.dim(0)?);
+    x.reshape((rows, inner))?.matmul(&w.t()?)?.reshape(out)
+}
+
 /// RMSNorm, computed in f32 whatever the activations' dtype (a bf16 mean of squares is too coarse).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if fused_gpu_path(x) && !w.track_op() {
+        // candle's kernel (one launch instead of nine; it accumulates in f32 too).
+        return candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?, eps as f32);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&r)?
         .broadcast_mul(&w.to_dtype(DType::F32)?)?
         .to_dtype(dtype)
+}
+
+/// Whether to use candle's fused GPU kernels for RMSNorm and RoPE: on a GPU, in bf16/f16,
+/// without gradients (they have no backward pass). f32 keeps our ops, whose order the
+/// evaluation references were checked against.
+fn fused_gpu_path(x: &Tensor) -> bool {
+    !x.device().is_cpu() && x.dtype() != DType::F32 && !x.track_op()
 }
 
 /// Softmax over the last dim; the max shift is a constant for autograd.
@@ -432,8 +462,7 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
         // Logits leave in f32 (the losses and the sampler read them in f32).
-        x.broadcast_matmul(&self.lm_head.to_dtype(self.compute)?.t()?)?
-            .to_dtype(DType::F32)
+        matmul_t(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32)
     }
 
     /// The dtype the weights are stored in.

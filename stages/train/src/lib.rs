@@ -139,6 +139,54 @@ pub fn build_student(
     Ok((model, params))
 }
 
+/// Where a step's time goes, when `PIPELINE_PROFILE=1`: the device is synchronised after each
+/// phase (which removes CPU/GPU overlap, so only for diagnosis) and the running totals are
+/// printed to stderr every 5 steps.
+struct PhaseTimes {
+    device: Option<Device>,
+    last: Instant,
+    totals: Vec<(&'static str, f64)>,
+    steps: usize,
+}
+
+impl PhaseTimes {
+    fn from_env(device: &Device) -> Self {
+        let on = std::env::var("PIPELINE_PROFILE").is_ok_and(|v| v == "1");
+        Self {
+            device: on.then(|| device.clone()),
+            last: Instant::now(),
+            totals: Vec::new(),
+            steps: 0,
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) -> Result<()> {
+        let Some(dev) = &self.device else {
+            return Ok(());
+        };
+        dev.synchronize()?;
+        let dt = self.last.elapsed().as_secs_f64();
+        match self.totals.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, t)) => *t += dt,
+            None => self.totals.push((phase, dt)),
+        }
+        if phase == "optimizer" {
+            self.steps += 1;
+        }
+        if phase == "optimizer" && self.steps % 5 == 0 {
+            let total: f64 = self.totals.iter().map(|(_, t)| t).sum();
+            let parts: Vec<String> = self
+                .totals
+                .iter()
+                .map(|(p, t)| format!("{p} {:.1}%", 100.0 * t / total))
+                .collect();
+            eprintln!("profile ({total:.2} s): {}", parts.join(", "));
+        }
+        self.last = Instant::now();
+        Ok(())
+    }
+}
+
 /// Names the training kernels' summation order (see `fingerprint`).
 const KERNELS: &str = "fused-causal-attention-1";
 
@@ -150,6 +198,7 @@ fn fingerprint(
     corpus_sha: &str,
     student: &StudentConfig,
     cfg: &TrainConfig,
+    dtype: candle_core::DType,
 ) -> Result<Value> {
     let mut train = serde_json::to_value(cfg)?;
     if let Value::Object(m) = &mut train {
@@ -161,6 +210,8 @@ fn fingerprint(
         // The CPU kernels' evaluation order: a change here changes the trained weights, so a
         // checkpoint from another order is not resumed into this one.
         "kernels": KERNELS,
+        // bf16 and f32 compute give different students; the device only changes float order.
+        "compute_dtype": dtype.as_str(),
         "teacher": teacher,
         "corpus_manifest_sha256": corpus_sha,
         "student": student,
@@ -264,7 +315,7 @@ pub fn train_until_on(
             teacher_dir.display()
         );
     }
-    let fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg)?;
+    let fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg, compute.dtype)?;
 
     // Find where to start: the newest checkpoint that verifies, if its settings match ours.
     let ckpt_root = out.join(CHECKPOINT_DIR);
@@ -362,6 +413,7 @@ pub fn train_until_on(
     let (mut total_tokens, mut window_tokens, mut window_start) = (0usize, 0usize, Instant::now());
     let no_ckpt = || "none yet".to_string();
 
+    let mut prof = PhaseTimes::from_env(&device);
     for step in start_step + 1..=end_step {
         let lr = optim::lr_at(cfg, step);
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
@@ -371,8 +423,11 @@ pub fn train_until_on(
             debug_assert_eq!(batch.index, cursor);
             cursor += 1;
             let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.len), &device)?;
+            prof.mark("data")?;
             let teacher_logits = teacher.forward(&ids)?;
+            prof.mark("teacher forward")?;
             let student_logits = student_model.forward(&ids)?;
+            prof.mark("student forward")?;
             let d = loss::distill_loss(
                 &teacher_logits,
                 &student_logits,
@@ -380,6 +435,7 @@ pub fn train_until_on(
                 cfg.temperature,
             )?;
             let value = d.loss.to_scalar::<f32>()? as f64;
+            prof.mark("loss")?;
             if !value.is_finite() {
                 bail!(
                     "step {step}: the distillation loss is {value}; stopping. Last good checkpoint: {} \
@@ -393,6 +449,7 @@ pub fn train_until_on(
                 .loss
                 .affine(1.0 / cfg.grad_accum as f64, 0.0)?
                 .backward()?;
+            prof.mark("backward")?;
             for (acc, p) in grads.iter_mut().zip(&params) {
                 let gi = match g.get(p.var.as_tensor()) {
                     Some(x) => x.clone(),
@@ -412,7 +469,9 @@ pub fn train_until_on(
             .into_iter()
             .map(|g| g.context("no micro-batch ran"))
             .collect::<Result<_>>()?;
+        prof.mark("gradient sums")?;
         let grad_norm = optim::clip_grad_norm(&mut grads, cfg.grad_clip)?;
+        prof.mark("clip")?;
         if !grad_norm.is_finite() {
             bail!(
                 "step {step}: the gradient norm is {grad_norm}; stopping. Last good checkpoint: {} (all checkpoints are kept)",
@@ -420,6 +479,7 @@ pub fn train_until_on(
             );
         }
         opt.step(&params, &grads, lr, step)?;
+        prof.mark("optimizer")?;
         let n = cfg.grad_accum as f64;
         last_loss = loss_sum / n;
 
