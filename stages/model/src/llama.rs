@@ -407,6 +407,16 @@ impl Llama {
 
     /// Full-sequence forward from position 0: ids [b, t] (u32) -> logits [b, t, vocab].
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_probed(ids, &mut |_, _, _| Ok(()))
+    }
+
+    /// `forward`, handing each layer's K (after RoPE) and V, as the cache stores them, both
+    /// [b, n_kv, t, head_dim], to `probe(layer, k, v)` (calibration statistics).
+    pub fn forward_probed(
+        &self,
+        ids: &Tensor,
+        probe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
         let q = &self.quant;
@@ -424,7 +434,7 @@ impl Llama {
         let cos = self.rope.cos.narrow(0, 0, t)?.to_dtype(self.compute)?;
         let sin = self.rope.sin.narrow(0, 0, t)?.to_dtype(self.compute)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        for blk in &self.blocks {
+        for (layer, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
             let qs = blk.attn.q_proj.forward(&h, q)?;
             let mut k = blk.attn.k_proj.forward(&h, q)?;
@@ -443,6 +453,7 @@ impl Llama {
                     .transpose(1, 2)?;
             }
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            probe(layer, &k, &v)?;
             // Group the `rep` query heads that share one KV head: [b, nkv, rep * t, hd].
             let qg = qs.reshape((b, nkv, rep * t, hd))?;
             let y = if self.fused_attention && crate::causal_attention::supported(&qg) {

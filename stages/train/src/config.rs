@@ -135,6 +135,15 @@ pub struct TrainConfig {
     /// For models with tied embeddings the LM head is the embedding.
     #[serde(default = "d_true")]
     pub train_lm_head: bool,
+    /// Strength (0..=1) of the K/V equalization applied to the student's initial weights
+    /// (`kv_equalize.rs`); 0 = off. Left out of the serialized config when 0, so that runs
+    /// made before the setting existed keep their fingerprints.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kv_equalize: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl TrainConfig {
@@ -163,6 +172,7 @@ impl TrainConfig {
             train_embeddings: true,
             train_norms: true,
             train_lm_head: true,
+            kv_equalize: 0.0,
         }
     }
 
@@ -216,6 +226,12 @@ impl TrainConfig {
             if !(v.is_finite() && v >= 0.0) {
                 bail!("train.{key} = {v}: allowed values are finite numbers >= 0");
             }
+        }
+        if !(0.0..=1.0).contains(&self.kv_equalize) {
+            bail!(
+                "train.kv_equalize = {}: allowed values are 0 (off) to 1",
+                self.kv_equalize
+            );
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             bail!(

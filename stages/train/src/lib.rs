@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod kv_equalize;
 pub mod loss;
 pub mod optim;
 
@@ -187,6 +188,9 @@ impl PhaseTimes {
     }
 }
 
+/// Corpus batches that measure the K/V ranges for `train.kv_equalize`.
+const KV_CALIBRATION_BATCHES: usize = 8;
+
 /// Names the training kernels' summation order (see `fingerprint`).
 const KERNELS: &str = "fused-causal-attention-1";
 
@@ -356,7 +360,7 @@ pub fn train_until_on(
         pad: mcfg.eos_token_ids.first().copied().unwrap_or(0),
         vocab_size: mcfg.vocab_size,
     };
-    let mut loader = Loader::start(corpus_dir, spec, cursor)?;
+    let mut loader = Loader::start(corpus_dir, spec.clone(), cursor)?;
 
     let teacher_tensors = folder.load_tensors(&device)?;
     let teacher_names: Vec<String> = teacher_tensors.keys().cloned().collect();
@@ -380,7 +384,27 @@ pub fn train_until_on(
                 p.display().to_string(),
             )
         }
-        None => (teacher_tensors, teacher_dir.display().to_string()),
+        None => {
+            let mut init = teacher_tensors;
+            if cfg.kv_equalize > 0.0 {
+                // Calibration: the first batches of the corpus, from a loader of its own, so the
+                // training order is untouched.
+                let mut calib = Loader::start(corpus_dir, spec, 0)?;
+                let batches = (0..KV_CALIBRATION_BATCHES)
+                    .map(|_| {
+                        let b = calib.next_batch()?;
+                        Ok(Tensor::from_slice(&b.ids, (b.rows, b.len), &device)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let ranges = kv_equalize::measure(&teacher, &batches)?;
+                kv_equalize::apply(&mut init, &mcfg, &ranges, cfg.kv_equalize)?;
+                eprintln!(
+                    "K/V equalization (strength {}) applied to the student's initial weights",
+                    cfg.kv_equalize
+                );
+            }
+            (init, teacher_dir.display().to_string())
+        }
     };
     let (mut student_model, params) = build_student(&mcfg, &quant, &init, cfg, &source, &device)?;
     student_model.set_compute_dtype(compute.dtype);
