@@ -62,25 +62,14 @@ impl CausalAttention {
 }
 
 /// [groups, t, d] -> [groups, d, t]: the row kernels run along the key index j, which is long
-/// and contiguous after this, instead of along the tiny head dim.
+/// and contiguous after this, instead of along the tiny head dim. (With t and d swapped it
+/// transposes back.)
 fn transpose_groups(x: &[f32], t: usize, d: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     for (src, dst) in x.chunks(t * d).zip(out.chunks_mut(t * d)) {
         for j in 0..t {
             for c in 0..d {
                 dst[c * t + j] = src[j * d + c];
-            }
-        }
-    }
-    out
-}
-
-fn untranspose_groups(xt: &[f32], t: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; xt.len()];
-    for (src, dst) in xt.chunks(t * d).zip(out.chunks_mut(t * d)) {
-        for j in 0..t {
-            for c in 0..d {
-                dst[j * d + c] = src[c * t + j];
             }
         }
     }
@@ -494,8 +483,8 @@ impl CustomOp3 for CausalAttention {
                 let (qg, dyg) = (&qv[g * qn..(g + 1) * qn], &dyv[g * qn..(g + 1) * qn]);
                 backward_group_dispatch(avx2, &grp, qg, dyg, dqg, dkg, dvg);
             });
-        let dk = untranspose_groups(&dkt, t, d);
-        let dv = untranspose_groups(&dvt, t, d);
+        let dk = transpose_groups(&dkt, d, t);
+        let dv = transpose_groups(&dvt, d, t);
         let dq = Tensor::from_vec(dq, q.shape(), q.device())?;
         let dk = Tensor::from_vec(dk, k.shape(), k.device())?;
         let dv = Tensor::from_vec(dv, v.shape(), v.device())?;
