@@ -169,44 +169,17 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (2, 2, rep * t, t), &dev).unwrap();
         let a = causal_softmax(x.as_tensor(), t, 0.35).unwrap();
         let b = reference(x.as_tensor(), t, 0.35);
-        let d: f32 = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = crate::max_abs_diff(&a, &b).unwrap();
         assert!(d < 1e-6, "forward differs by {d}");
         let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let (ga, gb) = (ga.get(&x).unwrap(), gb.get(&x).unwrap());
-        let d: f32 = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = crate::max_abs_diff(ga, gb).unwrap();
         assert!(d < 1e-6, "gradient differs by {d}");
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        crate::max_abs_diff(a, b).unwrap()
     }
 
     /// The path GPUs take (fused softmax + attached gradient), exercised on the CPU via f64.

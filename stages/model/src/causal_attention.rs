@@ -522,17 +522,8 @@ mod tests {
     use crate::attention_softmax::causal_softmax;
     use candle_core::{Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        crate::max_abs_diff(a, b).unwrap()
     }
 
     /// Same values and gradients as matmul + causal softmax + matmul.

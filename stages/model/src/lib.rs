@@ -21,3 +21,13 @@ pub use decode::{BatchCache, SeqCache};
 pub use folder::{ModelFolder, TeacherFingerprint};
 pub use llama::Llama;
 pub use qconfig::{parse_bits, KvPoint, QuantConfig};
+
+/// The largest |a - b| over all elements, in f64 whatever the dtypes (for tests and checks).
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> candle_core::Result<f64> {
+    let f = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64);
+    (f(a)? - f(b)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
+}

@@ -50,16 +50,7 @@ fn load(name: &str, q: QuantConfig) -> Llama {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    model::max_abs_diff(a, b).unwrap() as f32
 }
 
 fn argmax_mismatch(a: &Tensor, b: &Tensor) -> f64 {

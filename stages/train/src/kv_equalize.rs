@@ -141,16 +141,18 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use model::QuantConfig;
 
     fn tiny(t: HashMap<String, Tensor>, cfg: &LlamaConfig, q: QuantConfig) -> Llama {
         Llama::from_tensors(cfg.clone(), q, t, "test", &Device::Cpu).unwrap()
     }
 
-    /// Equalized weights compute the same function, and quantize K/V with less error.
+    /// Equalized weights compute the same function, with flatter K/V channel ranges. (That KV4
+    /// then costs less is a measurement on real models, not a property of every model: see
+    /// pipelines/llmqat.toml.)
     #[test]
-    fn equalization_preserves_the_function_and_helps_kv4() {
+    fn equalization_preserves_the_function_and_flattens_ranges() {
         let v = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 48,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -159,15 +161,22 @@ mod tests {
         });
         let cfg = LlamaConfig::from_json(&v, std::path::Path::new("test")).unwrap();
         let dev = Device::Cpu;
+        // Deterministic weights (candle's randn is unseeded): a multiplicative hash per element.
         let mut t: HashMap<String, Tensor> = model::llama::expected_tensors(&cfg)
             .into_iter()
-            .map(|(n, s)| {
-                let x = if n.ends_with("norm.weight") {
-                    Tensor::ones(s, DType::F32, &dev).unwrap()
-                } else {
-                    Tensor::randn(0f32, 0.3, s, &dev).unwrap()
-                };
-                (n, x)
+            .enumerate()
+            .map(|(k, (n, s))| {
+                let len: usize = s.iter().product();
+                let vals: Vec<f32> = (0..len)
+                    .map(|i| {
+                        if n.ends_with("norm.weight") {
+                            return 1.0;
+                        }
+                        let h = (i as u32 ^ ((k as u32) << 20)).wrapping_mul(2654435761);
+                        (h >> 8) as f32 / 16777216.0 - 0.5
+                    })
+                    .collect();
+                (n, Tensor::from_vec(vals, s, &dev).unwrap())
             })
             .collect();
         // Outlier K and V channels, as trained models have.
@@ -194,16 +203,7 @@ mod tests {
         apply(&mut eq, &cfg, &ranges, 1.0).unwrap();
         let after = tiny(eq.clone(), &cfg, QuantConfig::none());
         let (a, b) = (before.forward(&ids).unwrap(), after.forward(&ids).unwrap());
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = model::max_abs_diff(&a, &b).unwrap();
         assert!(d < 1e-4, "logits moved by {d}");
         // The ranges after equalization are flat (within the clamp) where they were not.
         let flat = measure(&after, &[ids.clone()]).unwrap();
@@ -211,27 +211,6 @@ mod tests {
             v.iter().cloned().fold(0f32, f32::max) / v.iter().cloned().fold(f32::MAX, f32::min)
         };
         assert!(spread(&flat.v[0]) < spread(&ranges.v[0]) / 4.0);
-        // And KV4 costs less against the unquantized model.
-        let kv4 = QuantConfig {
-            kv_bits: Some(4),
-            ..Default::default()
-        };
-        let err = |m: &Llama| -> f32 {
-            let r = before.forward(&ids).unwrap();
-            (m.forward(&ids).unwrap() - r)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let (plain, equalized) = (err(&tiny(t, &cfg, kv4.clone())), err(&tiny(eq, &cfg, kv4)));
-        assert!(
-            equalized < plain,
-            "KV4 error {equalized} vs {plain} without equalization"
-        );
     }
 
     #[test]
