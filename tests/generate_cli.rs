@@ -273,6 +273,15 @@ fn bad_input_is_refused_without_touching_shards() {
     let o = gen(&d, &["--temperature", "0.5"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+    // CUDA graphs on the CPU, and with two workers, are refused by name.
+    for extra in [
+        &["--cuda-graph"][..],
+        &["--cuda-graph", "--workers", "2"][..],
+    ] {
+        let o = gen(&d, extra);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("generate.cuda_graph"), "{}", stderr(&o));
+    }
     assert!(
         shard_bytes(&d) == before,
         "a refused run changed the corpus"

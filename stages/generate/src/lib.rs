@@ -266,6 +266,9 @@ pub fn generate_on(
     mut on_event: impl FnMut(Event),
 ) -> Result<GenerateReport> {
     cfg.validate()?;
+    if cfg.cuda_graph && compute.device.is_cpu() {
+        bail!("generate.cuda_graph = true needs a CUDA device, but the device is cpu");
+    }
     let folder = ModelFolder::open(teacher_dir)?;
     let tokenizer = folder.tokenizer()?;
     if cfg.max_tokens > folder.config.max_position_embeddings {

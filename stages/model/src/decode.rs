@@ -58,16 +58,13 @@ impl SeqCache {
 impl Linear {
     /// Decoding form of `forward`: x is [B, in], one token per row.
     fn forward_rows(&self, x: &Tensor, q: &QuantConfig) -> Result<Tensor> {
-        let x = match q.a_bits {
-            Some(b) => quant::fake_quant(x, b, None)?,
-            None => x.clone(),
-        };
         let w = self.effective_weight(q)?.detach().to_dtype(x.dtype())?;
-        let y = row_matmul(&x, &w)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-            None => Ok(y),
-        }
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(x.dtype()))
+            .transpose()?;
+        project(x, &w, bias.as_ref(), q)
     }
 }
 
