@@ -28,9 +28,41 @@ pub enum BenchCommand {
     },
     /// Tokens/s of the generator's decoding step at a batch size, next to the bandwidth bound.
     Decode(DecodeArgs),
+    /// The fake quantizer on the device against the CPU kernel (bit-exact mismatches) and
+    /// against the tensor-op formulation (speed), on deterministic pseudo-random rows.
+    FakeQuant(FakeQuantArgs),
+    /// The optimizer's in-place AdamW kernels against its tensor-op formula: bit-exact
+    /// mismatches of w, m and v after a few steps, and time per step.
+    Adamw(AdamwArgs),
     /// Logits of the full-sequence and the decoding paths against a reference file
     /// (../shared/fixtures/logits/MODEL.safetensors): max abs difference, argmax mismatches.
     Logits(LogitsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FakeQuantArgs {
+    #[arg(long, default_value_t = 5632)]
+    pub rows: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub cols: usize,
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Group size along a row (default: the whole row).
+    #[arg(long)]
+    pub group: Option<usize>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct AdamwArgs {
+    /// Elements of the parameter tensor.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub numel: usize,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +145,8 @@ pub fn run(c: BenchCommand) -> Result<()> {
         }
         BenchCommand::Decode(a) => decode(a)?,
         BenchCommand::Logits(a) => logits(a)?,
+        BenchCommand::FakeQuant(a) => fake_quant(a)?,
+        BenchCommand::Adamw(a) => adamw(a)?,
     };
     println!("{v}");
     Ok(())
@@ -157,6 +191,129 @@ fn matmul_tflops(c: &Compute, n: usize, dtype: DType) -> Result<f64> {
         Ok(())
     })?;
     Ok(2.0 * (n as f64).powi(3) / secs / 1e12)
+}
+
+/// Rows of pseudo-random values (xorshift, so every machine sees the same numbers), with an
+/// outlier per row and an all-zero row (the alpha = 0 case).
+fn bench_rows(rows: usize, cols: usize) -> Vec<f32> {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut v: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect();
+    for r in 0..rows {
+        v[r * cols + (r * 31) % cols] *= 40.0;
+    }
+    v[..cols].fill(0.0);
+    v
+}
+
+fn fake_quant(a: FakeQuantArgs) -> Result<serde_json::Value> {
+    if a.rows == 0 || a.cols == 0 {
+        bail!("--rows and --cols must be at least 1");
+    }
+    let c = a.compute.open()?;
+    let host = Tensor::from_vec(
+        bench_rows(a.rows, a.cols),
+        (a.rows, a.cols),
+        &candle_core::Device::Cpu,
+    )?;
+    let bytes = (a.rows * a.cols) as f64;
+    let mut out = serde_json::Map::new();
+    for dt in [DType::F32, DType::BF16] {
+        let want = quant::fake::fake_quant(&host.to_dtype(dt)?, a.bits, a.group)?;
+        let x = host.to_dtype(dt)?.to_device(&c.device)?;
+        let got = quant::fake::fake_quant(&x, a.bits, a.group)?;
+        let ops = quant::fake::fake_quant_tensor_ops(&x, a.bits, a.group)?;
+        // Bit patterns (bf16 widens to f32 exactly), so -0.0 against +0.0 is a mismatch too.
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.iter().map(|v| v.to_bits()).collect())
+        };
+        let (w, g, o) = (bits(&want)?, bits(&got)?, bits(&ops)?);
+        let mism = |x: &[u32]| x.iter().zip(&w).filter(|(p, q)| p != q).count();
+        let kernel_s = time_it(&c, 3, 20, || {
+            quant::fake::fake_quant(&x, a.bits, a.group)?;
+            Ok(())
+        })?;
+        let ops_s = time_it(&c, 2, 5, || {
+            quant::fake::fake_quant_tensor_ops(&x, a.bits, a.group)?;
+            Ok(())
+        })?;
+        let io = 2.0 * bytes * dt.size_in_bytes() as f64;
+        out.insert(
+            dt.as_str().into(),
+            json!({
+                "kernel_mismatches_vs_cpu": mism(&g),
+                "tensor_ops_mismatches_vs_cpu": mism(&o),
+                "kernel_ms": kernel_s * 1e3,
+                "tensor_ops_ms": ops_s * 1e3,
+                "kernel_gb_per_s": io / kernel_s / 1e9,
+            }),
+        );
+    }
+    Ok(json!({
+        "device": a.compute.device.to_string(), "rows": a.rows, "cols": a.cols,
+        "bits": a.bits, "group": a.group, "results": out,
+    }))
+}
+
+fn adamw(a: AdamwArgs) -> Result<serde_json::Value> {
+    use train::optim::{adamw_in_place, adamw_tensor_ops, AdamWStep};
+    let c = a.compute.open()?;
+    let n = a.numel.max(1);
+    let rows = bench_rows(1, n);
+    let t = |shift: usize, scale: f64| -> Result<Tensor> {
+        let v: Vec<f32> = (0..n).map(|i| rows[(i + shift) % n]).collect();
+        Ok(Tensor::from_vec(v, n, &c.device)?.affine(scale, 0.0)?)
+    };
+    let (w0, g0) = (t(0, 1.0)?, t(7, 0.5)?);
+    let step = |k: u64| AdamWStep {
+        beta1: 0.9,
+        beta2: 0.95,
+        c1: 1.0 - 0.9f64.powi(k as i32),
+        c2: 1.0 - 0.95f64.powi(k as i32),
+        eps: 1e-8,
+        lr: 2e-3,
+        weight_decay: a.weight_decay,
+    };
+    // Five steps each way from the same start; the gradient changes every step.
+    let (mut w, mut m, mut v) = (w0.clone(), w0.zeros_like()?, w0.zeros_like()?);
+    let (kw, km, kv) = (w0.copy()?, w0.zeros_like()?, w0.zeros_like()?);
+    let mut in_place = true;
+    for k in 1..=5u64 {
+        let g = g0.affine(1.0 / k as f64, 0.0)?;
+        (w, m, v) = adamw_tensor_ops(&w, &m, &v, &g, &step(k))?;
+        in_place &= adamw_in_place(&kw, &km, &kv, &g, &step(k))?;
+    }
+    let bits = |x: &Tensor| -> Result<Vec<u32>> {
+        Ok(x.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    };
+    let mism = |a: &Tensor, b: &Tensor| -> Result<usize> {
+        Ok(bits(a)?
+            .iter()
+            .zip(bits(b)?)
+            .filter(|(p, q)| **p != *q)
+            .count())
+    };
+    let g = g0.clone();
+    let ops_s = time_it(&c, 2, 10, || {
+        adamw_tensor_ops(&w, &m, &v, &g, &step(6))?;
+        Ok(())
+    })?;
+    let kernel_s = time_it(&c, 2, 10, || {
+        adamw_in_place(&kw, &km, &kv, &g, &step(6))?;
+        Ok(())
+    })?;
+    Ok(json!({
+        "device": a.compute.device.to_string(), "numel": n, "in_place_kernels": in_place,
+        "mismatches_after_5_steps": {"w": mism(&w, &kw)?, "m": mism(&m, &km)?, "v": mism(&v, &kv)?},
+        "tensor_ops_ms": ops_s * 1e3, "kernels_ms": kernel_s * 1e3,
+    }))
 }
 
 fn decode(a: DecodeArgs) -> Result<serde_json::Value> {

@@ -4,7 +4,7 @@
 use crate::progress::LazyBar;
 use anyhow::{Context, Result};
 use clap::Args;
-use model::{parse_bits, KvPoint, Llama, ModelFolder, QuantConfig};
+use model::{parse_bits, KvPoint, KvRotation, Llama, ModelFolder, QuantConfig};
 use std::path::PathBuf;
 
 /// Bits as the user writes them: 2..=8, or 16 / none for "not quantized".
@@ -33,6 +33,9 @@ pub struct QuantArgs {
     /// Where K is quantized: post_rope (what a real cache stores) or pre_rope.
     #[arg(long, default_value = "post_rope")]
     pub kv_point: KvPoint,
+    /// none, or hadamard: round K/V in each head's Hadamard basis.
+    #[arg(long, default_value = "none")]
+    pub kv_rotation: KvRotation,
 }
 
 impl QuantArgs {
@@ -46,6 +49,7 @@ impl QuantArgs {
             a_bits: parse_bits("--a-bits", self.a_bits)?,
             kv_bits: parse_bits("--kv-bits", self.kv_bits)?,
             kv_point: self.kv_point,
+            kv_rotation: self.kv_rotation,
         };
         q.validate()?;
         Ok(q)

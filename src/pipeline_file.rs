@@ -302,6 +302,10 @@ impl PipelineFile {
                 self.generate.max_tokens
             );
         }
+        self.student
+            .quant_config()?
+            .check_model(teacher.config.head_dim)
+            .map_err(|e| anyhow!("{}: [student] {e:#}", at("student", "kv_rotation")))?;
         if self.train.seq_len > ctx {
             bail!(
                 "{}: [train] seq_len = {} is above the teacher's context ({ctx})",

@@ -35,8 +35,13 @@ pub struct ReportInput<'a> {
     pub eval_text: &'a str,
     /// Full-precision teacher (agreement / kl are `None`).
     pub teacher_score: ModelScore,
-    /// Round-to-nearest student: teacher weights fake-quantized, no training.
+    /// Round-to-nearest student: teacher weights fake-quantized, no training, and no K/V
+    /// rotation (the plain baseline the recovered share is measured against).
     pub rtn: ModelScore,
+    /// Label of the plain RTN row (the run's label without a K/V rotation).
+    pub rtn_label: &'a str,
+    /// RTN with the run's K/V rotation, when the run rotates: what rotation alone buys.
+    pub rtn_rotated: Option<ModelScore>,
     /// The trained QAT student.
     pub student: ModelScore,
     /// JSON lines written by the trainer; may be missing or empty.
@@ -210,6 +215,7 @@ fn report_json(input: &ReportInput, log: &TrainLog, gap: Option<f64>) -> Value {
         "train_steps": input.train_steps,
         "teacher": teacher,
         "rtn": score_json(&input.rtn),
+        "rtn_rotated": input.rtn_rotated.as_ref().map(score_json).unwrap_or(Value::Null),
         "student": score_json(&input.student),
         "gap_recovered": jopt(gap),
         "timings": timings,
@@ -251,11 +257,14 @@ fn fmt_pct(x: f64) -> String {
 
 fn score_table(input: &ReportInput, gap: Option<f64>) -> String {
     let q = md_cell(input.quant_label);
-    let rows = [
+    let mut rows = vec![
         ("teacher (full precision)".to_string(), &input.teacher_score),
-        (format!("RTN {q}"), &input.rtn),
-        (format!("QAT student {q}"), &input.student),
+        (format!("RTN {}", md_cell(input.rtn_label)), &input.rtn),
     ];
+    if let Some(r) = &input.rtn_rotated {
+        rows.push((format!("RTN {q} (rotation, no training)"), r));
+    }
+    rows.push((format!("QAT student {q}"), &input.student));
     let mut t = String::from(
         "| model | perplexity | NLL | top-1 agreement | KL to teacher |\n\
          |---|---:|---:|---:|---:|\n",
@@ -569,16 +578,24 @@ fn render_perplexity_svg(input: &ReportInput) -> Result<String> {
             RGBColor(70, 110, 180),
         ),
         (
-            format!("RTN {}", input.quant_label),
+            format!("RTN {}", input.rtn_label),
             input.rtn.ppl,
             RGBColor(200, 90, 70),
         ),
-        (
-            format!("QAT {}", input.quant_label),
-            input.student.ppl,
-            RGBColor(80, 160, 90),
-        ),
     ];
+    let mut bars = bars;
+    if let Some(r) = &input.rtn_rotated {
+        bars.push((
+            format!("RTN {}", input.quant_label),
+            r.ppl,
+            RGBColor(220, 150, 60),
+        ));
+    }
+    bars.push((
+        format!("QAT {}", input.quant_label),
+        input.student.ppl,
+        RGBColor(80, 160, 90),
+    ));
     let finite: Vec<f64> = bars
         .iter()
         .map(|b| b.1)
@@ -728,6 +745,8 @@ mod tests {
             eval_text: "data/heldout.txt",
             teacher_score: score(10.0, None, None),
             rtn: score(rtn_ppl, Some(0.62), Some(0.85)),
+            rtn_label: "w4a8kv4",
+            rtn_rotated: None,
             student: score(12.0, Some(0.81), Some(0.21)),
             train_log: log,
             train_steps: 30,
@@ -855,5 +874,30 @@ mod tests {
         assert!(md.contains(NO_STEPS));
         assert!(check_svg(&out.join("loss.svg")).contains(NO_STEPS));
         assert!(check_svg(&out.join("perplexity.svg")).contains("log scale"));
+    }
+
+    /// A run with a K/V rotation: the plain RTN stays the baseline, rotation alone gets a row.
+    #[test]
+    fn rotated_rtn_row() {
+        let tmp = TempDir::new("rot");
+        let missing = tmp.0.join("none.jsonl");
+        let mut inp = input(&missing, 20.0);
+        inp.quant_label = "w4a8kv4_hadamard";
+        inp.rtn_rotated = Some(score(14.0, Some(0.7), Some(0.5)));
+        let table = write_report(&tmp.0, &inp).expect("write_report");
+        let j = read_json(&tmp.0.join("report.json"));
+        assert_eq!(j["rtn"]["ppl"], 20.0);
+        assert_eq!(j["rtn_rotated"]["ppl"], 14.0);
+        assert!((j["gap_recovered"].as_f64().unwrap() - 0.8).abs() < 1e-12);
+        assert!(table.contains("| RTN w4a8kv4 | 20.000 |"), "{table}");
+        assert!(
+            table.contains("| RTN w4a8kv4_hadamard (rotation, no training) | 14.000 |"),
+            "{table}"
+        );
+        assert!(check_svg(&tmp.0.join("perplexity.svg")).contains("14.00"));
+        // Without rotation the field is null.
+        let plain = write_report(&tmp.0.join("plain"), &input(&missing, 20.0)).unwrap();
+        assert!(!plain.contains("rotation"));
+        assert!(read_json(&tmp.0.join("plain/report.json"))["rtn_rotated"].is_null());
     }
 }

@@ -352,17 +352,31 @@ fn evaluate(
     let q = p.student.quant_config()?;
     let teacher =
         model::Llama::load(&folder, model::QuantConfig::none(), &dev)?.cast(compute.dtype)?;
-    let rtn = model::Llama::load(&folder, q.clone(), &dev)?.cast(compute.dtype)?;
+    // The baseline is plain round-to-nearest; a K/V rotation is part of the method, so with
+    // one, RTN with the rotation is scored too (what rotation alone buys, without training).
+    let plain = model::QuantConfig {
+        kv_rotation: model::KvRotation::None,
+        ..q.clone()
+    };
+    let rtn = model::Llama::load(&folder, plain.clone(), &dev)?.cast(compute.dtype)?;
+    let rtn_rotated = if q == plain {
+        None
+    } else {
+        Some(model::Llama::load(&folder, q.clone(), &dev)?.cast(compute.dtype)?)
+    };
     let sdir = stage_dir(run, "train").join(train::STUDENT_DIR);
     let student = model::Llama::load(&model::ModelFolder::open(&sdir)?, q.clone(), &dev)?
         .cast(compute.dtype)?;
+    let mut models = vec![&rtn];
+    models.extend(rtn_rotated.as_ref());
+    models.push(&student);
     let ctx = p.eval.ctx.unwrap_or(folder.config.max_position_embeddings);
     let mut bar = crate::progress::LazyBar::new(
         (ids.len() - 1) as u64,
         "eval {bar:40} {pos}/{len} tokens eta {eta}",
     );
     let (t, scores) =
-        eval::score_against_teacher(&teacher, &[&rtn, &student], &ids, ctx, p.eval.batch, |n| {
+        eval::score_against_teacher(&teacher, &models, &ids, ctx, p.eval.batch, |n| {
             bar.set_position(n as u64)
         })?;
     bar.finish();
@@ -380,7 +394,14 @@ fn evaluate(
         eval_text: &p.eval.text.display().to_string(),
         teacher_score: score(&t, None),
         rtn: score(&scores[0].0, Some(&scores[0].1)),
-        student: score(&scores[1].0, Some(&scores[1].1)),
+        rtn_label: &plain.label(),
+        rtn_rotated: rtn_rotated
+            .as_ref()
+            .map(|_| score(&scores[1].0, Some(&scores[1].1))),
+        student: {
+            let s = scores.last().context("no student score")?;
+            score(&s.0, Some(&s.1))
+        },
         train_log: &stage_dir(run, "train").join(train::LOG_FILE),
         train_steps: p.train.steps,
         timings: timings.to_vec(),

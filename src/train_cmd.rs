@@ -5,7 +5,7 @@
 use crate::eval_cmd::bits_arg;
 use anyhow::{Context, Result};
 use clap::Args;
-use model::KvPoint;
+use model::{KvPoint, KvRotation};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use train::{Packing, Schedule, StudentConfig, TrainConfig};
@@ -72,6 +72,9 @@ pub struct TrainArgs {
     /// post_rope (default) or pre_rope.
     #[arg(long)]
     pub kv_point: Option<KvPoint>,
+    /// none (default) or hadamard.
+    #[arg(long)]
+    pub kv_rotation: Option<KvRotation>,
 }
 
 /// Sets `key` in `table` when the flag was given.
@@ -129,6 +132,7 @@ impl TrainArgs {
         set(&mut s, "a_bits", self.a_bits)?;
         set(&mut s, "kv_bits", self.kv_bits)?;
         set(&mut s, "kv_point", self.kv_point)?;
+        set(&mut s, "kv_rotation", self.kv_rotation)?;
         let train: TrainConfig = toml::Value::Table(t).try_into().with_context(|| {
             format!("[train] settings from {src} (steps, batch and seq_len are required)")
         })?;

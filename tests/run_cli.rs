@@ -277,6 +277,11 @@ fn malformed_pipeline_files_get_specific_errors() {
             vec!["kv_point", "post_rope"],
         ),
         (
+            "kv_rotation",
+            text.replace("kv_bits = 4", "kv_bits = 4\nkv_rotation = \"givens\""),
+            vec!["kv_rotation", "hadamard"],
+        ),
+        (
             "device",
             text.replace("name = \"t\"", "name = \"t\"\ndevice = \"tpu\""),
             vec!["device", "cpu"],

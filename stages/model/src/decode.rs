@@ -114,14 +114,14 @@ impl Llama {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
             let qs = blk.attn.q_proj.forward_rows(&h, q)?;
             let mut k = blk.attn.k_proj.forward_rows(&h, q)?;
-            let v = quant_kv(&blk.attn.v_proj.forward_rows(&h, q)?, q)?;
+            let v = quant_kv(&blk.attn.v_proj.forward_rows(&h, q)?, q, hd)?;
             if q.kv_point == KvPoint::PreRope {
-                k = quant_kv(&k, q)?;
+                k = quant_kv(&k, q, hd)?;
             }
             let qs = Rope::apply(&qs.reshape((bsz, nh, hd))?, &cos, &sin)?;
             let mut k = Rope::apply(&k.reshape((bsz, nkv, hd))?, &cos, &sin)?;
             if q.kv_point == KvPoint::PostRope {
-                k = quant_kv(&k.reshape((bsz, nkv * hd))?, q)?.reshape((bsz, nkv, hd))?;
+                k = quant_kv(&k.reshape((bsz, nkv * hd))?, q, hd)?.reshape((bsz, nkv, hd))?;
             }
             let v = v.reshape((bsz, nkv, hd))?;
             let mut ys = Vec::with_capacity(bsz);
@@ -418,14 +418,14 @@ impl Llama {
             let qkv = project(&h, &lw.qkv, lw.qkv_bias.as_ref(), q)?;
             let qs = qkv.narrow(1, 0, qd)?;
             let mut k = qkv.narrow(1, qd, kvd)?;
-            let v = quant_kv(&qkv.narrow(1, qd + kvd, kvd)?, q)?;
+            let v = quant_kv(&qkv.narrow(1, qd + kvd, kvd)?, q, hd)?;
             if q.kv_point == KvPoint::PreRope {
-                k = quant_kv(&k, q)?;
+                k = quant_kv(&k, q, hd)?;
             }
             let qs = rope(&qs.reshape((s, nh, hd))?, &cos, &sin)?;
             let mut k = rope(&k.reshape((s, nkv, hd))?, &cos, &sin)?;
             if q.kv_point == KvPoint::PostRope {
-                k = quant_kv(&k.reshape((s, nkv * hd))?, q)?;
+                k = quant_kv(&k.reshape((s, nkv * hd))?, q, hd)?;
             }
             let flat = (s * nkv * cap, hd);
             cache.k[l].reshape(flat)?.scatter_set(

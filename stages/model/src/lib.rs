@@ -10,6 +10,7 @@ pub mod compute;
 pub mod config;
 pub mod decode;
 pub mod folder;
+pub mod kv_rotation;
 pub mod llama;
 pub mod qconfig;
 pub mod rowmatmul;
@@ -20,7 +21,7 @@ pub use config::LlamaConfig;
 pub use decode::{BatchCache, SeqCache};
 pub use folder::{ModelFolder, TeacherFingerprint};
 pub use llama::Llama;
-pub use qconfig::{parse_bits, KvPoint, QuantConfig};
+pub use qconfig::{parse_bits, KvPoint, KvRotation, QuantConfig};
 
 /// The largest |a - b| over all elements, in f64 whatever the dtypes (for tests and checks).
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> candle_core::Result<f64> {

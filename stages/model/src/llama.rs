@@ -5,7 +5,7 @@
 
 use crate::attention_softmax::causal_softmax;
 use crate::config::LlamaConfig;
-use crate::qconfig::QuantConfig;
+use crate::qconfig::{KvRotation, QuantConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
@@ -161,11 +161,17 @@ pub fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
     s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// Fake-quantizes K or V per token across all KV heads: x is [b, t, n_kv * head_dim].
-pub fn quant_kv(x: &Tensor, q: &QuantConfig) -> candle_core::Result<Tensor> {
-    match q.kv_bits {
-        Some(b) => quant::fake_quant_ste(x, b, None),
-        None => Ok(x.clone()),
+/// Fake-quantizes K or V per token across all KV heads: x is [..., n_kv * head_dim]. With
+/// `kv_rotation = hadamard` the rounding happens in each head's Hadamard basis.
+pub fn quant_kv(x: &Tensor, q: &QuantConfig, head_dim: usize) -> candle_core::Result<Tensor> {
+    let Some(b) = q.kv_bits else {
+        return Ok(x.clone());
+    };
+    match q.kv_rotation {
+        KvRotation::None => quant::fake_quant_ste(x, b, None),
+        KvRotation::Hadamard => {
+            crate::kv_rotation::rotated(x, head_dim, |r| quant::fake_quant_ste(r, b, None))
+        }
     }
 }
 
@@ -249,6 +255,9 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         quant.validate()?;
+        quant
+            .check_model(cfg.head_dim)
+            .with_context(|| format!("{source}"))?;
         for (name, shape) in expected_tensors(&cfg) {
             match t.get(&name) {
                 None => {
@@ -438,9 +447,9 @@ impl Llama {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
             let qs = blk.attn.q_proj.forward(&h, q)?;
             let mut k = blk.attn.k_proj.forward(&h, q)?;
-            let v = quant_kv(&blk.attn.v_proj.forward(&h, q)?, q)?;
+            let v = quant_kv(&blk.attn.v_proj.forward(&h, q)?, q, hd)?;
             if q.kv_point == crate::qconfig::KvPoint::PreRope {
-                k = quant_kv(&k, q)?;
+                k = quant_kv(&k, q, hd)?;
             }
             let qs = qs.reshape((b, t, nh, hd))?.transpose(1, 2)?;
             let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
@@ -448,7 +457,7 @@ impl Llama {
             let mut k = Rope::apply(&k, &cos, &sin)?;
             if q.kv_point == crate::qconfig::KvPoint::PostRope && q.kv_bits.is_some() {
                 let flat = k.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
-                k = quant_kv(&flat, q)?
+                k = quant_kv(&flat, q, hd)?
                     .reshape((b, t, nkv, hd))?
                     .transpose(1, 2)?;
             }

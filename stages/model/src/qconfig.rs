@@ -27,6 +27,33 @@ impl std::str::FromStr for KvPoint {
     }
 }
 
+/// How K and V are rounded: in their own basis, or in each head's Hadamard basis
+/// (`kv_rotation.rs`), which spreads outlier channels before the per-token absmax.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvRotation {
+    #[default]
+    None,
+    Hadamard,
+}
+
+impl KvRotation {
+    pub fn is_none(&self) -> bool {
+        *self == KvRotation::None
+    }
+}
+
+impl std::str::FromStr for KvRotation {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(KvRotation::None),
+            "hadamard" => Ok(KvRotation::Hadamard),
+            other => bail!("kv_rotation = {other:?}: allowed values are \"none\" and \"hadamard\""),
+        }
+    }
+}
+
 /// `None` bits mean "not quantized" (16 / none in user input).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuantConfig {
@@ -37,6 +64,9 @@ pub struct QuantConfig {
     pub kv_bits: Option<u32>,
     #[serde(default)]
     pub kv_point: KvPoint,
+    /// Left out of the JSON when off, so fingerprints of runs made before it existed hold.
+    #[serde(default, skip_serializing_if = "KvRotation::is_none")]
+    pub kv_rotation: KvRotation,
 }
 
 /// Parses a user's bit width: 2..=8 quantize, 16 or 32 mean "off".
@@ -73,6 +103,18 @@ impl QuantConfig {
         Ok(())
     }
 
+    /// Checks what depends on the model's shape: a Hadamard rotation needs a power-of-two
+    /// head_dim.
+    pub fn check_model(&self, head_dim: usize) -> Result<()> {
+        if self.kv_bits.is_some()
+            && self.kv_rotation == KvRotation::Hadamard
+            && !head_dim.is_power_of_two()
+        {
+            bail!("kv_rotation = \"hadamard\" needs the model's head_dim to be a power of two, and it is {head_dim}: use kv_rotation = \"none\"");
+        }
+        Ok(())
+    }
+
     pub fn is_off(&self) -> bool {
         self.w_bits.is_none() && self.a_bits.is_none() && self.kv_bits.is_none()
     }
@@ -97,7 +139,36 @@ impl QuantConfig {
             if self.kv_point == KvPoint::PreRope {
                 s += "_pre_rope";
             }
+            if self.kv_rotation == KvRotation::Hadamard {
+                s += "_hadamard";
+            }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hadamard_rotation_needs_a_power_of_two_head_dim() {
+        let q = QuantConfig {
+            kv_bits: Some(4),
+            kv_rotation: KvRotation::Hadamard,
+            ..Default::default()
+        };
+        assert!(q.check_model(64).is_ok());
+        let e = q.check_model(80).unwrap_err().to_string();
+        assert!(e.contains("kv_rotation") && e.contains("80"), "{e}");
+        assert_eq!(q.label(), "kv4_hadamard");
+        // Off, it stays out of the serialized form (older fingerprints hold).
+        let off = serde_json::to_string(&QuantConfig::none()).unwrap();
+        assert!(!off.contains("kv_rotation"), "{off}");
+        assert_eq!(
+            "hadamard".parse::<KvRotation>().unwrap(),
+            KvRotation::Hadamard
+        );
+        assert!("givens".parse::<KvRotation>().is_err());
     }
 }

@@ -105,8 +105,26 @@ fn check_args(bits: u32, group: Option<usize>) -> candle_core::Result<f32> {
     Ok(((1u32 << (bits - 1)) - 1) as f32)
 }
 
+/// Whether the one-pass kernel runs: on the CPU for any float dtype (through f32), and with
+/// the `cuda` feature on a GPU for f32/bf16/f16 (in place of some fifteen tensor-op passes).
 fn fast_path(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype().is_float()
+    match x.device() {
+        Device::Cpu => x.dtype().is_float(),
+        Device::Cuda(_) => {
+            cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        }
+        _ => false,
+    }
+}
+
+/// The kernel's input: f32 on the CPU (its only dtype); the GPU kernel takes the dtype as is.
+fn kernel_input(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = if x.device().is_cpu() {
+        x.to_dtype(DType::F32)?
+    } else {
+        x.clone()
+    };
+    x.contiguous()
 }
 
 /// Fake-quantizes `x` (forward values only, no gradient) with `bits` bits, groups of `group`
@@ -115,9 +133,7 @@ pub fn fake_quant(x: &Tensor, bits: u32, group: Option<usize>) -> candle_core::R
     let qmax = check_args(bits, group)?;
     if fast_path(x) {
         let op = FakeQuantOp { qmax, group };
-        x.detach()
-            .to_dtype(DType::F32)?
-            .contiguous()?
+        kernel_input(&x.detach())?
             .apply_op1_no_bwd(&op)?
             .to_dtype(x.dtype())
     } else {
@@ -132,10 +148,7 @@ pub fn fake_quant_ste(x: &Tensor, bits: u32, group: Option<usize>) -> candle_cor
     if fast_path(x) {
         // One pass: the custom op's backward passes the gradient through unchanged.
         let op = FakeQuantOp { qmax, group };
-        x.to_dtype(DType::F32)?
-            .contiguous()?
-            .apply_op1(op)?
-            .to_dtype(x.dtype())
+        kernel_input(x)?.apply_op1(op)?.to_dtype(x.dtype())
     } else {
         // (detach(x) - x) is exactly +0 forward and has gradient -1, so q(x) minus it gives
         // the exact quantized values, -0.0 included, with an identity gradient
@@ -190,7 +203,8 @@ pub fn fake_quant_tensor_ops(
         .to_dtype(x.dtype())
 }
 
-/// The CPU kernel: contiguous f32 rows, rayon over rows.
+/// The kernel: on the CPU contiguous f32 rows, rayon over rows; on a GPU gpu-kernels'
+/// cuda/fake_quant.cu.
 struct FakeQuantOp {
     qmax: f32,
     group: Option<usize>,
@@ -218,6 +232,15 @@ impl CustomOp1 for FakeQuantOp {
             quantize_rows(x, &mut out, row, self.qmax, self.group);
         }
         Ok((CpuStorage::F32(out), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        gpu_kernels::fake_quant::fake_quant(storage, layout, self.qmax, self.group)
     }
 
     fn bwd(

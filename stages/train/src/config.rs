@@ -2,7 +2,7 @@
 //! key as the user writes it (`train.lr`, `student.w_bits`) and what would be accepted.
 
 use anyhow::{bail, Result};
-use model::{parse_bits, KvPoint, QuantConfig};
+use model::{parse_bits, KvPoint, KvRotation, QuantConfig};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// How the learning rate moves after the linear warmup.
@@ -286,6 +286,10 @@ pub struct StudentConfig {
     pub kv_bits: u32,
     #[serde(default)]
     pub kv_point: KvPoint,
+    /// "hadamard": round K and V in each head's Hadamard basis (see model::kv_rotation).
+    /// Left out of the JSON when "none", so older runs keep their fingerprints.
+    #[serde(default, skip_serializing_if = "KvRotation::is_none")]
+    pub kv_rotation: KvRotation,
 }
 
 impl Default for StudentConfig {
@@ -296,6 +300,7 @@ impl Default for StudentConfig {
             a_bits: d_a_bits(),
             kv_bits: d_kv_bits(),
             kv_point: KvPoint::default(),
+            kv_rotation: KvRotation::None,
         }
     }
 }
@@ -316,6 +321,7 @@ impl StudentConfig {
             a_bits: parse_bits("student.a_bits", self.a_bits)?,
             kv_bits: parse_bits("student.kv_bits", self.kv_bits)?,
             kv_point: self.kv_point,
+            kv_rotation: self.kv_rotation,
         };
         q.validate()?;
         Ok(q)

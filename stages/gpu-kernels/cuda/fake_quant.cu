@@ -1,0 +1,59 @@
+// Symmetric MinMax fake quantization on the GPU, the same math as the CPU kernel in
+// src/fake.rs (DESIGN.md, "Quantizers"), bit for bit:
+//   alpha = max |x| over the group / qmax            (alpha = 0 -> output +0)
+//   q(x)  = clamp(round_half_even(x / alpha), -qmax, qmax) * alpha
+// One warp per group: lanes stride over the group for max |x|, a shuffle reduction shares it,
+// then each lane writes its values. Groups run along the last dimension; a row of `d` values
+// has ceil(d / g) groups, the last one possibly shorter. Input and output have the same dtype;
+// the math is in f32 (bf16/f16 inputs are exact in f32, outputs round to nearest even, as
+// candle's casts do), so a bf16 tensor gives what cast-to-f32, quantize, cast-back gives.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T>
+__device__ void fake_quant(const T *x, T *y, uint64_t groups, uint32_t d, uint32_t g, float qmax) {
+  const uint64_t warp = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (warp >= groups) return;
+  const uint32_t per_row = (d + g - 1) / g;
+  const uint64_t row = warp / per_row;
+  const uint32_t start = (uint32_t)(warp % per_row) * g;
+  const uint32_t len = min(g, d - start);
+  const T *xs = x + row * d + start;
+  T *ys = y + row * d + start;
+  float m = 0.0f;
+  for (uint32_t i = lane; i < len; i += 32) m = fmaxf(m, fabsf(to_f32(xs[i])));
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  const float alpha = __fdiv_rn(m, qmax);
+  for (uint32_t i = lane; i < len; i += 32) {
+    float out = 0.0f;
+    if (alpha != 0.0f) {
+      const float v = fminf(fmaxf(__fdiv_rn(to_f32(xs[i]), alpha), -qmax), qmax);
+      const float r = rintf(fabsf(v));
+      // Sign restored after rounding |v|: small negatives give -0.0, as in PyTorch.
+      out = __fmul_rn(v < 0.0f ? -r : r, alpha);
+    }
+    ys[i] = from_f32<T>(out);
+  }
+}
+
+#define FAKE_QUANT(NAME, T)                                                                      \
+  extern "C" __global__ void NAME(const T *x, T *y, uint64_t groups, uint32_t d, uint32_t g,     \
+                                  float qmax) {                                                  \
+    fake_quant<T>(x, y, groups, d, g, qmax);                                                     \
+  }
+
+FAKE_QUANT(fake_quant_f32, float)
+FAKE_QUANT(fake_quant_bf16, __nv_bfloat16)
+FAKE_QUANT(fake_quant_f16, __half)
