@@ -45,7 +45,7 @@ impl CausalAttention {
         if q.len() != 4 || k.len() != 4 || k != v || q[0] != k[0] || q[1] != k[1] || q[3] != k[3] {
             candle_core::bail!("causal-attention: shapes q {q:?}, k {k:?}, v {v:?} do not fit")
         }
-        if k[2] != self.t || q[2] % self.t != 0 {
+        if k[2] != self.t || !q[2].is_multiple_of(self.t) {
             candle_core::bail!(
                 "causal-attention: q rows {} / k rows {} vs t {}",
                 q[2],

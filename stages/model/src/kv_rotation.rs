@@ -59,7 +59,7 @@ pub fn rotated(
 ) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d = *dims.last().unwrap_or(&0);
-    if head_dim == 0 || d % head_dim != 0 {
+    if head_dim == 0 || !d.is_multiple_of(head_dim) {
         bail!("K/V rotation: last dim {d} is not a multiple of head_dim {head_dim}");
     }
     let rows = x.elem_count() / d;

@@ -257,7 +257,7 @@ impl Llama {
         quant.validate()?;
         quant
             .check_model(cfg.head_dim)
-            .with_context(|| format!("{source}"))?;
+            .with_context(|| source.to_string())?;
         for (name, shape) in expected_tensors(&cfg) {
             match t.get(&name) {
                 None => {

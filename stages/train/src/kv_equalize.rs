@@ -198,7 +198,7 @@ mod tests {
         )
         .unwrap();
         let before = tiny(t.clone(), &cfg, QuantConfig::none());
-        let ranges = measure(&before, &[ids.clone()]).unwrap();
+        let ranges = measure(&before, std::slice::from_ref(&ids)).unwrap();
         let mut eq = t.clone();
         apply(&mut eq, &cfg, &ranges, 1.0).unwrap();
         let after = tiny(eq.clone(), &cfg, QuantConfig::none());
@@ -206,7 +206,7 @@ mod tests {
         let d = model::max_abs_diff(&a, &b).unwrap();
         assert!(d < 1e-4, "logits moved by {d}");
         // The ranges after equalization are flat (within the clamp) where they were not.
-        let flat = measure(&after, &[ids.clone()]).unwrap();
+        let flat = measure(&after, std::slice::from_ref(&ids)).unwrap();
         let spread = |v: &[f32]| {
             v.iter().cloned().fold(0f32, f32::max) / v.iter().cloned().fold(f32::MAX, f32::min)
         };

@@ -174,7 +174,7 @@ impl PhaseTimes {
         if phase == "optimizer" {
             self.steps += 1;
         }
-        if phase == "optimizer" && self.steps % 5 == 0 {
+        if phase == "optimizer" && self.steps.is_multiple_of(5) {
             let total: f64 = self.totals.iter().map(|(_, t)| t).sum();
             let parts: Vec<String> = self
                 .totals
