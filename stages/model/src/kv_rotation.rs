@@ -6,7 +6,7 @@
 //! round(H·k) and rotates each query by H instead (q·H·round(Hk) = (Hq)·round(Hk)), and V's H
 //! folds into o_proj, so nothing is rotated back at inference time.
 
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, DeviceLocation, Result, Tensor};
 use std::sync::Mutex;
 
 /// Sylvester's orthonormal Hadamard matrix of order n (a power of two), entries ±1/√n.
@@ -38,9 +38,9 @@ pub fn hadamard_values(n: usize) -> Result<Vec<f32>> {
 /// host-to-device copy per layer and step would cost time and cannot run inside a CUDA-graph
 /// capture (the first, eager decoding step fills this cache before capture).
 pub fn hadamard(n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-    type Key = (String, DType, usize);
+    type Key = (DeviceLocation, DType, usize);
     static CACHE: Mutex<Vec<(Key, Tensor)>> = Mutex::new(Vec::new());
-    let key = (format!("{:?}", device.location()), dtype, n);
+    let key = (device.location(), dtype, n);
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
         return Ok(t.clone());
