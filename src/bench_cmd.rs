@@ -34,6 +34,16 @@ pub enum BenchCommand {
     /// The optimizer's in-place AdamW kernels against its tensor-op formula: bit-exact
     /// mismatches of w, m and v after a few steps, and time per step.
     Adamw(AdamwArgs),
+    /// The fused causal attention on the device against the CPU kernel (forward and gradients)
+    /// and its speed against the unfused score-matrix path.
+    Attention(crate::bench_attention::AttentionArgs),
+    /// One training step's loss and gradients on the device against the CPU in f32, on a real
+    /// model (checks the GPU's fused training kernels together).
+    Grads(crate::bench_grads::GradsArgs),
+    /// The fused distillation loss (one kernel each way on a GPU) against its tensor-op
+    /// formulation: differences from an f32 reference (loss, KL, agreement, gradient w.r.t. the
+    /// student logits) and median time of each path.
+    Distill(crate::bench_distill::DistillArgs),
     /// Logits of the full-sequence and the decoding paths against a reference file
     /// (../shared/fixtures/logits/MODEL.safetensors): max abs difference, argmax mismatches.
     Logits(LogitsArgs),
@@ -147,13 +157,16 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Logits(a) => logits(a)?,
         BenchCommand::FakeQuant(a) => fake_quant(a)?,
         BenchCommand::Adamw(a) => adamw(a)?,
+        BenchCommand::Distill(a) => crate::bench_distill::distill(a)?,
+        BenchCommand::Attention(a) => crate::bench_attention::attention(a)?,
+        BenchCommand::Grads(a) => crate::bench_grads::grads(a)?,
     };
     println!("{v}");
     Ok(())
 }
 
 /// Seconds per call of `f`, mean of `reps` after `warm` untimed calls, GPU work included.
-fn time_it(
+pub fn time_it(
     c: &Compute,
     warm: usize,
     reps: usize,

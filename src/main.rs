@@ -1,7 +1,10 @@
 //! `pipeline`: the command line of the data-free distillation pipeline. It parses arguments
 //! and hands each subcommand to the stage crate that does the work.
 
+mod bench_attention;
 mod bench_cmd;
+mod bench_grads;
+mod bench_distill;
 mod compute_args;
 mod eval_cmd;
 mod generate_cmd;

@@ -18,7 +18,18 @@ fn main() {
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for name in ["fake_quant", "adamw"] {
+    let mut names: Vec<String> = std::fs::read_dir("cuda")
+        .expect("cuda/ kernel folder")
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            if p.extension()? != "cu" {
+                return None;
+            }
+            Some(p.file_stem()?.to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    for name in names {
         let src = format!("cuda/{name}.cu");
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}")])

@@ -1,5 +1,6 @@
-//! Fused causal attention for the CPU: softmax(q kᵀ · scale + causal mask) v, forward and
-//! backward, without materialising the [t, t] score matrices.
+//! Fused causal attention: softmax(q kᵀ · scale + causal mask) v, forward and backward, without
+//! materialising the [t, t] score matrices. The CPU kernels are below; on a GPU the op runs
+//! gpu-kernels' cuda/attention.cu (any float dtype, head_dim 8 to 128).
 //!
 //! Why: the model's heads are tiny (head_dim 8), so at 512 tokens the separate matmul, softmax
 //! and backward ops spent most of a training step streaming [b, heads, t, t] tensors through
@@ -18,6 +19,9 @@ use rayon::prelude::*;
 struct CausalAttention {
     t: usize,
     scale: f32,
+    /// The GPU forward's per-row log-sum-exps, kept for this op's backward pass.
+    #[cfg(feature = "cuda")]
+    lse: std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
 }
 
 /// Shapes of one call, checked once.
@@ -58,6 +62,75 @@ impl CausalAttention {
             t: self.t,
             d: q[3],
         })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CausalAttention {
+    fn gpu_dims(
+        &self,
+        q: &[usize],
+        k: &[usize],
+        v: &[usize],
+    ) -> Result<gpu_kernels::attention::Dims> {
+        let Dims { rows, t, d } = self.dims(q, k, v)?;
+        Ok(gpu_kernels::attention::Dims {
+            groups: q[0] * q[1],
+            rows,
+            t,
+            d,
+        })
+    }
+
+    /// dq, dk, dv from the kernels of cuda/attention.cu, with the forward's saved log-sum-exps.
+    fn cuda_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        use candle_core::op::BackpropOp;
+        use candle_core::Storage;
+        let dims = self.gpu_dims(q.dims(), k.dims(), v.dims())?;
+        let dy = dy.to_dtype(q.dtype())?.contiguous()?;
+        let wrap = |s, like: &Tensor| {
+            Tensor::from_storage(Storage::Cuda(s), like.shape(), BackpropOp::none(), false)
+        };
+        if gpu_kernels::attention::use_scores(dims, q.dtype()) {
+            let guards: Vec<_> = [q, k, v, &dy].iter().map(|t| t.storage_and_layout()).collect();
+            let mut args = Vec::with_capacity(4);
+            for (g, name) in guards.iter().zip(["q", "k", "v", "dy"]) {
+                match &*g.0 {
+                    Storage::Cuda(s) => args.push((s, g.1)),
+                    _ => candle_core::bail!("causal-attention: {name} is not on the GPU"),
+                }
+            }
+            let (dq, dk, dv) = gpu_kernels::attention::backward_scores(
+                args[0], args[1], args[2], args[3], dims, self.scale,
+            )?;
+            drop(guards);
+            return Ok((wrap(dq, q), wrap(dk, k), wrap(dv, v)));
+        }
+        let saved = self.lse.lock().expect("lse lock");
+        let Some(lse) = saved.as_ref() else {
+            candle_core::bail!("causal-attention: backward pass without a GPU forward pass")
+        };
+        let tensors = [q, k, v, y, &dy];
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut args = Vec::with_capacity(5);
+        for (g, name) in guards.iter().zip(["q", "k", "v", "y", "dy"]) {
+            match &*g.0 {
+                Storage::Cuda(s) => args.push((s, g.1)),
+                _ => candle_core::bail!("causal-attention: {name} is not on the GPU"),
+            }
+        }
+        let (dq, dk, dv) = gpu_kernels::attention::backward(
+            args[0], args[1], args[2], args[3], args[4], lse, dims, self.scale,
+        )?;
+        drop(guards);
+        Ok((wrap(dq, q), wrap(dk, k), wrap(dv, v)))
     }
 }
 
@@ -448,14 +521,42 @@ impl CustomOp3 for CausalAttention {
         Ok((CpuStorage::F32(y), ql.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use gpu_kernels::attention as k;
+        let dims = self.gpu_dims(ql.dims(), kl.dims(), vl.dims())?;
+        if k::use_scores(dims, qs.dtype()) {
+            let y = k::forward_scores((qs, ql), (ks, kl), (vs, vl), dims, self.scale)?;
+            return Ok((y, ql.shape().clone()));
+        }
+        let (y, lse) = k::forward((qs, ql), (ks, kl), (vs, vl), dims, self.scale)?;
+        *self.lse.lock().expect("lse lock") = Some(lse);
+        Ok((y, ql.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let (dq, dk, dv) = self.cuda_bwd(q, k, v, y, dy)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
+        let _ = y;
         let Dims { rows, t, d } = self.dims(q.dims(), k.dims(), v.dims())?;
         let flat = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();
         let (qv, dyv) = (flat(q)?, flat(dy)?);
@@ -492,8 +593,8 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-/// softmax(q kᵀ · scale + causal mask) v for f32 tensors on the CPU.
-/// q [b, g, rep * t, d], k and v [b, g, t, d] -> [b, g, rep * t, d].
+/// softmax(q kᵀ · scale + causal mask) v: f32 on the CPU, f32/bf16/f16 on a GPU (see
+/// `supported`). q [b, g, rep * t, d], k and v [b, g, t, d] -> [b, g, rep * t, d].
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -507,13 +608,26 @@ pub fn causal_attention(
         CausalAttention {
             t,
             scale: scale as f32,
+            #[cfg(feature = "cuda")]
+            lse: std::sync::Mutex::new(None),
         },
     )
 }
 
-/// Whether `causal_attention` can run on these tensors (CPU, f32).
+/// Whether `causal_attention` can run on these tensors: f32 on the CPU; with the `cuda`
+/// feature, any float dtype on a GPU for the head sizes the kernels are compiled for.
 pub fn supported(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == candle_core::DType::F32
+    use candle_core::DType;
+    if q.device().is_cpu() {
+        return q.dtype() == DType::F32;
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            && q.rank() == 4
+            && gpu_kernels::attention::HEAD_DIMS.contains(&q.dims()[3]);
+    }
+    false
 }
 
 #[cfg(test)]

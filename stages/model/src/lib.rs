@@ -10,6 +10,7 @@ pub mod compute;
 pub mod config;
 pub mod decode;
 pub mod folder;
+pub mod fused_ops;
 pub mod kv_rotation;
 pub mod llama;
 pub mod qconfig;

@@ -28,6 +28,14 @@ impl Linear {
 
     /// Activations are quantized per token (over the last dim) before the product.
     pub fn forward(&self, x: &Tensor, q: &QuantConfig) -> candle_core::Result<Tensor> {
+        if crate::fused_ops::available(x) && (x.track_op() || self.weight.track_op()) {
+            // Training on a GPU: quantizers, cast and product as one graph node.
+            let y = crate::fused_ops::quant_linear(x, &self.weight, q.a_bits, q.w_bits, q.w_group)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                None => Ok(y),
+            };
+        }
         let x = match q.a_bits {
             Some(b) => quant::fake_quant_ste(x, b, None)?,
             None => x.clone(),
@@ -129,6 +137,10 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// RMSNorm, computed in f32 whatever the activations' dtype (a bf16 mean of squares is too coarse).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if crate::fused_ops::available(x) && (x.track_op() || w.track_op()) {
+        // Training on a GPU: one differentiable kernel instead of a dozen graph nodes.
+        return crate::fused_ops::rms_norm(x, w, eps);
+    }
     if fused_gpu_path(x) && !w.track_op() {
         // candle's kernel (one launch instead of nine; it accumulates in f32 too).
         return candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?, eps as f32);
@@ -440,8 +452,22 @@ impl Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?
             .to_dtype(self.compute)?;
-        let cos = self.rope.cos.narrow(0, 0, t)?.to_dtype(self.compute)?;
-        let sin = self.rope.sin.narrow(0, 0, t)?.to_dtype(self.compute)?;
+        let (cos32, sin32) = (
+            self.rope.cos.narrow(0, 0, t)?,
+            self.rope.sin.narrow(0, 0, t)?,
+        );
+        let cos = cos32.to_dtype(self.compute)?;
+        let sin = sin32.to_dtype(self.compute)?;
+        // A projection's output [b, t, heads * hd] -> rotated [b, heads, t, hd]; while training on
+        // a GPU one differentiable kernel does the transpose and the rotation.
+        let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            let x = x.reshape((b, t, heads, hd))?;
+            if crate::fused_ops::available(&x) && x.track_op() {
+                crate::fused_ops::rope_transposed(&x, &cos32, &sin32)
+            } else {
+                Rope::apply(&x.transpose(1, 2)?, &cos, &sin)
+            }
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         for (layer, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
@@ -451,10 +477,8 @@ impl Llama {
             if q.kv_point == crate::qconfig::KvPoint::PreRope {
                 k = quant_kv(&k, q, hd)?;
             }
-            let qs = qs.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-            let qs = Rope::apply(&qs, &cos, &sin)?;
-            let mut k = Rope::apply(&k, &cos, &sin)?;
+            let qs = rope(&qs, nh)?;
+            let mut k = rope(&k, nkv)?;
             if q.kv_point == crate::qconfig::KvPoint::PostRope && q.kv_bits.is_some() {
                 let flat = k.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
                 k = quant_kv(&flat, q, hd)?
@@ -476,9 +500,14 @@ impl Llama {
                 .reshape((b, t, nh * hd))?;
             x = (x + blk.attn.o_proj.forward(&y, q)?)?;
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let g = blk.mlp.gate_proj.forward(&h, q)?.silu()?;
+            let g = blk.mlp.gate_proj.forward(&h, q)?;
             let u = blk.mlp.up_proj.forward(&h, q)?;
-            x = (x + blk.mlp.down_proj.forward(&(g * u)?, q)?)?;
+            let gu = if crate::fused_ops::available(&g) && (g.track_op() || u.track_op()) {
+                crate::fused_ops::swiglu(&g, &u)?
+            } else {
+                (g.silu()? * u)?
+            };
+            x = (x + blk.mlp.down_proj.forward(&gu, q)?)?;
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
         // Logits leave in f32 (the losses and the sampler read them in f32).

@@ -91,7 +91,9 @@ impl FakeQuant {
     }
 }
 
-fn check_args(bits: u32, group: Option<usize>) -> candle_core::Result<f32> {
+/// Checks `bits` (2..=8) and `group` (≥ 1) and returns qmax = 2^(bits-1) - 1 (for callers that
+/// launch the kernels themselves).
+pub fn check_args(bits: u32, group: Option<usize>) -> candle_core::Result<f32> {
     if !(2..=8).contains(&bits) {
         return Err(Error::Msg(format!(
             "fake_quant: bits = {bits} is not allowed; allowed: 2 to 8"
