@@ -1,14 +1,16 @@
 //! The project's own CUDA kernels, for what candle's generic ops do in many passes:
 //! - `fake_quant`: symmetric MinMax fake quantization in one pass (quant's `FakeQuantOp` on a
 //!   GPU), bit-identical to the CPU kernel;
-//! - `attention`: causal attention forward and backward with no [t, t] tensor in the autograd
-//!   graph (cuBLAS products around softmax row kernels, or flash-style kernels for long t);
+//! - `attention`: causal attention forward and backward without [t, t] score tensors;
 //! - `fused`: RMSNorm, RoPE (with the head transpose) and SwiGLU, forward and backward;
 //! - `adamw`: the AdamW update in place, three kernels per parameter instead of about twelve
 //!   tensor ops, with the CPU formula's order of operations;
 //! - `distill`: the distillation loss per token (cross-entropy, teacher entropy, top-1
 //!   agreement) in one pass over the vocabulary, and its gradient w.r.t. the student logits in
 //!   another, for train's fused loss instead of about thirty tensor ops;
+//! - `decode`: one step of batched decoding: few-row products at full memory bandwidth (with the
+//!   RMSNorm, residual add and SwiGLU folded in), RoPE with the KV cache write, and attention over
+//!   each slot's cache prefix, for CUDA-graph replay.
 //!
 //! The kernels exist only with the `cuda` feature; `adamw::AdamWStep` (plain data shared with
 //! the CPU formula) and `distill`'s constants (shared with its CPU twin) always do.
@@ -16,6 +18,8 @@
 pub mod adamw;
 #[cfg(feature = "cuda")]
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod decode;
 pub mod distill;
 #[cfg(feature = "cuda")]
 pub mod fake_quant;

@@ -5,6 +5,10 @@
 //! On a GPU, per-sequence attention costs a handful of kernel launches per sequence and layer;
 //! `BatchCache` + `decode_slots` keep all sequences' K/V in one tensor per layer and run the
 //! whole batch's attention with a few kernels (a length mask hides each slot's unused tail).
+//! In bf16/f16 without activation or K/V quantization, gpu-kernels' decode kernels replace most
+//! of those ops (see `StepKernels`): at a few slots a step is five launches per layer (RMSNorm +
+//! QKV, RoPE + cache write + attention, O + residual, RMSNorm + gate/up + SwiGLU, down +
+//! residual), each product reading its weight at close to full memory bandwidth.
 
 use crate::llama::{quant_kv, rms_norm, softmax_last, Linear, Llama, Rope};
 use crate::qconfig::{KvPoint, QuantConfig};
@@ -208,6 +212,12 @@ fn project(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, q: &QuantConfig) -> Re
 struct StepData {
     ids: Vec<u32>,
     pos: Vec<u32>,
+    /// What candle's attention ops need (absent when gpu-kernels' attention runs).
+    ops: Option<OpsData>,
+}
+
+/// The cache rows to write and the attention mask, for candle's ops.
+struct OpsData {
     /// Rows of the flattened cache [slots * n_kv * capacity, head_dim] that this step writes,
     /// repeated across head_dim (scatter's index has the source's shape).
     write_rows: Vec<u32>,
@@ -219,35 +229,50 @@ struct StepData {
 }
 
 impl StepData {
-    fn new(tokens: &[Option<u32>], cache: &BatchCache, nkv: usize, hd: usize, span: usize) -> Self {
+    /// `span`: key positions candle's attention ops cover; `None` when gpu-kernels' attention
+    /// runs (it reads each slot's position on the device).
+    fn new(
+        tokens: &[Option<u32>],
+        cache: &BatchCache,
+        nkv: usize,
+        hd: usize,
+        span: Option<usize>,
+    ) -> Self {
         let cap = cache.capacity;
         // An idle slot writes at its own next position (or the last one): never into live data.
         let pos: Vec<usize> = cache.lens.iter().map(|&n| n.min(cap - 1)).collect();
-        let write_rows = (0..pos.len() * nkv)
-            .flat_map(|r| std::iter::repeat_n((r * cap + pos[r / nkv]) as u32, hd))
-            .collect();
-        let mask = pos
-            .iter()
-            .flat_map(|&p| (0..span).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        Self {
-            ids: tokens.iter().map(|t| t.unwrap_or(0)).collect(),
-            pos: pos.iter().map(|&p| p as u32).collect(),
-            write_rows,
-            mask,
+        let ops = span.map(|span| OpsData {
+            write_rows: (0..pos.len() * nkv)
+                .flat_map(|r| std::iter::repeat_n((r * cap + pos[r / nkv]) as u32, hd))
+                .collect(),
+            mask: pos
+                .iter()
+                .flat_map(|&p| (0..span).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY }))
+                .collect(),
             span,
             nkv,
             hd,
+        });
+        Self {
+            ids: tokens.iter().map(|t| t.unwrap_or(0)).collect(),
+            pos: pos.iter().map(|&p| p as u32).collect(),
+            ops,
         }
     }
 
     fn upload(self, dev: &candle_core::Device) -> Result<StepInputs> {
         let s = self.ids.len();
+        let ops = match self.ops {
+            Some(o) => Some(OpsInputs {
+                write_rows: Tensor::from_vec(o.write_rows, (s * o.nkv, o.hd), dev)?,
+                mask: Tensor::from_vec(o.mask, (s, 1, 1, o.span), dev)?,
+            }),
+            None => None,
+        };
         Ok(StepInputs {
             ids: Tensor::from_vec(self.ids, s, dev)?,
             pos: Tensor::from_vec(self.pos, s, dev)?,
-            write_rows: Tensor::from_vec(self.write_rows, (s * self.nkv, self.hd), dev)?,
-            mask: Tensor::from_vec(self.mask, (s, 1, 1, self.span), dev)?,
+            ops,
         })
     }
 }
@@ -256,6 +281,10 @@ impl StepData {
 struct StepInputs {
     ids: Tensor,
     pos: Tensor,
+    ops: Option<OpsInputs>,
+}
+
+struct OpsInputs {
     write_rows: Tensor,
     mask: Tensor,
 }
@@ -267,8 +296,14 @@ impl StepInputs {
         let new = data.upload(dev)?;
         self.ids.slice_set(&new.ids, 0, 0)?;
         self.pos.slice_set(&new.pos, 0, 0)?;
-        self.write_rows.slice_set(&new.write_rows, 0, 0)?;
-        self.mask.slice_set(&new.mask, 0, 0)
+        match (&self.ops, &new.ops) {
+            (Some(o), Some(n)) => {
+                o.write_rows.slice_set(&n.write_rows, 0, 0)?;
+                o.mask.slice_set(&n.mask, 0, 0)
+            }
+            (None, None) => Ok(()),
+            _ => bail!("decode: a step's inputs changed kind between captured steps"),
+        }
     }
 }
 
@@ -282,8 +317,69 @@ pub struct BatchCache {
     capacity: usize,
     layers: Vec<LayerWeights>,
     lm_head: Tensor,
+    /// Which kernels run a step's pieces.
+    kernels: StepKernels,
+    /// A step's activations when every piece runs on gpu-kernels.
+    workspace: Option<Workspace>,
     /// Replays the step as one CUDA graph (see `enable_cuda_graph`).
     graph: Option<graph::GraphState>,
+}
+
+/// The activations of a step that runs entirely on gpu-kernels, allocated once: a captured step
+/// then has no allocation between its kernels (one would order the two kernels fully and undo
+/// their programmatic dependent launch), and the residual stream is updated in place.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Workspace {
+    /// The residual stream, [slots, hidden].
+    x: Tensor,
+    /// [slots, (nh + 2 nkv) · hd].
+    qkv: Tensor,
+    /// The attention's output, [slots, nh · hd].
+    y: Tensor,
+    /// The SwiGLU's output, [slots, intermediate].
+    m: Tensor,
+    /// The attention's partial results over long caches (f32).
+    scratch: Option<Tensor>,
+}
+
+impl Workspace {
+    /// `None` unless every projection and the attention run on gpu-kernels.
+    #[cfg(feature = "cuda")]
+    fn new(
+        model: &Llama,
+        kernels: StepKernels,
+        slots: usize,
+        capacity: usize,
+    ) -> Result<Option<Self>> {
+        let c = &model.cfg;
+        let (qd, kvd) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let fits = [c.hidden_size, qd, c.intermediate_size]
+            .iter()
+            .all(|k| k.is_multiple_of(8));
+        if !(kernels.gemv && kernels.attention && fits) {
+            return Ok(None);
+        }
+        let zeros = |n: usize, dtype: DType| Tensor::zeros((slots, n), dtype, &model.device);
+        let heads = StepKernels::heads(model, slots, capacity);
+        let scratch = gpu_kernels::decode::attention_scratch(heads);
+        Ok(Some(Self {
+            x: zeros(c.hidden_size, model.compute)?,
+            qkv: zeros(qd + 2 * kvd, model.compute)?,
+            y: zeros(qd, model.compute)?,
+            m: zeros(c.intermediate_size, model.compute)?,
+            scratch: (scratch > 0)
+                .then(|| Tensor::zeros(scratch, DType::F32, &model.device))
+                .transpose()?,
+        }))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn new(_: &Llama, _: StepKernels, _: usize, _: usize) -> Result<Option<Self>> {
+        Ok(None)
+    }
 }
 
 impl BatchCache {
@@ -292,6 +388,7 @@ impl BatchCache {
         let capacity = capacity.min(c.max_position_embeddings);
         let shape = (slots, c.num_key_value_heads, capacity, c.head_dim);
         let zeros = || Tensor::zeros(shape, model.compute, &model.device);
+        let kernels = StepKernels::new(model, slots, capacity);
         Ok(Self {
             k: (0..c.num_hidden_layers)
                 .map(|_| zeros())
@@ -307,6 +404,8 @@ impl BatchCache {
                 .map(|b| LayerWeights::new(b, &model.quant, model.compute))
                 .collect::<Result<_>>()?,
             lm_head: model.lm_head.detach().to_dtype(model.compute)?,
+            kernels,
+            workspace: Workspace::new(model, kernels, slots, capacity)?,
             graph: None,
         })
     }
@@ -352,8 +451,8 @@ impl Llama {
                 bail!("decode_slots: KV cache full ({} tokens)", cache.capacity);
             }
         }
-        // Attend over the longest slot (over the whole capacity for a CUDA graph, whose shapes
-        // are fixed); a slot sees its positions 0..=pos.
+        // candle's attention ops span the longest slot (the whole capacity for a CUDA graph,
+        // whose shapes are fixed); a slot sees its positions 0..=pos.
         let longest = cache
             .lens
             .iter()
@@ -369,7 +468,7 @@ impl Llama {
             cache,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
-            span,
+            (!cache.kernels.attention).then_some(span),
         );
         let logits = if cache.graphed() {
             self.decode_graphed(data, cache)?
@@ -390,70 +489,379 @@ impl Llama {
     fn decode_layers(&self, inp: &StepInputs, cache: &BatchCache) -> Result<Tensor> {
         let cfg = &self.cfg;
         let q = &self.quant;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let (s, span) = (cache.slots(), inp.mask.dim(3)?);
-        let (rep, half, cap) = (nh / nkv, hd / 2, cache.capacity);
-        let at_pos = |t: &Tensor| -> Result<Tensor> {
-            t.index_select(&inp.pos, 0)?
-                .reshape((s, 1, half))?
-                .to_dtype(self.compute)
+        let eps = cfg.rms_norm_eps;
+        let kernels = cache.kernels;
+        let ops = match &inp.ops {
+            Some(o) => Some(self.attention_ops(o, &inp.pos, cache)?),
+            None => None,
         };
-        let (cos, sin) = (at_pos(&self.rope.cos)?, at_pos(&self.rope.sin)?);
-        // Scores stay in the compute dtype: candle's softmax accumulates in f32 whatever the
-        // dtype, and two casts per layer were 10% of a graph-replayed bf16 step's kernels.
-        let (write_rows, mask) = (&inp.write_rows, &inp.mask.to_dtype(self.compute)?);
-        let scale = 1.0 / (hd as f64).sqrt();
+        // With a workspace, each piece writes into its buffer there.
+        let ws = cache.workspace.as_ref();
         let mut x = self
             .embed_tokens
             .index_select(&inp.ids, 0)?
             .to_dtype(self.compute)?;
-        let (qd, kvd) = (nh * hd, nkv * hd);
         for (l, blk) in self.blocks.iter().enumerate() {
             let lw = &cache.layers[l];
-            let h = norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
-            let qkv = project(&h, &lw.qkv, lw.qkv_bias.as_ref(), q)?;
-            let qs = qkv.narrow(1, 0, qd)?;
-            let mut k = qkv.narrow(1, qd, kvd)?;
-            let v = quant_kv(&qkv.narrow(1, qd + kvd, kvd)?, q, hd)?;
-            if q.kv_point == KvPoint::PreRope {
-                k = quant_kv(&k, q, hd)?;
-            }
-            let qs = rope(&qs.reshape((s, nh, hd))?, &cos, &sin)?;
-            let mut k = rope(&k.reshape((s, nkv, hd))?, &cos, &sin)?;
-            if q.kv_point == KvPoint::PostRope {
-                k = quant_kv(&k.reshape((s, nkv * hd))?, q, hd)?;
-            }
-            let flat = (s * nkv * cap, hd);
-            cache.k[l].reshape(flat)?.scatter_set(
-                write_rows,
-                &k.reshape((s * nkv, hd))?.contiguous()?,
-                0,
-            )?;
-            cache.v[l].reshape(flat)?.scatter_set(
-                write_rows,
-                &v.reshape((s * nkv, hd))?.contiguous()?,
-                0,
-            )?;
-            let kc = cache.k[l].narrow(2, 0, span)?;
-            let vc = cache.v[l].narrow(2, 0, span)?;
-            let qg = qs.reshape((s, nkv, rep, hd))?;
-            let scores = (qg.matmul(&kc.transpose(2, 3)?)? * scale)?.broadcast_add(mask)?;
-            let att = candle_nn::ops::softmax_last_dim(&scores)?;
-            let y = att.matmul(&vc)?.reshape((s, nh * hd))?;
-            x = (x + project(&y, &lw.o, None, q)?)?;
-            let h = norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let gu = project(&h, &lw.gate_up, None, q)?;
-            let inter = cfg.intermediate_size;
-            let g = gu.narrow(1, 0, inter)?.silu()?;
-            let u = gu.narrow(1, inter, inter)?;
-            x = (x + project(&(g * u)?, &lw.down, None, q)?)?;
+            let into = ws.map(|w| &w.qkv);
+            let qkv = kernels.norm_project(&x, &blk.input_layernorm, &lw.qkv, eps, q, into)?;
+            let qkv = match &lw.qkv_bias {
+                Some(b) => qkv.broadcast_add(b)?,
+                None => qkv,
+            };
+            let y = match &ops {
+                Some(ops) => ops.attend(&qkv, &cache.k[l], &cache.v[l], q)?,
+                None => self.attend_kernels(&qkv, &inp.pos, cache, l)?,
+            };
+            x = kernels.project_add(&y, &lw.o, &x, q, ws.map(|w| &w.x))?;
+            let into = ws.map(|w| &w.m);
+            let m = kernels.swiglu(&x, &blk.post_attention_layernorm, &lw.gate_up, eps, q, into)?;
+            x = kernels.project_add(&m, &lw.down, &x, q, ws.map(|w| &w.x))?;
         }
-        let x = norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        row_matmul(&x, &cache.lm_head)?.to_dtype(DType::F32)
+        kernels.logits(&x, &self.norm, &cache.lm_head, eps)
+    }
+
+    /// The step-wide tensors of candle's attention ops: RoPE tables at each slot's position,
+    /// the cache rows to write, the mask.
+    fn attention_ops(
+        &self,
+        o: &OpsInputs,
+        pos: &Tensor,
+        cache: &BatchCache,
+    ) -> Result<AttentionOps> {
+        let cfg = &self.cfg;
+        let (s, half) = (cache.slots(), cfg.head_dim / 2);
+        let at_pos = |t: &Tensor| -> Result<Tensor> {
+            t.index_select(pos, 0)?
+                .reshape((s, 1, half))?
+                .to_dtype(self.compute)
+        };
+        Ok(AttentionOps {
+            cos: at_pos(&self.rope.cos)?,
+            sin: at_pos(&self.rope.sin)?,
+            write_rows: o.write_rows.clone(),
+            // Scores stay in the compute dtype: candle's softmax accumulates in f32 whatever
+            // the dtype, and two casts per layer were 10% of a graph-replayed bf16 step's
+            // kernels.
+            mask: o.mask.to_dtype(self.compute)?,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_key_value_heads,
+            hd: cfg.head_dim,
+            capacity: cache.capacity,
+        })
+    }
+
+    /// Attention of layer `l` through gpu-kernels: RoPE, the cache write and each slot's queries
+    /// against its cache prefix in one launch.
+    #[cfg(feature = "cuda")]
+    fn attend_kernels(
+        &self,
+        qkv: &Tensor,
+        pos: &Tensor,
+        cache: &BatchCache,
+        l: usize,
+    ) -> Result<Tensor> {
+        let h = StepKernels::heads(self, cache.slots(), cache.capacity);
+        let (kc, vc) = (&cache.k[l], &cache.v[l]);
+        let rope = (&self.rope.cos, &self.rope.sin);
+        let into = cache.workspace.as_ref().map(|w| (&w.y, w.scratch.as_ref()));
+        gpu::attention(qkv, rope, pos, (kc, vc), h, into)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn attend_kernels(&self, _: &Tensor, _: &Tensor, _: &BatchCache, _: usize) -> Result<Tensor> {
+        bail!("decode: gpu-kernels' attention needs a build with the `cuda` feature")
+    }
+}
+
+/// candle's attention ops over the batch cache: any device, dtype and quantization.
+struct AttentionOps {
+    /// RoPE tables at each slot's position, [slots, 1, head_dim / 2], compute dtype.
+    cos: Tensor,
+    sin: Tensor,
+    write_rows: Tensor,
+    /// [slots, 1, 1, span], compute dtype.
+    mask: Tensor,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    capacity: usize,
+}
+
+impl AttentionOps {
+    /// qkv [slots, (nh + 2 nkv) · hd] -> [slots, nh · hd]; writes this step's k and v into the
+    /// caches [slots, nkv, capacity, hd].
+    fn attend(&self, qkv: &Tensor, kc: &Tensor, vc: &Tensor, q: &QuantConfig) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        let (s, span, cap) = (qkv.dim(0)?, self.mask.dim(3)?, self.capacity);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let qs = qkv.narrow(1, 0, qd)?;
+        let mut k = qkv.narrow(1, qd, kvd)?;
+        let v = quant_kv(&qkv.narrow(1, qd + kvd, kvd)?, q, hd)?;
+        if q.kv_point == KvPoint::PreRope {
+            k = quant_kv(&k, q, hd)?;
+        }
+        let qs = rope(&qs.reshape((s, nh, hd))?, &self.cos, &self.sin)?;
+        let mut k = rope(&k.reshape((s, nkv, hd))?, &self.cos, &self.sin)?;
+        if q.kv_point == KvPoint::PostRope {
+            k = quant_kv(&k.reshape((s, nkv * hd))?, q, hd)?;
+        }
+        let flat = (s * nkv * cap, hd);
+        kc.reshape(flat)?.scatter_set(
+            &self.write_rows,
+            &k.reshape((s * nkv, hd))?.contiguous()?,
+            0,
+        )?;
+        vc.reshape(flat)?.scatter_set(
+            &self.write_rows,
+            &v.reshape((s * nkv, hd))?.contiguous()?,
+            0,
+        )?;
+        let kc = kc.narrow(2, 0, span)?;
+        let vc = vc.narrow(2, 0, span)?;
+        let qg = qs.reshape((s, nkv, nh / nkv, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (qg.matmul(&kc.transpose(2, 3)?)? * scale)?.broadcast_add(&self.mask)?;
+        let att = candle_nn::ops::softmax_last_dim(&scores)?;
+        att.matmul(&vc)?.reshape((s, nh * hd))
+    }
+}
+
+/// Which kernels run the pieces of a batched step. candle's ops run anything; gpu-kernels'
+/// decode kernels take a GPU in bf16/f16 without activation or K/V quantization (weight
+/// quantization is folded into `LayerWeights` already); their GEMV takes at most
+/// `GEMV_MAX_SLOTS` slots (its work per weight grows with the slots; cuBLAS's tiled products
+/// serve larger batches).
+#[derive(Clone, Copy)]
+struct StepKernels {
+    /// RoPE + cache write and attention (`Llama::attend_kernels`).
+    attention: bool,
+    /// Projections with the RMSNorm before them and the residual add or SwiGLU after them.
+    gemv: bool,
+}
+
+impl StepKernels {
+    fn new(model: &Llama, slots: usize, capacity: usize) -> Self {
+        let q = &model.quant;
+        let plain = cfg!(feature = "cuda")
+            && model.device.is_cuda()
+            && matches!(model.compute, DType::BF16 | DType::F16)
+            && q.a_bits.is_none()
+            && q.kv_bits.is_none();
+        Self {
+            attention: plain && Self::heads_fit(model, slots, capacity),
+            gemv: plain && slots <= GEMV_MAX_SLOTS,
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn heads(model: &Llama, slots: usize, capacity: usize) -> gpu_kernels::decode::Heads {
+        let c = &model.cfg;
+        gpu_kernels::decode::Heads {
+            slots,
+            nh: c.num_attention_heads,
+            nkv: c.num_key_value_heads,
+            hd: c.head_dim,
+            capacity,
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn heads_fit(model: &Llama, slots: usize, capacity: usize) -> bool {
+        Self::heads(model, slots, capacity).fit()
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn heads_fit(_: &Llama, _: usize, _: usize) -> bool {
+        false
+    }
+
+    /// Whether the GEMV takes products with this weight [out, in].
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn gemv_takes(&self, w: &Tensor) -> bool {
+        self.gemv && w.dim(1).is_ok_and(|k| k.is_multiple_of(8))
+    }
+
+    /// `rms_norm(x) · wᵀ` (written into `into` by the GEMV).
+    fn norm_project(
+        &self,
+        x: &Tensor,
+        nw: &Tensor,
+        w: &Tensor,
+        eps: f64,
+        q: &QuantConfig,
+        into: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.gemv_takes(w) {
+            let g = gpu::Gemv {
+                norm: Some((nw, eps)),
+                ..Default::default()
+            };
+            return g.run(x, w, into);
+        }
+        let _ = into;
+        project(&norm(x, nw, eps)?, w, None, q)
+    }
+
+    /// `res + y · wᵀ` (written into `into` by the GEMV; `into` may be `res`).
+    fn project_add(
+        &self,
+        y: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        q: &QuantConfig,
+        into: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.gemv_takes(w) {
+            let g = gpu::Gemv {
+                residual: Some(res),
+                ..Default::default()
+            };
+            return g.run(y, w, into);
+        }
+        let _ = into;
+        res + project(y, w, None, q)?
+    }
+
+    /// `silu(h · gateᵀ) · (h · upᵀ)` with `h = rms_norm(x)`, `gate_up` = [gate; up] (written
+    /// into `into` by the GEMV).
+    fn swiglu(
+        &self,
+        x: &Tensor,
+        nw: &Tensor,
+        gate_up: &Tensor,
+        eps: f64,
+        q: &QuantConfig,
+        into: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.gemv_takes(gate_up) {
+            let g = gpu::Gemv {
+                norm: Some((nw, eps)),
+                swiglu: true,
+                ..Default::default()
+            };
+            return g.run(x, gate_up, into);
+        }
+        let _ = into;
+        let gu = project(&norm(x, nw, eps)?, gate_up, None, q)?;
+        let inter = gate_up.dim(0)? / 2;
+        gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?
+    }
+
+    /// f32 logits `rms_norm(x) · lm_headᵀ`.
+    fn logits(&self, x: &Tensor, nw: &Tensor, lm_head: &Tensor, eps: f64) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.gemv_takes(lm_head) {
+            let g = gpu::Gemv {
+                norm: Some((nw, eps)),
+                out_f32: true,
+                ..Default::default()
+            };
+            return g.run(x, lm_head, None);
+        }
+        row_matmul(&norm(x, nw, eps)?, lm_head)?.to_dtype(DType::F32)
+    }
+}
+
+/// Most slots for which the projections run as gpu-kernels' GEMV rather than cuBLAS.
+const GEMV_MAX_SLOTS: usize = 8;
+
+/// gpu-kernels' decode kernels on candle tensors (which must live on a CUDA device).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::op::BackpropOp;
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape, Storage, StorageRef, Tensor};
+    use gpu_kernels::decode::{self as k, GemvOptions, Heads};
+
+    type Guard<'a> = (StorageRef<'a>, &'a Layout);
+
+    fn arg<'a>(g: &'a Guard<'_>) -> Result<k::Arg<'a>> {
+        match &*g.0 {
+            Storage::Cuda(s) => Ok((s, g.1)),
+            _ => bail!("decode kernels: a tensor is not on a CUDA device"),
+        }
+    }
+
+    fn tensor(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+    }
+
+    /// A GEMV with what comes around it (see `gpu_kernels::decode::GemvOptions`).
+    #[derive(Default)]
+    pub struct Gemv<'a> {
+        /// RMSNorm of x first: weight and epsilon.
+        pub norm: Option<(&'a Tensor, f64)>,
+        pub swiglu: bool,
+        pub residual: Option<&'a Tensor>,
+        pub out_f32: bool,
+    }
+
+    impl Gemv<'_> {
+        /// `x [s, k] · w [n, k]ᵀ` with the extras, into `into` (returned) or a new tensor.
+        pub fn run(&self, x: &Tensor, w: &Tensor, into: Option<&Tensor>) -> Result<Tensor> {
+            let x = x.contiguous()?;
+            let nw = self.norm.map(|(g, _)| g.to_dtype(x.dtype())).transpose()?;
+            let (gx, gw) = (x.storage_and_layout(), w.storage_and_layout());
+            let gn = nw.as_ref().map(|g| g.storage_and_layout());
+            let gr = self.residual.map(|r| r.storage_and_layout());
+            let opts = GemvOptions {
+                norm: match (&gn, self.norm) {
+                    (Some(g), Some((_, eps))) => Some((arg(g)?, eps as f32)),
+                    _ => None,
+                },
+                swiglu: self.swiglu,
+                residual: gr.as_ref().map(arg).transpose()?,
+                out_f32: self.out_f32,
+            };
+            match into {
+                Some(out) => {
+                    let go = out.storage_and_layout();
+                    k::gemv_into(arg(&gx)?, arg(&gw)?, opts, arg(&go)?)?;
+                    Ok(out.clone())
+                }
+                None => {
+                    let y = k::gemv(arg(&gx)?, arg(&gw)?, opts)?;
+                    let n = if self.swiglu {
+                        w.dim(0)? / 2
+                    } else {
+                        w.dim(0)?
+                    };
+                    Ok(tensor(y, (x.dim(0)?, n)))
+                }
+            }
+        }
+    }
+
+    /// See `gpu_kernels::decode::attention`: [slots, nh · hd], into the workspace's output
+    /// (with its scratch) or a new tensor.
+    pub fn attention(
+        qkv: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        pos: &Tensor,
+        (kc, vc): (&Tensor, &Tensor),
+        h: Heads,
+        into: Option<(&Tensor, Option<&Tensor>)>,
+    ) -> Result<Tensor> {
+        let qkv = qkv.contiguous()?;
+        let g = [&qkv, cos, sin, pos, kc, vc].map(|t| t.storage_and_layout());
+        let [a, b, c, d, e, f] = &g;
+        let (a, b, c, d, e, f) = (arg(a)?, arg(b)?, arg(c)?, arg(d)?, arg(e)?, arg(f)?);
+        match into {
+            Some((out, scratch)) => {
+                let go = out.storage_and_layout();
+                let gs = scratch.map(|t| t.storage_and_layout());
+                let sc = gs.as_ref().map(arg).transpose()?;
+                k::attention_into(a, b, c, d, e, f, h, arg(&go)?, sc)?;
+                Ok(out.clone())
+            }
+            None => {
+                let y = k::attention(a, b, c, d, e, f, h)?;
+                Ok(tensor(y, (h.slots, h.nh * h.hd)))
+            }
+        }
     }
 }
 
@@ -491,7 +899,13 @@ mod tests {
             "vocab_size": 50, "max_position_embeddings": 32, "tie_word_embeddings": false,
             "bos_token_id": 1, "eos_token_id": 2
         });
-        let cfg = LlamaConfig::from_json(&v, std::path::Path::new("test")).unwrap();
+        random_model(&v, quant, 0.3)
+    }
+
+    /// A model of config `v` with random weights (normal with deviation `std`, unit norms), on
+    /// the CPU.
+    fn random_model(v: &serde_json::Value, quant: QuantConfig, std: f32) -> Llama {
+        let cfg = LlamaConfig::from_json(v, std::path::Path::new("test")).unwrap();
         let dev = Device::Cpu;
         let t: HashMap<String, Tensor> = crate::llama::expected_tensors(&cfg)
             .into_iter()
@@ -499,12 +913,100 @@ mod tests {
                 let x = if n.ends_with("norm.weight") {
                     Tensor::ones(s, DType::F32, &dev)
                 } else {
-                    Tensor::randn(0f32, 0.3, s, &dev)
+                    Tensor::randn(0f32, std, s, &dev)
                 };
                 (n, x.unwrap())
             })
             .collect();
         Llama::from_tensors(cfg, quant, t, "test", &dev).unwrap()
+    }
+
+    /// gpu-kernels' batched path in bf16 is as close to the f32 per-sequence path on the CPU as
+    /// candle's bf16 per-sequence path on the GPU is: with few slots (every piece a kernel,
+    /// replayed as a CUDA graph) and many (cuBLAS products, the attention kernel), over a cache
+    /// long enough for the attention to split. Needs a CUDA device (it passes without one).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn kernel_path_matches_cpu() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            return;
+        };
+        let v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 50, "max_position_embeddings": 320, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2
+        });
+        let cpu = random_model(&v, QuantConfig::none(), 0.1);
+        let t: HashMap<String, Tensor> = cpu
+            .named_tensors()
+            .into_iter()
+            .map(|(n, w)| (n, w.to_device(&dev).unwrap()))
+            .collect();
+        let gpu = Llama::from_tensors(cpu.cfg.clone(), QuantConfig::none(), t, "test", &dev)
+            .unwrap()
+            .cast(DType::BF16)
+            .unwrap();
+        let steps = 300;
+        for (slots, graph) in [(2, true), (12, false)] {
+            let mut batch = BatchCache::new(&gpu, slots, steps).unwrap();
+            assert_eq!(batch.workspace.is_some(), slots <= GEMV_MAX_SLOTS);
+            if graph {
+                batch.enable_cuda_graph().unwrap();
+            }
+            let caches = |m: &Llama| -> Vec<SeqCache> {
+                (0..slots)
+                    .map(|_| SeqCache::new(m, steps).unwrap())
+                    .collect()
+            };
+            let (mut want_seqs, mut ops_seqs) = (caches(&cpu), caches(&gpu));
+            // Worst difference from the CPU relative to the row's largest logit, of candle's
+            // ops and of the kernels, while each cache fits one attention block and after.
+            let mut worst = [[0f32; 2]; 2];
+            for step in 0..steps {
+                // Slot 1 starts 20 steps late: slots sit at different positions.
+                let toks: Vec<Option<u32>> = (0..slots)
+                    .map(|i| (i != 1 || step >= 20).then_some(((step * 7 + i * 3) % 50) as u32))
+                    .collect();
+                let live: Vec<usize> = (0..slots).filter(|&i| toks[i].is_some()).collect();
+                let ids: Vec<u32> = live.iter().map(|&i| toks[i].unwrap()).collect();
+                let per_seq = |m: &Llama, seqs: &mut [SeqCache]| -> Vec<Vec<f32>> {
+                    let mut refs: Vec<&mut SeqCache> = seqs
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| toks[*i].is_some())
+                        .map(|(_, c)| c)
+                        .collect();
+                    let y = m.decode_step(&ids, &mut refs).unwrap();
+                    y.to_vec2::<f32>().unwrap()
+                };
+                let want = per_seq(&cpu, &mut want_seqs);
+                let ops = per_seq(&gpu, &mut ops_seqs);
+                let got = gpu.decode_slots(&toks, &mut batch).unwrap();
+                let got = got.to_vec2::<f32>().unwrap();
+                for (r, &i) in live.iter().enumerate() {
+                    let scale = want[r].iter().fold(1f32, |m, a| m.max(a.abs()));
+                    for (path, row) in [&ops[r], &got[i]].into_iter().enumerate() {
+                        let w = &mut worst[path][usize::from(step >= 256)];
+                        for (a, b) in want[r].iter().zip(row) {
+                            *w = w.max((a - b).abs() / scale);
+                        }
+                    }
+                }
+            }
+            eprintln!(
+                "{slots} slots: relative differences, ops {:?}, kernels {:?}",
+                worst[0], worst[1]
+            );
+            for phase in 0..2 {
+                assert!(
+                    worst[1][phase] <= 1.5 * worst[0][phase] + 0.01,
+                    "{slots} slots: kernels {:?} against ops {:?}",
+                    worst[1],
+                    worst[0]
+                );
+            }
+        }
     }
 
     /// The batched path (what GPUs run) gives the per-sequence path's logits, with slots at
