@@ -50,7 +50,11 @@ fn run_once(
     scale: f64,
     fused: bool,
 ) -> Result<[Tensor; 4]> {
-    let (q, k, v) = (Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?);
+    let (q, k, v) = (
+        Var::from_tensor(q)?,
+        Var::from_tensor(k)?,
+        Var::from_tensor(v)?,
+    );
     let y = attend(q.as_tensor(), k.as_tensor(), v.as_tensor(), t, scale, fused)?;
     let grads = (y.to_dtype(DType::F32)? * w)?.sum_all()?.backward()?;
     let f32_cpu = |x: &Tensor| x.to_dtype(DType::F32)?.to_device(&Device::Cpu);
@@ -79,7 +83,11 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
     if a.heads == 0 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
-        bail!("--heads ({}) must be a positive multiple of --kv-heads ({})", a.heads, a.kv_heads);
+        bail!(
+            "--heads ({}) must be a positive multiple of --kv-heads ({})",
+            a.heads,
+            a.kv_heads
+        );
     }
     if a.batch == 0 || a.seq_len == 0 {
         bail!("--batch and --seq-len must be at least 1");
@@ -90,15 +98,32 @@ pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
     let rows = a.heads / g * t;
     let cpu = Device::Cpu;
     let host = |shape: (usize, usize, usize, usize), seed| {
-        Tensor::from_vec(values(shape.0 * shape.1 * shape.2 * shape.3, seed), shape, &cpu)
+        Tensor::from_vec(
+            values(shape.0 * shape.1 * shape.2 * shape.3, seed),
+            shape,
+            &cpu,
+        )
     };
-    let (q, k, v) = (host((b, g, rows, d), 1)?, host((b, g, t, d), 2)?, host((b, g, t, d), 3)?);
+    let (q, k, v) = (
+        host((b, g, rows, d), 1)?,
+        host((b, g, t, d), 2)?,
+        host((b, g, t, d), 3)?,
+    );
     let w = host((b, g, rows, d), 4)?;
     let scale = 1.0 / (d as f64).sqrt();
     let on_dev = |x: &Tensor| x.to_dtype(dtype)?.to_device(&c.device);
-    let (qd, kd, vd, wd) = (on_dev(&q)?, on_dev(&k)?, on_dev(&v)?, w.to_device(&c.device)?);
+    let (qd, kd, vd, wd) = (
+        on_dev(&q)?,
+        on_dev(&k)?,
+        on_dev(&v)?,
+        w.to_device(&c.device)?,
+    );
     if !supported(&qd) {
-        bail!("the fused attention does not run on {} in {} with head_dim {d}", a.compute.device, dtype.as_str());
+        bail!(
+            "the fused attention does not run on {} in {} with head_dim {d}",
+            a.compute.device,
+            dtype.as_str()
+        );
     }
     // Reference: the CPU kernel in f32 on the same (dtype-rounded) inputs.
     let back = |x: &Tensor| x.to_dtype(DType::F32)?.to_device(&cpu);
@@ -113,16 +138,32 @@ pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
         );
     }
     let time = |fused: bool, backward: bool| -> Result<f64> {
-        let (qv, kv, vv) = (Var::from_tensor(&qd)?, Var::from_tensor(&kd)?, Var::from_tensor(&vd)?);
+        let (qv, kv, vv) = (
+            Var::from_tensor(&qd)?,
+            Var::from_tensor(&kd)?,
+            Var::from_tensor(&vd)?,
+        );
         crate::bench_cmd::time_it(&c, 2, 10, || {
-            let y = attend(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), t, scale, fused)?;
+            let y = attend(
+                qv.as_tensor(),
+                kv.as_tensor(),
+                vv.as_tensor(),
+                t,
+                scale,
+                fused,
+            )?;
             if backward {
                 (y.to_dtype(DType::F32)? * &wd)?.sum_all()?.backward()?;
             }
             Ok(())
         })
     };
-    let (ff, fb, uf, ub) = (time(true, false)?, time(true, true)?, time(false, false)?, time(false, true)?);
+    let (ff, fb, uf, ub) = (
+        time(true, false)?,
+        time(true, true)?,
+        time(false, false)?,
+        time(false, true)?,
+    );
     // Causal matrix-product work: q·kᵀ and p·v over the visible half, forward only.
     let flops = 4.0 * (b * a.heads) as f64 * (t * (t + 1) / 2) as f64 * d as f64;
     Ok(json!({

@@ -65,7 +65,12 @@ fn step(
     let (sids, tids) = ids.split_at(b * t);
     let sids = Tensor::from_slice(sids, (b, t), device)?;
     let tids = Tensor::from_slice(tids, (b, t), device)?;
-    let d = train::loss::distill_loss(&teacher.forward(&tids)?, &student.forward(&sids)?, None, 1.0)?;
+    let d = train::loss::distill_loss(
+        &teacher.forward(&tids)?,
+        &student.forward(&sids)?,
+        None,
+        1.0,
+    )?;
     let loss = d.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let grads = d.loss.backward()?;
     let mut out = Vec::new();
@@ -82,7 +87,10 @@ pub fn grads(a: GradsArgs) -> Result<serde_json::Value> {
     let folder = ModelFolder::open(&a.model)?;
     let (b, t) = (a.batch, a.seq_len);
     if b == 0 || t < 2 || t > folder.config.max_position_embeddings {
-        bail!("--batch must be ≥ 1 and --seq-len in 2..={}", folder.config.max_position_embeddings);
+        bail!(
+            "--batch must be ≥ 1 and --seq-len in 2..={}",
+            folder.config.max_position_embeddings
+        );
     }
     let quant = QuantConfig {
         w_bits: a.w_bits,
@@ -104,7 +112,11 @@ pub fn grads(a: GradsArgs) -> Result<serde_json::Value> {
     let (want_loss, want) = step(&folder, &quant, &ids, (b, t), &Device::Cpu, DType::F32)?;
     let (got_loss, got) = step(&folder, &quant, &ids, (b, t), &c.device, c.dtype)?;
     if want.len() != got.len() {
-        bail!("{} gradients on the CPU, {} on the device", want.len(), got.len());
+        bail!(
+            "{} gradients on the CPU, {} on the device",
+            want.len(),
+            got.len()
+        );
     }
     // Per tensor: max |g_dev - g_cpu| / max |g_cpu|.
     let mut rel = Vec::new();

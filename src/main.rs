@@ -3,8 +3,8 @@
 
 mod bench_attention;
 mod bench_cmd;
-mod bench_grads;
 mod bench_distill;
+mod bench_grads;
 mod compute_args;
 mod eval_cmd;
 mod generate_cmd;

@@ -275,7 +275,8 @@ const SCORE_BYTES_MAX: usize = 512 << 20;
 /// `PIPELINE_ATTENTION=flash` forces the flash-style kernels (for benchmarks).
 pub fn use_scores(dims: Dims, dtype: DType) -> bool {
     static FLASH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let flash = *FLASH.get_or_init(|| std::env::var("PIPELINE_ATTENTION").is_ok_and(|v| v == "flash"));
+    let flash =
+        *FLASH.get_or_init(|| std::env::var("PIPELINE_ATTENTION").is_ok_and(|v| v == "flash"));
     !flash && dims.groups * dims.rows * dims.t * dtype.size_in_bytes() <= SCORE_BYTES_MAX
 }
 
@@ -287,12 +288,20 @@ fn layout3(a: usize, b: usize, c: usize, offset: usize) -> Layout {
 fn contiguous_offset(l: &Layout, n: usize, what: &str) -> Result<usize> {
     match l.contiguous_offsets() {
         Some((a, b)) if b - a == n => Ok(a),
-        _ => candle_core::bail!("causal-attention (cuda): {what} must be contiguous with {n} values"),
+        _ => {
+            candle_core::bail!("causal-attention (cuda): {what} must be contiguous with {n} values")
+        }
     }
 }
 
 /// Runs one of the row kernels over the [groups · rows, t] buffer `s` (in place).
-fn rows_kernel(base: &str, s: &mut CudaStorage, p: Option<&CudaStorage>, dims: Dims, scale: f32) -> Result<()> {
+fn rows_kernel(
+    base: &str,
+    s: &mut CudaStorage,
+    p: Option<&CudaStorage>,
+    dims: Dims,
+    scale: f32,
+) -> Result<()> {
     use candle_core::backend::BackendStorage;
     let nrows = (dims.groups * dims.rows) as u64;
     let dev = s.device.clone();
@@ -332,7 +341,12 @@ fn rows_kernel(base: &str, s: &mut CudaStorage, p: Option<&CudaStorage>, dims: D
 /// The causal softmax probabilities P [groups, rows, t] of q and k.
 fn probabilities(q: Arg, k: Arg, dims: Dims, scale: f32) -> Result<CudaStorage> {
     use candle_core::backend::BackendStorage;
-    let Dims { groups: g, rows: r, t, d } = dims;
+    let Dims {
+        groups: g,
+        rows: r,
+        t,
+        d,
+    } = dims;
     let oq = contiguous_offset(q.1, g * r * d, "q")?;
     let ok = contiguous_offset(k.1, g * t * d, "k")?;
     let kt = layout3(g, t, d, ok).transpose(1, 2)?;
@@ -344,10 +358,20 @@ fn probabilities(q: Arg, k: Arg, dims: Dims, scale: f32) -> Result<CudaStorage> 
 /// Forward, score-matrix variant: y [groups, rows, d] in q's dtype.
 pub fn forward_scores(q: Arg, k: Arg, v: Arg, dims: Dims, scale: f32) -> Result<CudaStorage> {
     use candle_core::backend::BackendStorage;
-    let Dims { groups: g, rows: r, t, d } = dims;
+    let Dims {
+        groups: g,
+        rows: r,
+        t,
+        d,
+    } = dims;
     let p = probabilities(q, k, dims, scale)?;
     let ov = contiguous_offset(v.1, g * t * d, "v")?;
-    p.matmul(v.0, (g, r, d, t), &layout3(g, r, t, 0), &layout3(g, t, d, ov))
+    p.matmul(
+        v.0,
+        (g, r, d, t),
+        &layout3(g, r, t, 0),
+        &layout3(g, t, d, ov),
+    )
 }
 
 /// Backward, score-matrix variant (recomputes P): (dq, dk, dv) in q's dtype.
@@ -360,17 +384,33 @@ pub fn backward_scores(
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     use candle_core::backend::BackendStorage;
-    let Dims { groups: g, rows: r, t, d } = dims;
+    let Dims {
+        groups: g,
+        rows: r,
+        t,
+        d,
+    } = dims;
     let p = probabilities(q, k, dims, scale)?;
-    let (oq, ok) = (contiguous_offset(q.1, g * r * d, "q")?, contiguous_offset(k.1, g * t * d, "k")?);
-    let (ov, ody) = (contiguous_offset(v.1, g * t * d, "v")?, contiguous_offset(dy.1, g * r * d, "dy")?);
+    let (oq, ok) = (
+        contiguous_offset(q.1, g * r * d, "q")?,
+        contiguous_offset(k.1, g * t * d, "k")?,
+    );
+    let (ov, ody) = (
+        contiguous_offset(v.1, g * t * d, "v")?,
+        contiguous_offset(dy.1, g * r * d, "dy")?,
+    );
     let pl = layout3(g, r, t, 0);
     let pt = pl.transpose(1, 2)?;
     let dyl = layout3(g, r, d, ody);
     // dv = Pᵀ dy: the sum over all `rep` query heads of the group comes with the product.
     let dv = p.matmul(dy.0, (g, t, d, r), &pt, &dyl)?;
     // dS = P ∘ (dy vᵀ - rowsum) · scale, in place in the dP buffer.
-    let mut ds = dy.0.matmul(v.0, (g, r, t, d), &dyl, &layout3(g, t, d, ov).transpose(1, 2)?)?;
+    let mut ds = dy.0.matmul(
+        v.0,
+        (g, r, t, d),
+        &dyl,
+        &layout3(g, t, d, ov).transpose(1, 2)?,
+    )?;
     rows_kernel("attn_softmax_grad_rows", &mut ds, Some(&p), dims, scale)?;
     drop(p);
     let dq = ds.matmul(k.0, (g, r, d, t), &pl, &layout3(g, t, d, ok))?;

@@ -99,7 +99,10 @@ impl CausalAttention {
             Tensor::from_storage(Storage::Cuda(s), like.shape(), BackpropOp::none(), false)
         };
         if gpu_kernels::attention::use_scores(dims, q.dtype()) {
-            let guards: Vec<_> = [q, k, v, &dy].iter().map(|t| t.storage_and_layout()).collect();
+            let guards: Vec<_> = [q, k, v, &dy]
+                .iter()
+                .map(|t| t.storage_and_layout())
+                .collect();
             let mut args = Vec::with_capacity(4);
             for (g, name) in guards.iter().zip(["q", "k", "v", "dy"]) {
                 match &*g.0 {

@@ -349,7 +349,10 @@ mod imp {
         fn sizes(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
             let (&inner, wd) = (xl.dims().last().unwrap_or(&0), wl.dims());
             if wd.len() != 2 || wd[1] != inner || inner == 0 {
-                candle_core::bail!("fused-quant-linear: x {:?} and weight {wd:?} do not fit", xl.dims())
+                candle_core::bail!(
+                    "fused-quant-linear: x {:?} and weight {wd:?} do not fit",
+                    xl.dims()
+                )
             }
             Ok((xl.shape().elem_count() / inner, inner, wd[0]))
         }
@@ -360,7 +363,13 @@ mod imp {
             "fused-quant-linear"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             gpu_only(self.name())
         }
 
@@ -376,14 +385,25 @@ mod imp {
             let wq = self.w_operand(w, wl, x.dtype())?;
             // fq(x) [rows, in] · fq(w)ᵀ, the weight read transposed in place.
             let wt = Layout::contiguous((out, inner)).transpose(0, 1)?;
-            let y = xq.matmul(&wq, (1, rows, out, inner), &Layout::contiguous((rows, inner)), &wt)?;
+            let y = xq.matmul(
+                &wq,
+                (1, rows, out, inner),
+                &Layout::contiguous((rows, inner)),
+                &wt,
+            )?;
             *self.operands.lock().expect("operands lock") = Some((xq, wq));
             let mut dims = xl.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = out;
             Ok((y, dims.into()))
         }
 
-        fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn bwd(
+            &self,
+            x: &Tensor,
+            w: &Tensor,
+            _y: &Tensor,
+            dy: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let (want_dx, want_dw) = (x.track_op(), w.track_op());
             let dy = dy.to_dtype(x.dtype())?.contiguous()?;
             let saved = self.operands.lock().expect("operands lock").take();
@@ -397,7 +417,12 @@ mod imp {
                 let dyl = Layout::contiguous_with_offset((rows, out), dyl.start_offset());
                 // dx = dy · fq(w) (straight through both quantizers).
                 let dx = if want_dx {
-                    Some(dys.matmul(&wq, (1, rows, inner, out), &dyl, &Layout::contiguous((out, inner)))?)
+                    Some(dys.matmul(
+                        &wq,
+                        (1, rows, inner, out),
+                        &dyl,
+                        &Layout::contiguous((out, inner)),
+                    )?)
                 } else {
                     None
                 };
@@ -415,7 +440,10 @@ mod imp {
                 };
                 Ok((dx, dw))
             })?;
-            Ok((dx.map(|s| wrap(s, x.shape())), dw.map(|s| wrap(s, w.shape()))))
+            Ok((
+                dx.map(|s| wrap(s, x.shape())),
+                dw.map(|s| wrap(s, w.shape())),
+            ))
         }
     }
 
@@ -426,7 +454,12 @@ mod imp {
         dyt: &Layout,
         (out, inner, rows): (usize, usize, usize),
     ) -> Result<CudaStorage> {
-        dy.matmul(xq, (1, out, inner, rows), dyt, &Layout::contiguous((rows, inner)))
+        dy.matmul(
+            xq,
+            (1, out, inner, rows),
+            dyt,
+            &Layout::contiguous((rows, inner)),
+        )
     }
 
     pub fn quant_linear(
@@ -437,7 +470,9 @@ mod imp {
         w_group: Option<usize>,
     ) -> Result<Tensor> {
         let op = QuantLinear {
-            a_qmax: a_bits.map(|b| quant::fake::check_args(b, None)).transpose()?,
+            a_qmax: a_bits
+                .map(|b| quant::fake::check_args(b, None))
+                .transpose()?,
             w_q: match w_bits {
                 Some(b) => Some((quant::fake::check_args(b, w_group)?, w_group)),
                 None => None,
