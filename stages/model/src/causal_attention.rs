@@ -98,41 +98,22 @@ impl CausalAttention {
         let wrap = |s, like: &Tensor| {
             Tensor::from_storage(Storage::Cuda(s), like.shape(), BackpropOp::none(), false)
         };
-        if gpu_kernels::attention::use_scores(dims, q.dtype()) {
-            let guards: Vec<_> = [q, k, v, &dy]
-                .iter()
-                .map(|t| t.storage_and_layout())
-                .collect();
-            let mut args = Vec::with_capacity(4);
-            for (g, name) in guards.iter().zip(["q", "k", "v", "dy"]) {
-                match &*g.0 {
-                    Storage::Cuda(s) => args.push((s, g.1)),
-                    _ => candle_core::bail!("causal-attention: {name} is not on the GPU"),
-                }
-            }
-            let (dq, dk, dv) = gpu_kernels::attention::backward_scores(
-                args[0], args[1], args[2], args[3], dims, self.scale,
-            )?;
-            drop(guards);
-            return Ok((wrap(dq, q), wrap(dk, k), wrap(dv, v)));
-        }
-        let saved = self.lse.lock().expect("lse lock");
-        let Some(lse) = saved.as_ref() else {
-            candle_core::bail!("causal-attention: backward pass without a GPU forward pass")
+        let name = "causal-attention";
+        let (dq, dk, dv) = if gpu_kernels::attention::use_scores(dims, q.dtype()) {
+            crate::fused_ops::with_cuda(name, &[q, k, v, &dy], |a| {
+                gpu_kernels::attention::backward_scores(a[0], a[1], a[2], a[3], dims, self.scale)
+            })?
+        } else {
+            let saved = self.lse.lock().expect("lse lock");
+            let Some(lse) = saved.as_ref() else {
+                candle_core::bail!("causal-attention: backward pass without a GPU forward pass")
+            };
+            crate::fused_ops::with_cuda(name, &[q, k, v, y, &dy], |a| {
+                gpu_kernels::attention::backward(
+                    a[0], a[1], a[2], a[3], a[4], lse, dims, self.scale,
+                )
+            })?
         };
-        let tensors = [q, k, v, y, &dy];
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut args = Vec::with_capacity(5);
-        for (g, name) in guards.iter().zip(["q", "k", "v", "y", "dy"]) {
-            match &*g.0 {
-                Storage::Cuda(s) => args.push((s, g.1)),
-                _ => candle_core::bail!("causal-attention: {name} is not on the GPU"),
-            }
-        }
-        let (dq, dk, dv) = gpu_kernels::attention::backward(
-            args[0], args[1], args[2], args[3], args[4], lse, dims, self.scale,
-        )?;
-        drop(guards);
         Ok((wrap(dq, q), wrap(dk, k), wrap(dv, v)))
     }
 }

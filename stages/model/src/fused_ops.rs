@@ -44,6 +44,9 @@ pub fn quant_linear(
     imp::quant_linear(x, w, a_bits, w_bits, w_group)
 }
 
+#[cfg(feature = "cuda")]
+pub(crate) use imp::with_cuda;
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use candle_core::{Result, Tensor};
@@ -92,7 +95,7 @@ mod imp {
     }
 
     /// Runs `f` on the CUDA storages of `tensors` (each read-locked for the call).
-    fn with_cuda<R>(
+    pub(crate) fn with_cuda<R>(
         name: &str,
         tensors: &[&Tensor],
         f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> Result<R>,
