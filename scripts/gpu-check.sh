@@ -101,21 +101,24 @@ step generate
   --shard-size 64 --batch 64 --device cuda --dtype bf16 --json | tee "$RES/generate.json"
 
 step train
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$W/mem.log" &
-POLL=$!
-TRAIN_CMD="$BIN train --teacher $W/tinyllama --corpus $W/corpus --out $W/train --steps ${TRAIN_STEPS:-10} --batch ${TRAIN_BATCH:-4} --seq-len 512 --log-every 1 --checkpoint-every 1000 --device cuda --dtype bf16"
-echo "$TRAIN_CMD" >"$RES/train_cmd.txt"
-# Timed steps only: once the last step is logged, the run is stopped before it writes its
-# (13 GB) checkpoint; checkpointing is what the kill-and-resume check below covers.
-$TRAIN_CMD >$W/train.log 2>&1 &
-TPID=$!
-while kill -0 $TPID 2>/dev/null && [ "$(cat $W/train/train_log.jsonl 2>/dev/null | wc -l)" -lt "${TRAIN_STEPS:-10}" ]; do sleep 0.2; done
-kill -9 $TPID 2>/dev/null
-wait $TPID 2>/dev/null
-grep -v '^ *[0-9]*: ' $W/train.log | tail -n 15
-kill $POLL
-cp $W/train/train_log.jsonl "$RES/train_log.jsonl"
-sort -n "$W/mem.log" | tail -n 1 >"$RES/train_peak_mib.txt"
+# W4A8KV4 QAT with the teacher online at batch 4 and 16 (x 512 tokens). Timed steps only: once
+# the last step is logged, the run is stopped before it writes its (13 GB) checkpoint;
+# checkpointing is what the kill-and-resume check below covers.
+for TB in ${TRAIN_BATCHES:-4 16}; do
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$W/mem-$TB.log" &
+  POLL=$!
+  TRAIN_CMD="$BIN train --teacher $W/tinyllama --corpus $W/corpus --out $W/train-$TB --steps ${TRAIN_STEPS:-10} --batch $TB --seq-len 512 --log-every 1 --checkpoint-every 1000 --device cuda --dtype bf16"
+  echo "$TRAIN_CMD" >"$RES/train_cmd-$TB.txt"
+  $TRAIN_CMD >$W/train-$TB.log 2>&1 &
+  TPID=$!
+  while kill -0 $TPID 2>/dev/null && [ "$(cat $W/train-$TB/train_log.jsonl 2>/dev/null | wc -l)" -lt "${TRAIN_STEPS:-10}" ]; do sleep 0.2; done
+  kill -9 $TPID 2>/dev/null
+  wait $TPID 2>/dev/null
+  grep -v '^ *[0-9]*: ' $W/train-$TB.log | tail -n 5
+  kill $POLL
+  cp $W/train-$TB/train_log.jsonl "$RES/train_log-$TB.jsonl"
+  sort -n "$W/mem-$TB.log" | tail -n 1 >"$RES/train_peak_mib-$TB.txt"
+done
 
 step f16-train
 # A few f16 training steps with the small teacher: finite losses, a checkpoint that loads.
@@ -170,18 +173,21 @@ r["generate_cuda_graph"] = {
 r["f16_train_log"] = [json.loads(l) for l in open(f"{out}/f16_train_log.jsonl")]
 r["f16_student_eval"] = json.load(open(f"{out}/f16_student_eval.json"))
 params = dec["parameters"]
-log = [json.loads(l) for l in open(f"{out}/train_log.jsonl")]
-steady = log[2:] or log  # the first steps include warm-up (allocations, kernel loads)
-tps = sum(l["tokens_per_second"] for l in steady) / len(steady)
 peak = r["device"]["bf16_matmul_tflops"] * 1e12
 # Student forward + backward (6 N) and teacher forward (2 N) per token.
 flops_per_token = 8 * params
-r["train"] = {"command": open(f"{out}/train_cmd.txt").read().strip(), "parameters": params,
-              "steady_tokens_per_second": tps, "steps_averaged": len(steady),
-              "flops_per_token": flops_per_token,
-              "mfu": tps * flops_per_token / peak,
-              "peak_gpu_memory_mib": float(open(f"{out}/train_peak_mib.txt").read().strip() or 0),
-              "log": log}
+r["train"] = []
+for tb in sorted(int(f[len("train_log-"):-len(".jsonl")]) for f in os.listdir(out) if f.startswith("train_log-")):
+    log = [json.loads(l) for l in open(f"{out}/train_log-{tb}.jsonl")]
+    steady = log[2:] or log  # the first steps include warm-up (allocations, kernel loads)
+    tps = sum(l["tokens_per_second"] for l in steady) / len(steady)
+    r["train"].append({"batch": tb, "seq_len": 512,
+                       "command": open(f"{out}/train_cmd-{tb}.txt").read().strip(), "parameters": params,
+                       "steady_tokens_per_second": tps, "steps_averaged": len(steady),
+                       "flops_per_token": flops_per_token,
+                       "mfu": tps * flops_per_token / peak,
+                       "peak_gpu_memory_mib": float(open(f"{out}/train_peak_mib-{tb}.txt").read().strip() or 0),
+                       "log": log})
 a = load_file(f"{w}/full/student/model.safetensors")
 b = load_file(f"{w}/killed/student/model.safetensors")
 la = [json.loads(l) for l in open(f"{w}/full/train_log.jsonl")]
@@ -198,7 +204,7 @@ s = {k: r[k] for k in ("perplexity", "resume", "generate_cuda_graph", "f16_stude
 s["decode"] = [{k: x[k] for k in ("batch", "tokens_per_second", "fraction_of_bound")} for x in dec["runs"]]
 s["decode_cuda_graph"] = [{k: x[k] for k in ("batch", "tokens_per_second", "fraction_of_bound")}
                           for x in r["decode_cuda_graph"]["runs"]]
-s["train"] = {k: v for k, v in r["train"].items() if k != "log"}
+s["train"] = [{k: v for k, v in t.items() if k != "log"} for t in r["train"]]
 print(json.dumps(s, indent=1))
 EOF
 tar -czf "$OUT/raw.tar.gz" -C "$W" res

@@ -1,5 +1,5 @@
 //! `pipeline bench grads`: one training step's loss and parameter gradients on the device (with
-//! the GPU's fused attention, RMSNorm, RoPE, SwiGLU and distillation-loss kernels) against the
+//! the GPU's fused training blocks, gradient sinks and distillation-loss kernels) against the
 //! same step on the CPU in f32, on a real model. What it checks is that the GPU trains the same
 //! function: every fused op's forward and backward at once, in context.
 
@@ -27,6 +27,12 @@ pub struct GradsArgs {
     pub a_bits: Option<u32>,
     #[arg(long)]
     pub kv_bits: Option<u32>,
+    /// Where K is quantized: post_rope or pre_rope.
+    #[arg(long, default_value = "post_rope")]
+    pub kv_point: String,
+    /// Weight quantization group along a row (default: per channel).
+    #[arg(long)]
+    pub w_group: Option<usize>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -48,6 +54,9 @@ fn step(
         train::build_student(&folder.config, quant, &init, &cfg, &src, device)?;
     student.fused_attention = true;
     student.set_compute_dtype(dtype);
+    // As in training: on a GPU the blocks run fused and weight gradients land in sinks.
+    let sinks = student.attach_grad_sinks()?;
+    sinks.reset();
     let teacher = Llama::from_tensors(
         folder.config.clone(),
         QuantConfig::default(),
@@ -75,7 +84,12 @@ fn step(
     let grads = d.loss.backward()?;
     let mut out = Vec::new();
     for p in params {
-        if let Some(g) = grads.get(p.var.as_tensor()) {
+        let sunk = sinks.get(&p.name);
+        let g = match sunk.as_ref().and_then(|s| s.gradient()) {
+            Some(g) => Some(g),
+            None => grads.get(p.var.as_tensor()),
+        };
+        if let Some(g) = g {
             out.push((p.name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
         }
     }
@@ -96,8 +110,12 @@ pub fn grads(a: GradsArgs) -> Result<serde_json::Value> {
         w_bits: a.w_bits,
         a_bits: a.a_bits,
         kv_bits: a.kv_bits,
+        w_group: a.w_group,
+        kv_point: serde_json::from_value(json!(a.kv_point))
+            .map_err(|_| anyhow::anyhow!("--kv-point {}: allowed values are post_rope, pre_rope", a.kv_point))?,
         ..QuantConfig::default()
     };
+    quant.validate()?;
     // Token ids from a fixed xorshift stream: the student's batch, then the teacher's.
     let vocab = folder.config.vocab_size as u64;
     let mut s = 0x2545_F491_4F6C_DD1Du64;

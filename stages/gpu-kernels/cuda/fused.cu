@@ -4,7 +4,8 @@
 //
 // RMSNorm (rows of h values, weight w in f32):
 //   r = 1 / sqrt(mean(x²) + eps),  y = (x · r) · w
-//   dx = r · (dy · w) - x · r³ · Σ(dy · w · x) / h,   dw = Σ_rows dy · x · r
+//   dx = r · (dy · w) - x · r³ · Σ(dy · w · x) / h (+ a residual gradient, when given),
+//   dw = Σ_rows dy · x · r
 // RoPE ("rotate half"), fused with the [b, t, h, d] <-> [b, h, t, d] transpose:
 //   y_i = x_i c - x_{i+d/2} s,  y_{i+d/2} = x_{i+d/2} c + x_i s; the backward is the same
 //   rotation with -s, transposed back.
@@ -54,7 +55,8 @@ __device__ void rms_fwd(const T *x, const float *w, T *y, float *r, uint32_t h, 
 }
 
 template <typename T>
-__device__ void rms_dx(const T *x, const float *w, const float *r, const T *dy, T *dx, uint32_t h) {
+__device__ void rms_dx(const T *x, const float *w, const float *r, const T *dy, const T *res, T *dx,
+                       uint32_t h) {
   const uint64_t row = blockIdx.x;
   const T *xr = x + row * h, *dyr = dy + row * h;
   float s = 0.0f;
@@ -63,8 +65,12 @@ __device__ void rms_dx(const T *x, const float *w, const float *r, const T *dy, 
   s = block_sum(s);
   const float rr = r[row];
   const float c = rr * rr * rr * s / (float)h;
-  for (uint32_t i = threadIdx.x; i < h; i += blockDim.x)
-    dx[row * h + i] = from_f32<T>(rr * to_f32(dyr[i]) * w[i] - to_f32(xr[i]) * c);
+  for (uint32_t i = threadIdx.x; i < h; i += blockDim.x) {
+    float v = rr * to_f32(dyr[i]) * w[i] - to_f32(xr[i]) * c;
+    // The residual branch's gradient, added before the one rounding (fused_block.rs).
+    if (res) v += to_f32(res[row * h + i]);
+    dx[row * h + i] = from_f32<T>(v);
+  }
 }
 
 // dw partial sums: block (32, 8) covers 32 columns; blockIdx.y takes every gridDim.y-th chunk of
@@ -149,8 +155,8 @@ __device__ void swiglu_bwd(const T *g, const T *u, const T *dy, T *dg, T *du, ui
     rms_fwd<T>(x, w, y, r, h, eps);                                                              \
   }                                                                                              \
   extern "C" __global__ void rms_dx_##SUFFIX(const T *x, const float *w, const float *r,         \
-                                             const T *dy, T *dx, uint32_t h) {                   \
-    rms_dx<T>(x, w, r, dy, dx, h);                                                               \
+                                             const T *dy, const T *res, T *dx, uint32_t h) {     \
+    rms_dx<T>(x, w, r, dy, res, dx, h);                                                          \
   }                                                                                              \
   extern "C" __global__ void rms_dw_##SUFFIX(const T *x, const float *r, const T *dy,            \
                                              float *part, uint32_t rows, uint32_t h) {           \

@@ -357,6 +357,18 @@ fn probabilities(q: Arg, k: Arg, dims: Dims, scale: f32) -> Result<CudaStorage> 
 
 /// Forward, score-matrix variant: y [groups, rows, d] in q's dtype.
 pub fn forward_scores(q: Arg, k: Arg, v: Arg, dims: Dims, scale: f32) -> Result<CudaStorage> {
+    Ok(forward_scores_keep(q, k, v, dims, scale)?.0)
+}
+
+/// `forward_scores` that also returns the probabilities P [groups, rows, t], which
+/// `backward_scores_with` can reuse instead of recomputing them.
+pub fn forward_scores_keep(
+    q: Arg,
+    k: Arg,
+    v: Arg,
+    dims: Dims,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
     use candle_core::backend::BackendStorage;
     let Dims {
         groups: g,
@@ -366,16 +378,30 @@ pub fn forward_scores(q: Arg, k: Arg, v: Arg, dims: Dims, scale: f32) -> Result<
     } = dims;
     let p = probabilities(q, k, dims, scale)?;
     let ov = contiguous_offset(v.1, g * t * d, "v")?;
-    p.matmul(
+    let y = p.matmul(
         v.0,
         (g, r, d, t),
         &layout3(g, r, t, 0),
         &layout3(g, t, d, ov),
-    )
+    )?;
+    Ok((y, p))
 }
 
 /// Backward, score-matrix variant (recomputes P): (dq, dk, dv) in q's dtype.
 pub fn backward_scores(
+    q: Arg,
+    k: Arg,
+    v: Arg,
+    dy: Arg,
+    dims: Dims,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    backward_scores_with(None, q, k, v, dy, dims, scale)
+}
+
+/// `backward_scores` with the forward pass's P when kept (`forward_scores_keep`).
+pub fn backward_scores_with(
+    p: Option<CudaStorage>,
     q: Arg,
     k: Arg,
     v: Arg,
@@ -390,7 +416,10 @@ pub fn backward_scores(
         t,
         d,
     } = dims;
-    let p = probabilities(q, k, dims, scale)?;
+    let p = match p {
+        Some(p) => p,
+        None => probabilities(q, k, dims, scale)?,
+    };
     let (oq, ok) = (
         contiguous_offset(q.1, g * r * d, "q")?,
         contiguous_offset(k.1, g * t * d, "k")?,

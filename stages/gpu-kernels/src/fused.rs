@@ -84,7 +84,21 @@ pub fn rms_backward(
     h: usize,
     want_dw: bool,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
-    by_dtype!(x, rms_backward_t(x, w, r, dy, h, want_dw))
+    by_dtype!(x, rms_backward_t(x, w, r, dy, None, h, want_dw))
+}
+
+/// `rms_backward` whose dx also has `res` (the residual branch's gradient, same shape and
+/// dtype as x) added in, before the one rounding.
+pub fn rms_backward_add(
+    x: Arg,
+    w: Arg,
+    r: &CudaSlice<f32>,
+    dy: Arg,
+    res: Arg,
+    h: usize,
+    want_dw: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    by_dtype!(x, rms_backward_t(x, w, r, dy, Some(res), h, want_dw))
 }
 
 fn rms_backward_t<T: CudaDType + DeviceRepr + WithDType>(
@@ -92,6 +106,7 @@ fn rms_backward_t<T: CudaDType + DeviceRepr + WithDType>(
     w: Arg,
     r: &CudaSlice<f32>,
     dy: Arg,
+    res: Option<Arg>,
     h: usize,
     want_dw: bool,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
@@ -114,6 +129,20 @@ fn rms_backward_t<T: CudaDType + DeviceRepr + WithDType>(
     b.arg(&wv);
     b.arg(r);
     b.arg(&dyv);
+    let resv = match res {
+        Some(a) => {
+            if a.1.shape().elem_count() != n {
+                candle_core::bail!("fused rms-norm backward: the residual gradient's size differs")
+            }
+            Some(view::<T>(a, "residual gradient")?)
+        }
+        None => None,
+    };
+    let null = 0u64;
+    match &resv {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
     b.arg(&dx);
     candle_core::builder_arg!(b, h as u32);
     let cfg = LaunchConfig {

@@ -10,7 +10,10 @@
 //!   another, for train's fused loss instead of about thirty tensor ops;
 //! - `decode`: one step of batched decoding: few-row products at full memory bandwidth (with the
 //!   RMSNorm, residual add and SwiGLU folded in), RoPE with the KV cache write, and attention over
-//!   each slot's cache prefix, for CUDA-graph replay.
+//!   each slot's cache prefix, for CUDA-graph replay;
+//! - `train_step`: cuBLAS products into f32 gradient buffers, the weight fake quantizer fused
+//!   with the cast, K/V quantization after the RoPE transpose, and the one-pass clipped AdamW,
+//!   for the whole-block training op and its optimizer.
 //!
 //! The kernels exist only with the `cuda` feature; `adamw::AdamWStep` (plain data shared with
 //! the CPU formula) and `distill`'s constants (shared with its CPU twin) always do.
@@ -25,3 +28,5 @@ pub mod distill;
 pub mod fake_quant;
 #[cfg(feature = "cuda")]
 pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod train_step;

@@ -41,7 +41,20 @@ pub fn quant_linear(
     w_bits: Option<u32>,
     w_group: Option<usize>,
 ) -> Result<Tensor> {
-    imp::quant_linear(x, w, a_bits, w_bits, w_group)
+    imp::quant_linear(x, w, a_bits, w_bits, w_group, None)
+}
+
+/// `quant_linear` whose weight gradient goes into `sink` (f32, accumulated) instead of back to
+/// candle's backward pass.
+pub fn quant_linear_into_sink(
+    x: &Tensor,
+    w: &Tensor,
+    a_bits: Option<u32>,
+    w_bits: Option<u32>,
+    w_group: Option<usize>,
+    sink: std::sync::Arc<crate::grad_sink::GradSink>,
+) -> Result<Tensor> {
+    imp::quant_linear(x, w, a_bits, w_bits, w_group, Some(sink))
 }
 
 #[cfg(feature = "cuda")]
@@ -73,6 +86,7 @@ mod imp {
         _: Option<u32>,
         _: Option<u32>,
         _: Option<usize>,
+        _: Option<std::sync::Arc<crate::grad_sink::GradSink>>,
     ) -> Result<Tensor> {
         no_gpu()
     }
@@ -324,6 +338,8 @@ mod imp {
         /// The forward pass's fq(x) and fq(w) (cast), for the backward pass: the unfused graph
         /// kept the same two tensors alive.
         operands: Mutex<Option<(CudaStorage, CudaStorage)>>,
+        /// Where dw goes, if not back to candle.
+        sink: Option<std::sync::Arc<crate::grad_sink::GradSink>>,
     }
 
     impl QuantLinear {
@@ -339,6 +355,7 @@ mod imp {
         fn w_operand(&self, w: &CudaStorage, wl: &Layout, dtype: DType) -> Result<CudaStorage> {
             let q = match self.w_q {
                 Some((qmax, group)) => gpu_kernels::fake_quant::fake_quant(w, wl, qmax, group)?.0,
+                None if w.dtype() != dtype => return w.to_dtype(wl, dtype),
                 None => w.try_clone(wl)?,
             };
             if q.dtype() == dtype {
@@ -429,8 +446,27 @@ mod imp {
                 } else {
                     None
                 };
-                // dw = dyᵀ · fq(x), then in w's dtype (the f32 master's gradient).
-                let dw = if want_dw {
+                // dw = dyᵀ · fq(x): into the sink in f32, or in w's dtype back to candle.
+                let dw = if let (true, Some(sink)) = (want_dw, &self.sink) {
+                    use gpu_kernels::train_step as ts;
+                    let beta = if sink.begin_write() { 0.0 } else { 1.0 };
+                    let dst = with_cuda(self.name(), &[sink.buffer()], |s| {
+                        ts::address(s[0], "gradient sink")
+                    })?
+                    .0;
+                    let (dyp, dyd) = ts::address((dys, &dyl), "dy")?;
+                    let (xp, xd) = ts::address((&xq, &Layout::contiguous((rows, inner))), "x")?;
+                    ts::gemm(
+                        &dys.device,
+                        (out, inner, rows),
+                        ts::Operand { ptr: dyp, dtype: dyd, ld: out, t: true },
+                        ts::Operand { ptr: xp, dtype: xd, ld: inner, t: false },
+                        dst,
+                        DType::F32,
+                        beta,
+                    )?;
+                    None
+                } else if want_dw {
                     let dyt = dyl.transpose(0, 1)?;
                     let g = dyt_matmul(dys, &xq, &dyt, (out, inner, rows))?;
                     Some(if g.dtype() == ws.dtype() {
@@ -471,6 +507,7 @@ mod imp {
         a_bits: Option<u32>,
         w_bits: Option<u32>,
         w_group: Option<usize>,
+        sink: Option<std::sync::Arc<crate::grad_sink::GradSink>>,
     ) -> Result<Tensor> {
         let op = QuantLinear {
             a_qmax: a_bits
@@ -481,6 +518,7 @@ mod imp {
                 None => None,
             },
             operands: Mutex::new(None),
+            sink,
         };
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
     }

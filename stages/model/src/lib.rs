@@ -10,7 +10,9 @@ pub mod compute;
 pub mod config;
 pub mod decode;
 pub mod folder;
+pub mod fused_block;
 pub mod fused_ops;
+pub mod grad_sink;
 pub mod kv_rotation;
 pub mod llama;
 pub mod qconfig;
@@ -21,6 +23,7 @@ pub use compute::{Compute, ComputeDtype, DeviceSpec};
 pub use config::LlamaConfig;
 pub use decode::{BatchCache, SeqCache};
 pub use folder::{ModelFolder, TeacherFingerprint};
+pub use grad_sink::{GradSink, GradSinks};
 pub use llama::Llama;
 pub use qconfig::{parse_bits, KvPoint, KvRotation, QuantConfig};
 

@@ -203,6 +203,9 @@ pub struct Llama {
     /// evaluation, whose numbers are pinned to the PyTorch references: its different summation
     /// order moves 4-bit-KV perplexities by about 0.1%, the size of the reference tolerance.
     pub fused_attention: bool,
+    /// Where GPU training writes weight gradients (`attach_grad_sinks`); with them each block
+    /// runs as one fused op (`fused_block`).
+    pub grad_sinks: Option<std::sync::Arc<crate::grad_sink::GradSinks>>,
 }
 
 /// The Hugging Face names of every tensor the model uses, with their shapes.
@@ -339,6 +342,7 @@ impl Llama {
             device: device.clone(),
             compute,
             fused_attention: false,
+            grad_sinks: None,
         })
     }
 
@@ -386,6 +390,26 @@ impl Llama {
     /// forward casts them, so gradients and optimizer updates stay in f32.
     pub fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute = dtype;
+    }
+
+    /// Gives every trainable projection and norm weight of the blocks, and an untied trainable
+    /// LM head, a gradient sink, on a CUDA device in a `cuda` build (elsewhere: none, and
+    /// gradients come from candle's backward pass as before). Returns the sinks by name.
+    pub fn attach_grad_sinks(&mut self) -> candle_core::Result<std::sync::Arc<crate::grad_sink::GradSinks>> {
+        let mut sinks = crate::grad_sink::GradSinks::default();
+        if cfg!(feature = "cuda") && self.device.is_cuda() {
+            for (name, t) in self.named_tensors() {
+                let wanted = name.starts_with("model.layers.") || name == "lm_head.weight";
+                if wanted && t.track_op() {
+                    sinks
+                        .by_name
+                        .insert(name, std::sync::Arc::new(crate::grad_sink::GradSink::new(&t)?));
+                }
+            }
+        }
+        let sinks = std::sync::Arc::new(sinks);
+        self.grad_sinks = Some(sinks.clone());
+        Ok(sinks)
     }
 
     /// Every parameter under its Hugging Face name (tied LM head listed once, as the embedding).
@@ -469,7 +493,15 @@ impl Llama {
             }
         };
         let scale = 1.0 / (hd as f64).sqrt();
+        let sinks = self.grad_sinks.as_deref().filter(|s| !s.by_name.is_empty());
+        let fused_blocks = crate::fused_block::supported(&x, cfg, q, sinks);
         for (layer, blk) in self.blocks.iter().enumerate() {
+            if let (true, Some(sinks)) = (fused_blocks, sinks) {
+                // Training on a GPU: the whole block is one node (no probe: calibration runs on
+                // the teacher, which has no sinks).
+                x = crate::fused_block::block_forward(&x, blk, layer, cfg, q, sinks, &cos32, &sin32)?;
+                continue;
+            }
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
             let qs = blk.attn.q_proj.forward(&h, q)?;
             let mut k = blk.attn.k_proj.forward(&h, q)?;
@@ -502,7 +534,10 @@ impl Llama {
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
             let g = blk.mlp.gate_proj.forward(&h, q)?;
             let u = blk.mlp.up_proj.forward(&h, q)?;
-            let gu = if crate::fused_ops::available(&g) && (g.track_op() || u.track_op()) {
+            // The fused kernel also serves the frozen teacher in bf16/f16 (one launch instead of
+            // two); f32 keeps the tensor ops the evaluation references were checked against.
+            let fused = g.track_op() || u.track_op() || g.dtype() != DType::F32;
+            let gu = if crate::fused_ops::available(&g) && fused {
                 crate::fused_ops::swiglu(&g, &u)?
             } else {
                 (g.silu()? * u)?
@@ -511,6 +546,13 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
         // Logits leave in f32 (the losses and the sampler read them in f32).
+        if let Some(sink) = sinks.and_then(|s| s.get("lm_head.weight")) {
+            if crate::fused_ops::available(&x) {
+                // Training on a GPU: the LM head's gradient goes to its sink.
+                return crate::fused_ops::quant_linear_into_sink(&x, &self.lm_head, None, None, None, sink)?
+                    .to_dtype(DType::F32);
+            }
+        }
         matmul_t(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32)
     }
 

@@ -409,6 +409,9 @@ pub fn train_until_on(
     let (mut student_model, params) = build_student(&mcfg, &quant, &init, cfg, &source, &device)?;
     student_model.set_compute_dtype(compute.dtype);
     student_model.fused_attention = true;
+    // On a GPU, weight gradients are written straight into f32 sinks (none on the CPU).
+    let sinks = student_model.attach_grad_sinks()?;
+    let sink_of: Vec<_> = params.iter().map(|p| sinks.get(&p.name)).collect();
     drop(init);
     let mut opt = AdamW::new(cfg, &params)?;
     if let Some((dir, _)) = &resume {
@@ -440,6 +443,7 @@ pub fn train_until_on(
     let mut prof = PhaseTimes::from_env(&device);
     for step in start_step + 1..=end_step {
         let lr = optim::lr_at(cfg, step);
+        sinks.reset();
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         let (mut loss_sum, mut kl_sum, mut agree_sum) = (0f64, 0f64, 0f64);
         for _ in 0..cfg.grad_accum {
@@ -474,9 +478,11 @@ pub fn train_until_on(
                 .affine(1.0 / cfg.grad_accum as f64, 0.0)?
                 .backward()?;
             prof.mark("backward")?;
-            for (acc, p) in grads.iter_mut().zip(&params) {
+            for ((acc, p), sink) in grads.iter_mut().zip(&params).zip(&sink_of) {
                 let gi = match g.get(p.var.as_tensor()) {
                     Some(x) => x.clone(),
+                    // Written into its sink (collected below).
+                    None if sink.is_some() => continue,
                     None => p.var.zeros_like()?,
                 };
                 *acc = Some(match acc.take() {
@@ -489,12 +495,24 @@ pub fn train_until_on(
             agree_sum += d.agreement;
             window_tokens += batch.rows * batch.len;
         }
-        let mut grads: Vec<Tensor> = grads
+        let grads: Vec<Tensor> = grads
             .into_iter()
-            .map(|g| g.context("no micro-batch ran"))
+            .zip(&params)
+            .zip(&sink_of)
+            .map(|((acc, p), sink)| {
+                let sunk = sink.as_ref().and_then(|s| s.gradient());
+                Ok(match (acc, sunk) {
+                    (Some(a), Some(s)) => (a + s)?,
+                    (Some(a), None) => a,
+                    (None, Some(s)) => s.clone(),
+                    (None, None) if sink.is_some() => p.var.zeros_like()?,
+                    (None, None) => bail!("no micro-batch ran"),
+                })
+            })
             .collect::<Result<_>>()?;
         prof.mark("gradient sums")?;
-        let grad_norm = optim::clip_grad_norm(&mut grads, cfg.grad_clip)?;
+        let grad_norm = optim::global_norm(&grads)?;
+        let gscale = optim::clip_scale(grad_norm, cfg.grad_clip);
         prof.mark("clip")?;
         if !grad_norm.is_finite() {
             bail!(
@@ -502,7 +520,7 @@ pub fn train_until_on(
                 last_ckpt.as_ref().map_or_else(no_ckpt, |p| p.display().to_string())
             );
         }
-        opt.step(&params, &grads, lr, step)?;
+        opt.step(&params, &grads, lr, step, gscale)?;
         prof.mark("optimizer")?;
         let n = cfg.grad_accum as f64;
         last_loss = loss_sum / n;

@@ -42,6 +42,10 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }
+    #[cfg(feature = "cuda")]
+    if grads[0].device().is_cuda() && grads.iter().all(|g| g.dtype() == candle_core::DType::F32) {
+        return gpu::global_norm(grads);
+    }
     // One transfer for all the per-tensor sums (a GPU would otherwise wait once per tensor);
     // they are added on the host in order, in f64, as before.
     let sums = grads
@@ -65,17 +69,72 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(sum.sqrt())
 }
 
+/// The factor that brings a global gradient norm down to `max_norm` (0 = off), if it is above.
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
+}
+
 /// Scales the gradients so their global norm is at most `max_norm` (0 = off); returns the
 /// norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    if let Some(scale) = clip_scale(norm, max_norm) {
         for g in grads.iter_mut() {
             *g = g.affine(scale, 0.0)?;
         }
     }
     Ok(norm)
+}
+
+/// The GPU halves of the norm and the update: one kernel per parameter each.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::AdamWStep;
+    use anyhow::Result;
+    use candle_core::{CudaStorage, Layout, Storage, Tensor};
+    use gpu_kernels::train_step as ts;
+
+    /// Runs `f` on the CUDA storages of `tensors` (read-locked; the kernels write through raw
+    /// device pointers in stream order).
+    fn with_cuda<R>(
+        tensors: &[&Tensor],
+        f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut args = Vec::with_capacity(guards.len());
+        for g in &guards {
+            match &*g.0 {
+                Storage::Cuda(s) => args.push((s, g.1)),
+                _ => candle_core::bail!("optimizer: every tensor must be on the GPU"),
+            }
+        }
+        f(&args)
+    }
+
+    /// Partial sums of squares of every gradient into one buffer, one transfer, summed on the
+    /// host in f64 in parameter and block order.
+    pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+        let dev = grads[0].device();
+        let buf = Tensor::zeros(grads.len() * ts::SUMSQ_BLOCKS, candle_core::DType::F32, dev)?;
+        let base = with_cuda(&[&buf], |a| ts::address(a[0], "norm buffer"))?.0;
+        for (i, g) in grads.iter().enumerate() {
+            let g = g.contiguous()?;
+            with_cuda(&[&g], |a| {
+                ts::sumsq_partials(a[0], base + (i * ts::SUMSQ_BLOCKS * 4) as u64)
+            })?;
+        }
+        let sum: f64 = buf.to_vec1::<f32>()?.into_iter().map(|x| x as f64).sum();
+        Ok(sum.sqrt())
+    }
+
+    /// One AdamW step of one parameter in place, the gradient scaled by `gscale`.
+    pub fn adamw(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, gscale: Option<f64>, s: &AdamWStep) -> Result<()> {
+        let g = g.contiguous()?;
+        with_cuda(&[w, m, v, &g], |a| {
+            ts::adamw_fused(a[0], a[1], a[2], a[3], gscale.map(|x| x as f32), s)
+        })?;
+        Ok(())
+    }
 }
 
 /// One AdamW update with candle tensor ops (any device): the new (w, m, v). The GPU kernels
@@ -148,8 +207,16 @@ impl AdamW {
         })
     }
 
-    /// Applies optimizer step `t` (1-based, for the bias correction) with learning rate `lr`.
-    pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, t: u64) -> Result<()> {
+    /// Applies optimizer step `t` (1-based, for the bias correction) with learning rate `lr`,
+    /// the gradients first multiplied by `gscale` (clipping) if given.
+    pub fn step(
+        &mut self,
+        params: &[Param],
+        grads: &[Tensor],
+        lr: f64,
+        t: u64,
+        gscale: Option<f64>,
+    ) -> Result<()> {
         let (b1, b2) = (self.beta1, self.beta2);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let s = AdamWStep {
@@ -160,6 +227,21 @@ impl AdamW {
                 eps: self.eps,
                 lr,
                 weight_decay: if p.decays() { self.weight_decay } else { 0.0 },
+            };
+            #[cfg(feature = "cuda")]
+            if p.var.device().is_cuda() && p.var.dtype() == candle_core::DType::F32 {
+                // Scaling, both moments and the update in one pass.
+                gpu::adamw(p.var.as_tensor(), &self.m[i], &self.v[i], g, gscale, &s)
+                    .with_context(|| format!("updating {}", p.name))?;
+                continue;
+            }
+            let scaled;
+            let g = match gscale {
+                Some(c) => {
+                    scaled = g.affine(c, 0.0)?;
+                    &scaled
+                }
+                None => g,
             };
             if adamw_in_place(p.var.as_tensor(), &self.m[i], &self.v[i], g, &s)
                 .with_context(|| format!("updating {}", p.name))?
@@ -252,7 +334,7 @@ mod tests {
         let mut c = TrainConfig::new(1, 1, 4);
         c.weight_decay = 0.5;
         let mut opt = AdamW::new(&c, std::slice::from_ref(&p))?;
-        opt.step(std::slice::from_ref(&p), &[g], 0.1, 1)?;
+        opt.step(std::slice::from_ref(&p), &[g], 0.1, 1, None)?;
         let w: Vec<f32> = p.var.flatten_all()?.to_vec1()?;
         let want = [
             1.0 * 0.95 - 0.1,
