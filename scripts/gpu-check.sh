@@ -6,9 +6,10 @@
 #   scripts/gpu-check.sh run           # there, with .xz and .carry carried; results under $OUT
 #
 # `run` measures copy bandwidth and matmul peak; perplexity (f32 and bf16) and logits of both
-# shared models against ../shared/fixtures; decoding tokens/s of a synthetic TinyLlama-1.1B in
+# shared models against ../shared/fixtures; one training step's loss and gradients against the
+# CPU (bench grads); decoding tokens/s of a synthetic TinyLlama-1.1B in
 # bf16 at batch 1, 32 and 128 next to the bandwidth bound; W4A8KV4 QAT training tokens/s with
-# the teacher online, its MFU and peak GPU memory; and a training run killed with SIGKILL and
+# the teacher online at batch 4 and 16 (x 512), its MFU and peak GPU memory; and a training run killed with SIGKILL and
 # resumed, compared with an uninterrupted one. Everything lands in $OUT/gpu-check.json.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,6 +57,17 @@ for m in stories260k tinystories-656k; do
   done
 done
 cat "$RES/ppl.jsonl"
+
+step grads
+# One training step's loss and every gradient on the GPU (fused training blocks) against the CPU.
+: >"$RES/grads.jsonl"
+for m in stories260k tinystories-656k; do
+  for q in "" "--w-bits 4 --a-bits 8 --kv-bits 4" "--w-bits 4 --a-bits 8 --kv-bits 4 --kv-point pre_rope --w-group 32"; do
+    for dtype in f32 bf16; do
+      "$BIN" bench grads --model $C/models/$m $q --device cuda --dtype $dtype >>"$RES/grads.jsonl"
+    done
+  done
+done
 
 step logits
 : >"$RES/logits.jsonl"
@@ -162,6 +174,7 @@ for line in open(f"{out}/ppl.jsonl"):
                 "tokens_per_second": e["tokens_per_second"]})
 r["perplexity"] = ppl
 r["logits"] = [json.loads(l) for l in open(f"{out}/logits.jsonl")]
+r["grads"] = [json.loads(l) for l in open(f"{out}/grads.jsonl")]
 dec = json.load(open(f"{out}/decode.json"))
 r["decode"] = dec
 r["decode_cuda_graph"] = json.load(open(f"{out}/decode-graph.json"))
@@ -201,6 +214,7 @@ r["resume"] = {
 }
 json.dump(r, open(f"{final}/gpu-check.json", "w"), indent=1)
 s = {k: r[k] for k in ("perplexity", "resume", "generate_cuda_graph", "f16_student_eval")}
+s["grads"] = [{k: g[k] for k in ("quant", "dtype", "loss_rel_diff", "grad_rel_diff_median")} | {"model": os.path.basename(g["model"])} for g in r["grads"]]
 s["decode"] = [{k: x[k] for k in ("batch", "tokens_per_second", "fraction_of_bound")} for x in dec["runs"]]
 s["decode_cuda_graph"] = [{k: x[k] for k in ("batch", "tokens_per_second", "fraction_of_bound")}
                           for x in r["decode_cuda_graph"]["runs"]]

@@ -111,8 +111,12 @@ pub fn grads(a: GradsArgs) -> Result<serde_json::Value> {
         a_bits: a.a_bits,
         kv_bits: a.kv_bits,
         w_group: a.w_group,
-        kv_point: serde_json::from_value(json!(a.kv_point))
-            .map_err(|_| anyhow::anyhow!("--kv-point {}: allowed values are post_rope, pre_rope", a.kv_point))?,
+        kv_point: serde_json::from_value(json!(a.kv_point)).map_err(|_| {
+            anyhow::anyhow!(
+                "--kv-point {}: allowed values are post_rope, pre_rope",
+                a.kv_point
+            )
+        })?,
         ..QuantConfig::default()
     };
     quant.validate()?;

@@ -323,6 +323,117 @@ __device__ void softmax_grad_rows(const T *p, T *dp, uint64_t nrows, uint32_t t,
     dr[j] = from_f32<T>(j <= i ? to_f32(pr[j]) * (to_f32(dr[j]) - delta) * scale : 0.0f);
 }
 
+// The same two row kernels with the row in registers: one warp per row, lanes own 16-byte
+// chunks (t a multiple of 16 / sizeof(T), at most 32 * C chunks), one read and one write of the
+// row instead of three passes. Chunks past the causal limit are never read.
+template <typename T, int C>
+__device__ void softmax_rows_reg(T *s, uint64_t nrows, uint32_t t, float scale) {
+  constexpr uint32_t N = 16 / sizeof(T);
+  const uint64_t row = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (row >= nrows) return;
+  const uint32_t i = (uint32_t)(row % t), chunks = t / N;
+  T *sr = s + row * t;
+  float v[C][N];
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = lane + 32 * k;
+    if (c < chunks && c * N <= i) {
+      const uint4 u = *reinterpret_cast<const uint4 *>(sr + c * N);
+      const T *e = reinterpret_cast<const T *>(&u);
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) {
+        v[k][j] = to_f32(e[j]) * scale;
+        if (c * N + j <= i) m = fmaxf(m, v[k][j]);
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = lane + 32 * k;
+    if (c < chunks && c * N <= i) {
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) {
+        v[k][j] = c * N + j <= i ? expf(v[k][j] - m) : 0.0f;
+        sum += v[k][j];
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = 1.0f / sum;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = lane + 32 * k;
+    if (c < chunks) {
+      uint4 u;
+      T *e = reinterpret_cast<T *>(&u);
+      const bool live = c * N <= i;
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) e[j] = from_f32<T>(live ? v[k][j] * inv : 0.0f);
+      *reinterpret_cast<uint4 *>(sr + c * N) = u;
+    }
+  }
+}
+
+template <typename T, int C>
+__device__ void softmax_grad_rows_reg(const T *p, T *dp, uint64_t nrows, uint32_t t, float scale) {
+  constexpr uint32_t N = 16 / sizeof(T);
+  const uint64_t row = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  if (row >= nrows) return;
+  const uint32_t i = (uint32_t)(row % t), chunks = t / N;
+  const T *pr = p + row * t;
+  T *dr = dp + row * t;
+  float pv[C][N], dv[C][N];
+  float delta = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = lane + 32 * k;
+    if (c < chunks && c * N <= i) {
+      const uint4 a = *reinterpret_cast<const uint4 *>(pr + c * N);
+      const uint4 b = *reinterpret_cast<const uint4 *>(dr + c * N);
+      const T *ea = reinterpret_cast<const T *>(&a), *eb = reinterpret_cast<const T *>(&b);
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) {
+        pv[k][j] = to_f32(ea[j]);
+        dv[k][j] = to_f32(eb[j]);
+        if (c * N + j <= i) delta = fmaf(pv[k][j], dv[k][j], delta);
+      }
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, o);
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = lane + 32 * k;
+    if (c < chunks) {
+      uint4 u;
+      T *e = reinterpret_cast<T *>(&u);
+      const bool live = c * N <= i;
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j)
+        e[j] = from_f32<T>(live && c * N + j <= i ? pv[k][j] * (dv[k][j] - delta) * scale : 0.0f);
+      *reinterpret_cast<uint4 *>(dr + c * N) = u;
+    }
+  }
+}
+
+#define SOFTMAX_ROWS_REG(SUFFIX, T)                                                              \
+  extern "C" __global__ void attn_softmax_rows_reg_##SUFFIX(T *s, uint64_t nrows, uint32_t t,    \
+                                                            float scale) {                       \
+    softmax_rows_reg<T, 4>(s, nrows, t, scale);                                                  \
+  }                                                                                              \
+  extern "C" __global__ void attn_softmax_grad_rows_reg_##SUFFIX(                                \
+      const T *p, T *dp, uint64_t nrows, uint32_t t, float scale) {                              \
+    softmax_grad_rows_reg<T, 4>(p, dp, nrows, t, scale);                                         \
+  }
+
+SOFTMAX_ROWS_REG(f32, float)
+SOFTMAX_ROWS_REG(bf16, __nv_bfloat16)
+SOFTMAX_ROWS_REG(f16, __half)
+
 #define SOFTMAX_ROWS(SUFFIX, T)                                                                  \
   extern "C" __global__ void attn_softmax_rows_##SUFFIX(T *s, uint64_t nrows, uint32_t t,        \
                                                         float scale) {                           \

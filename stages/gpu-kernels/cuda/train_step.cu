@@ -189,6 +189,101 @@ __device__ void swiglu_quant(const T *g, const T *u, T *y, uint32_t n, float qma
   }
 }
 
+// rms_quant and swiglu_quant with the row in registers: each thread owns up to C 16-byte chunks
+// (the row a multiple of 16 / sizeof(T) values), so x (or g and u) is read once.
+template <typename T> __device__ __forceinline__ void load_chunk(const T *p, float *out) {
+  constexpr uint32_t N = 16 / sizeof(T);
+  const uint4 u = *reinterpret_cast<const uint4 *>(p);
+  const T *e = reinterpret_cast<const T *>(&u);
+#pragma unroll
+  for (uint32_t j = 0; j < N; ++j) out[j] = to_f32(e[j]);
+}
+template <typename T> __device__ __forceinline__ void store_chunk(T *p, const float *in) {
+  constexpr uint32_t N = 16 / sizeof(T);
+  uint4 u;
+  T *e = reinterpret_cast<T *>(&u);
+#pragma unroll
+  for (uint32_t j = 0; j < N; ++j) e[j] = from_f32<T>(in[j]);
+  *reinterpret_cast<uint4 *>(p) = u;
+}
+
+template <typename T, int C>
+__device__ void rms_quant_reg(const T *x, const float *w, T *y, float *r, uint32_t h, float eps,
+                              float qmax) {
+  constexpr uint32_t N = 16 / sizeof(T);
+  const uint64_t row = blockIdx.x;
+  const uint32_t chunks = h / N;
+  float v[C][N];
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = threadIdx.x + blockDim.x * k;
+    if (c < chunks) {
+      load_chunk<T>(x + row * h + c * N, v[k]);
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) ss = fmaf(v[k][j], v[k][j], ss);
+    }
+  }
+  const float rr = 1.0f / sqrtf(block_sum(ss) / (float)h + eps);
+  float m = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = threadIdx.x + blockDim.x * k;
+    if (c < chunks) {
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) {
+        v[k][j] = to_f32(from_f32<T>(v[k][j] * rr * w[c * N + j]));
+        m = fmaxf(m, fabsf(v[k][j]));
+      }
+    }
+  }
+  const float alpha = __fdiv_rn(block_max(m), qmax);
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = threadIdx.x + blockDim.x * k;
+    if (c < chunks) {
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) v[k][j] = quantize(v[k][j], alpha, qmax);
+      store_chunk<T>(y + row * h + c * N, v[k]);
+    }
+  }
+  if (threadIdx.x == 0) r[row] = rr;
+}
+
+template <typename T, int C>
+__device__ void swiglu_quant_reg(const T *g, const T *u, T *y, uint32_t n, float qmax) {
+  constexpr uint32_t N = 16 / sizeof(T);
+  const uint64_t row = blockIdx.x;
+  const uint32_t chunks = n / N;
+  float v[C][N];
+  float m = 0.0f;
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = threadIdx.x + blockDim.x * k;
+    if (c < chunks) {
+      float uv[N];
+      load_chunk<T>(g + row * n + c * N, v[k]);
+      load_chunk<T>(u + row * n + c * N, uv);
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) {
+        const float gv = v[k][j];
+        v[k][j] = to_f32(from_f32<T>(gv / (1.0f + expf(-gv)) * uv[j]));
+        m = fmaxf(m, fabsf(v[k][j]));
+      }
+    }
+  }
+  const float alpha = __fdiv_rn(block_max(m), qmax);
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = threadIdx.x + blockDim.x * k;
+    if (c < chunks) {
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) v[k][j] = quantize(v[k][j], alpha, qmax);
+      store_chunk<T>(y + row * n + c * N, v[k]);
+    }
+  }
+}
+
 // Between the token-major layout [b, t, heads, d] and the head-major one [b, heads, t, d]:
 // `gather` reads head-major and writes token-major, else the reverse. One warp per token
 // (its heads · d values), optionally fake-quantized per token (qmax = 0: a plain transpose).
@@ -293,6 +388,14 @@ extern "C" __global__ void adamw_fused(float *w, float *m, float *v, const float
   extern "C" __global__ void swiglu_quant_##SUFFIX(const T *g, const T *u, T *y, uint32_t n,     \
                                                    float qmax) {                                 \
     swiglu_quant<T>(g, u, y, n, qmax);                                                           \
+  }                                                                                              \
+  extern "C" __global__ void rms_quant_reg_##SUFFIX(const T *x, const float *w, T *y, float *r,  \
+                                                    uint32_t h, float eps, float qmax) {         \
+    rms_quant_reg<T, 4>(x, w, y, r, h, eps, qmax);                                               \
+  }                                                                                              \
+  extern "C" __global__ void swiglu_quant_reg_##SUFFIX(const T *g, const T *u, T *y, uint32_t n, \
+                                                       float qmax) {                             \
+    swiglu_quant_reg<T, 4>(g, u, y, n, qmax);                                                    \
   }                                                                                              \
   extern "C" __global__ void heads_transpose_##SUFFIX(const T *src, T *dst, uint32_t b,          \
                                                       uint32_t heads, uint32_t t, uint32_t d,    \

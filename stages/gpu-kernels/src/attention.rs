@@ -305,7 +305,14 @@ fn rows_kernel(
     use candle_core::backend::BackendStorage;
     let nrows = (dims.groups * dims.rows) as u64;
     let dev = s.device.clone();
-    let name = format!("{base}_{}", s.dtype().as_str());
+    // The register-resident kernels when a row is whole 16-byte chunks, at most 4 per lane.
+    let per_chunk = 16 / s.dtype().size_in_bytes();
+    let reg = dims.t.is_multiple_of(per_chunk) && dims.t <= 128 * per_chunk;
+    let name = if reg {
+        format!("{base}_reg_{}", s.dtype().as_str())
+    } else {
+        format!("{base}_{}", s.dtype().as_str())
+    };
     let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let cfg = LaunchConfig {
         grid_dim: (nrows.div_ceil(8) as u32, 1, 1),

@@ -3,9 +3,11 @@
 //! optimizer (train's optim.rs). Gradient buffers and optimizer state are addressed by raw
 //! device pointers: they are written in place on the device's one stream, in stream order.
 
-use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
 use candle_core::backend::BackendDevice;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{kernel_name, CudaDType, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{DType, Layout, Result, WithDType};
 
@@ -80,12 +82,12 @@ pub fn gemm(
             bsys::cublasOperation_t::CUBLAS_OP_N
         }
     };
-    let compute = if a.dtype == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32()
-    {
-        bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
-    } else {
-        bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-    };
+    let compute =
+        if a.dtype == DType::F32 && candle_core::cuda_backend::gemm_reduced_precision_f32() {
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
     let alpha = 1.0f32;
     // Column-major view of the row-major product: Cᵀ [n, m] = op(B)ᵀ · op(A)ᵀ.
     // SAFETY: the caller guarantees the addresses and sizes; alpha and beta outlive the call.
@@ -134,7 +136,12 @@ fn elem_grid(n: u64) -> LaunchConfig {
 
 /// The f32 master weight [out, in] fake-quantized per channel (`group` None) or per group with
 /// `qmax` (None: a plain cast), written in `dtype`.
-pub fn fq_cast(w: Arg, dtype: DType, qmax: Option<f32>, group: Option<usize>) -> Result<CudaStorage> {
+pub fn fq_cast(
+    w: Arg,
+    dtype: DType,
+    qmax: Option<f32>,
+    group: Option<usize>,
+) -> Result<CudaStorage> {
     match dtype {
         DType::F32 => fq_cast_t::<f32>(w, qmax, group),
         DType::BF16 => fq_cast_t::<half::bf16>(w, qmax, group),
@@ -166,7 +173,14 @@ fn fq_cast_t<T: CudaDType + WithDType + candle_core::cuda_backend::cudarc::drive
         let mut b = f.builder();
         b.arg(&src);
         b.arg(&dst);
-        candle_core::builder_arg!(b, groups, d as u32, g as u32, qmax.unwrap_or(0.0), vec as i32);
+        candle_core::builder_arg!(
+            b,
+            groups,
+            d as u32,
+            g as u32,
+            qmax.unwrap_or(0.0),
+            vec as i32
+        );
         // SAFETY: n values in and out.
         unsafe { b.launch(warp_grid(groups)) }.w()?;
     }
@@ -175,11 +189,16 @@ fn fq_cast_t<T: CudaDType + WithDType + candle_core::cuda_backend::cudarc::drive
 
 /// Per-token fake quantization, in place, of x stored [b, heads, t, d] contiguous from offset 0
 /// (K after the RoPE transpose): each token's heads · d values share one scale.
-pub fn kv_quant_heads(x: &CudaStorage, dims: (usize, usize, usize, usize), qmax: f32) -> Result<()> {
+pub fn kv_quant_heads(
+    x: &CudaStorage,
+    dims: (usize, usize, usize, usize),
+    qmax: f32,
+) -> Result<()> {
     let (b, heads, t, d) = dims;
     let dev = x.device.clone();
     let (ptr, dtype) = address((x, &Layout::contiguous((b, heads, t, d))), "K")?;
-    let f = dev.get_or_load_custom_func(&format!("kv_quant_heads_{}", dtype.as_str()), MODULE, PTX)?;
+    let f =
+        dev.get_or_load_custom_func(&format!("kv_quant_heads_{}", dtype.as_str()), MODULE, PTX)?;
     let mut bld = f.builder();
     candle_core::builder_arg!(bld, ptr, b as u32, heads as u32, t as u32, d as u32, qmax);
     // SAFETY: x holds b · heads · t · d values of `dtype`; each token's are touched by one warp.
@@ -188,7 +207,12 @@ pub fn kv_quant_heads(x: &CudaStorage, dims: (usize, usize, usize, usize), qmax:
 }
 
 /// dst (f32, n values at a device address) = src, or += src when `!overwrite`.
-pub fn grad_accumulate(dev: &candle_core::CudaDevice, dst: u64, src: Arg, overwrite: bool) -> Result<()> {
+pub fn grad_accumulate(
+    dev: &candle_core::CudaDevice,
+    dst: u64,
+    src: Arg,
+    overwrite: bool,
+) -> Result<()> {
     let n = src.1.shape().elem_count() as u64;
     let (sp, dtype) = address(src, "gradient")?;
     if dtype != DType::F32 {
@@ -245,13 +269,21 @@ pub fn adamw_fused(
     let n = w.1.shape().elem_count();
     for (a, what) in [(m, "first moment"), (v, "second moment"), (g, "gradient")] {
         if a.1.shape().elem_count() != n {
-            candle_core::bail!("adamw: the {what} has {} values, the parameter {n}", a.1.shape().elem_count())
+            candle_core::bail!(
+                "adamw: the {what} has {} values, the parameter {n}",
+                a.1.shape().elem_count()
+            )
         }
     }
     let mut ptrs = [0u64; 4];
-    for (i, (a, what)) in [(w, "parameter"), (m, "first moment"), (v, "second moment"), (g, "gradient")]
-        .into_iter()
-        .enumerate()
+    for (i, (a, what)) in [
+        (w, "parameter"),
+        (m, "first moment"),
+        (v, "second moment"),
+        (g, "gradient"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (p, dtype) = address(a, what)?;
         if dtype != DType::F32 {
@@ -289,6 +321,18 @@ pub fn adamw_fused(
     Ok(())
 }
 
+/// Chunks per thread of the register-resident row kernels (`C` in train_step.cu).
+const REG_CHUNKS: usize = 4;
+
+/// For a row of `n` values of `dtype` at 16-byte aligned addresses: the `_reg` kernel's block
+/// size when the row fits its registers (a multiple of whole 16-byte chunks, at most 4 a thread).
+fn reg_threads(n: usize, dtype: DType, aligned: bool) -> Option<u32> {
+    let per = 16 / dtype.size_in_bytes();
+    let chunks = n / per;
+    let threads = (chunks.div_ceil(REG_CHUNKS).div_ceil(32) * 32).clamp(32, 1024);
+    (aligned && n.is_multiple_of(per) && chunks <= threads * REG_CHUNKS).then_some(threads as u32)
+}
+
 fn row_grid(rows: usize, n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -299,7 +343,13 @@ fn row_grid(rows: usize, n: usize) -> LaunchConfig {
 
 /// RMSNorm of x [rows, h] (f32 weight) with the per-token quantizer applied to its output:
 /// (q(y), 1/rms per row). fused.cu's `rms_fwd` followed by fake quantization, in one kernel.
-pub fn rms_quant(x: Arg, w: Arg, h: usize, eps: f32, qmax: f32) -> Result<(CudaStorage, CudaSlice<f32>)> {
+pub fn rms_quant(
+    x: Arg,
+    w: Arg,
+    h: usize,
+    eps: f32,
+    qmax: f32,
+) -> Result<(CudaStorage, CudaSlice<f32>)> {
     let dev = x.0.device.clone();
     let n = x.1.shape().elem_count();
     let rows = n / h.max(1);
@@ -312,13 +362,23 @@ pub fn rms_quant(x: Arg, w: Arg, h: usize, eps: f32, qmax: f32) -> Result<(CudaS
     let y = unsafe { dev.alloc_uninit(x.1.shape(), dtype)? };
     let r = unsafe { dev.alloc::<f32>(rows)? };
     let yp = address((&y, &Layout::contiguous(n)), "y")?.0;
-    let f = dev.get_or_load_custom_func(&format!("rms_quant_{}", dtype.as_str()), MODULE, PTX)?;
+    let reg = reg_threads(h, dtype, xp % 16 == 0 && wp % 16 == 0);
+    let name = if reg.is_some() {
+        "rms_quant_reg"
+    } else {
+        "rms_quant"
+    };
+    let f = dev.get_or_load_custom_func(&format!("{name}_{}", dtype.as_str()), MODULE, PTX)?;
     let mut b = f.builder();
     candle_core::builder_arg!(b, xp, wp, yp);
     b.arg(&r);
     candle_core::builder_arg!(b, h as u32, eps, qmax);
+    let mut cfg = row_grid(rows, h);
+    if let Some(threads) = reg {
+        cfg.block_dim = (threads, 1, 1);
+    }
     // SAFETY: rows · h values of x and y, h weights, rows values of r.
-    unsafe { b.launch(row_grid(rows, h)) }.w()?;
+    unsafe { b.launch(cfg) }.w()?;
     Ok((y, r))
 }
 
@@ -334,11 +394,21 @@ pub fn swiglu_quant(g: Arg, u: Arg, n: usize, qmax: f32) -> Result<CudaStorage> 
     // SAFETY: written in full below.
     let y = unsafe { dev.alloc_uninit(g.1.shape(), dtype)? };
     let yp = address((&y, &Layout::contiguous(total)), "y")?.0;
-    let f = dev.get_or_load_custom_func(&format!("swiglu_quant_{}", dtype.as_str()), MODULE, PTX)?;
+    let reg = reg_threads(n, dtype, gp % 16 == 0 && up % 16 == 0);
+    let name = if reg.is_some() {
+        "swiglu_quant_reg"
+    } else {
+        "swiglu_quant"
+    };
+    let f = dev.get_or_load_custom_func(&format!("{name}_{}", dtype.as_str()), MODULE, PTX)?;
     let mut b = f.builder();
     candle_core::builder_arg!(b, gp, up, yp, n as u32, qmax);
+    let mut cfg = row_grid(total / n.max(1), n);
+    if let Some(threads) = reg {
+        cfg.block_dim = (threads, 1, 1);
+    }
     // SAFETY: rows · n values each.
-    unsafe { b.launch(row_grid(total / n.max(1), n)) }.w()?;
+    unsafe { b.launch(cfg) }.w()?;
     Ok(y)
 }
 
@@ -355,12 +425,15 @@ pub fn heads_transpose(
     let n = b * heads * t * d;
     let (sp, dtype) = address((src, &Layout::contiguous(n)), "src")?;
     if d % (16 / dtype.size_in_bytes()) != 0 || sp % 16 != 0 {
-        candle_core::bail!("heads-transpose: head_dim {d} does not fill 16-byte chunks of {dtype:?}")
+        candle_core::bail!(
+            "heads-transpose: head_dim {d} does not fill 16-byte chunks of {dtype:?}"
+        )
     }
     // SAFETY: every value is written below.
     let y = unsafe { dev.alloc_uninit(&candle_core::Shape::from(n), dtype)? };
     let yp = address((&y, &Layout::contiguous(n)), "dst")?.0;
-    let f = dev.get_or_load_custom_func(&format!("heads_transpose_{}", dtype.as_str()), MODULE, PTX)?;
+    let f =
+        dev.get_or_load_custom_func(&format!("heads_transpose_{}", dtype.as_str()), MODULE, PTX)?;
     let mut bld = f.builder();
     candle_core::builder_arg!(
         bld,

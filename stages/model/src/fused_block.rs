@@ -14,13 +14,18 @@
 
 use crate::grad_sink::GradSinks;
 use crate::llama::Block;
-use crate::qconfig::{KvPoint, KvRotation, QuantConfig};
+use crate::qconfig::{KvRotation, QuantConfig};
 use crate::LlamaConfig;
 use candle_core::{Result, Tensor};
 
 /// Whether `block_forward` runs here: a CUDA build and device, sinks attached, and a block it
 /// covers (no attention bias, no Hadamard K/V rotation, a head_dim the attention kernels take).
-pub fn supported(x: &Tensor, cfg: &LlamaConfig, quant: &QuantConfig, sinks: Option<&GradSinks>) -> bool {
+pub fn supported(
+    x: &Tensor,
+    cfg: &LlamaConfig,
+    quant: &QuantConfig,
+    sinks: Option<&GradSinks>,
+) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
         && sinks.is_some()
@@ -29,8 +34,8 @@ pub fn supported(x: &Tensor, cfg: &LlamaConfig, quant: &QuantConfig, sinks: Opti
         && imp::head_dim_ok(cfg.head_dim)
 }
 
-/// The block `layer` applied to x [b, t, hidden] (compute dtype); cos/sin are the f32 RoPE
-/// tables narrowed to t.
+/// The block `layer` applied to x [b, t, hidden] (compute dtype); `rope` holds the f32 cos and
+/// sin tables narrowed to t.
 pub fn block_forward(
     x: &Tensor,
     blk: &Block,
@@ -38,10 +43,9 @@ pub fn block_forward(
     cfg: &LlamaConfig,
     quant: &QuantConfig,
     sinks: &GradSinks,
-    cos: &Tensor,
-    sin: &Tensor,
+    rope: (&Tensor, &Tensor),
 ) -> Result<Tensor> {
-    imp::block_forward(x, blk, layer, cfg, quant, sinks, cos, sin)
+    imp::block_forward(x, blk, layer, cfg, quant, sinks, rope)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -52,7 +56,6 @@ mod imp {
         false
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn block_forward(
         _: &Tensor,
         _: &Block,
@@ -60,8 +63,7 @@ mod imp {
         _: &LlamaConfig,
         _: &QuantConfig,
         _: &GradSinks,
-        _: &Tensor,
-        _: &Tensor,
+        _: (&Tensor, &Tensor),
     ) -> Result<Tensor> {
         candle_core::bail!("the fused training block needs a CUDA device and a `cuda` build")
     }
@@ -71,6 +73,7 @@ mod imp {
 mod imp {
     use super::*;
     use crate::grad_sink::GradSink;
+    use crate::qconfig::KvPoint;
     use candle_core::backend::{BackendDevice, BackendStorage};
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
     use candle_core::op::BackpropOp;
@@ -203,45 +206,117 @@ mod imp {
     }
 
     /// y [rows, out] = x [rows, in] · wᵀ (w [out, in]), both in the compute dtype.
-    fn linear(x: &CudaStorage, w: &CudaStorage, rows: usize, inn: usize, out: usize) -> Result<CudaStorage> {
+    fn linear(
+        x: &CudaStorage,
+        w: &CudaStorage,
+        rows: usize,
+        inn: usize,
+        out: usize,
+    ) -> Result<CudaStorage> {
         let dev = x.device.clone();
         // SAFETY: the product writes every value.
         let y = unsafe { dev.alloc_uninit(&Shape::from((rows, out)), x.dtype())? };
         let (yp, yd) = ts::address((&y, &lay(&[rows, out])), "y")?;
-        ts::gemm(&dev, (rows, out, inn), operand(x, inn, false)?, operand(w, inn, true)?, yp, yd, 0.0)?;
+        ts::gemm(
+            &dev,
+            (rows, out, inn),
+            operand(x, inn, false)?,
+            operand(w, inn, true)?,
+            yp,
+            yd,
+            0.0,
+        )?;
         Ok(y)
     }
 
     /// c [rows, out] (+)= x [rows, in] · wᵀ into an existing buffer.
-    fn linear_into(c: &CudaStorage, x: &CudaStorage, w: &CudaStorage, rows: usize, inn: usize, out: usize, beta: f32) -> Result<()> {
+    fn linear_into(
+        c: &CudaStorage,
+        x: &CudaStorage,
+        w: &CudaStorage,
+        rows: usize,
+        inn: usize,
+        out: usize,
+        beta: f32,
+    ) -> Result<()> {
         let (cp, cd) = ts::address((c, &lay(&[rows, out])), "c")?;
-        ts::gemm(&c.device, (rows, out, inn), operand(x, inn, false)?, operand(w, inn, true)?, cp, cd, beta)
+        ts::gemm(
+            &c.device,
+            (rows, out, inn),
+            operand(x, inn, false)?,
+            operand(w, inn, true)?,
+            cp,
+            cd,
+            beta,
+        )
     }
 
     /// dx [rows, in] (+)= dy [rows, out] · w [out, in] into an existing buffer.
-    fn linear_dx_into(c: &CudaStorage, dy: &CudaStorage, w: &CudaStorage, rows: usize, inn: usize, out: usize, beta: f32) -> Result<()> {
+    fn linear_dx_into(
+        c: &CudaStorage,
+        dy: &CudaStorage,
+        w: &CudaStorage,
+        rows: usize,
+        inn: usize,
+        out: usize,
+        beta: f32,
+    ) -> Result<()> {
         let (cp, cd) = ts::address((c, &lay(&[rows, inn])), "dx")?;
-        ts::gemm(&c.device, (rows, inn, out), operand(dy, out, false)?, operand(w, inn, false)?, cp, cd, beta)
+        ts::gemm(
+            &c.device,
+            (rows, inn, out),
+            operand(dy, out, false)?,
+            operand(w, inn, false)?,
+            cp,
+            cd,
+            beta,
+        )
     }
 
-    fn linear_dx(dy: &CudaStorage, w: &CudaStorage, rows: usize, inn: usize, out: usize) -> Result<CudaStorage> {
+    fn linear_dx(
+        dy: &CudaStorage,
+        w: &CudaStorage,
+        rows: usize,
+        inn: usize,
+        out: usize,
+    ) -> Result<CudaStorage> {
         // SAFETY: the product writes every value.
-        let c = unsafe { dy.device.alloc_uninit(&Shape::from((rows, inn)), dy.dtype())? };
+        let c = unsafe {
+            dy.device
+                .alloc_uninit(&Shape::from((rows, inn)), dy.dtype())?
+        };
         linear_dx_into(&c, dy, w, rows, inn, out, 0.0)?;
         Ok(c)
     }
 
     /// The weight gradient dyᵀ [out, rows] · x [rows, in] into the weight's sink (f32).
-    fn linear_dw(sink: &Option<Arc<GradSink>>, dy: &CudaStorage, x: &CudaStorage, rows: usize, inn: usize, out: usize) -> Result<()> {
+    fn linear_dw(
+        sink: &Option<Arc<GradSink>>,
+        dy: &CudaStorage,
+        x: &CudaStorage,
+        rows: usize,
+        inn: usize,
+        out: usize,
+    ) -> Result<()> {
         let Some(sink) = sink else { return Ok(()) };
         let beta = if sink.begin_write() { 0.0 } else { 1.0 };
         let dst = with_storages(&[sink.buffer()], |a| ts::address(a[0], "gradient sink"))?.0;
-        ts::gemm(&dy.device, (out, inn, rows), operand(dy, out, true)?, operand(x, inn, false)?, dst, DType::F32, beta)
+        ts::gemm(
+            &dy.device,
+            (out, inn, rows),
+            operand(dy, out, true)?,
+            operand(x, inn, false)?,
+            dst,
+            DType::F32,
+            beta,
+        )
     }
 
     /// A small gradient (norm weights) added into its sink.
     fn accumulate(sink: &Option<Arc<GradSink>>, g: Option<CudaStorage>) -> Result<()> {
-        let (Some(sink), Some(g)) = (sink, g) else { return Ok(()) };
+        let (Some(sink), Some(g)) = (sink, g) else {
+            return Ok(());
+        };
         let overwrite = sink.begin_write();
         let n = s_len(&g);
         let dst = with_storages(&[sink.buffer()], |a| ts::address(a[0], "gradient sink"))?.0;
@@ -275,19 +350,44 @@ mod imp {
             "fused-block"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             candle_core::bail!("fused-block: CUDA devices only")
         }
 
-        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, wq_s: &CudaStorage, wq_l: &Layout) -> Result<(CudaStorage, Shape)> {
-            let Sizes { b, t, h, nh, nkv, hd, inter } = self.s;
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            wq_s: &CudaStorage,
+            wq_l: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let Sizes {
+                b,
+                t,
+                h,
+                nh,
+                nkv,
+                hd,
+                inter,
+            } = self.s;
             let rows = self.s.rows();
             if xl.dims() != [b, t, h] || xl.contiguous_offsets().is_none() {
-                candle_core::bail!("fused-block: x {:?} is not a contiguous [{b}, {t}, {h}]", xl.dims())
+                candle_core::bail!(
+                    "fused-block: x {:?} is not a contiguous [{b}, {t}, {h}]",
+                    xl.dims()
+                )
             }
             let dtype = x.dtype();
             // The q weight is locked by candle already (the op's second argument).
-            let w: Vec<_> = (0..9).map(|i| (i != Q).then(|| self.w[i].storage_and_layout())).collect();
+            let w: Vec<_> = (0..9)
+                .map(|i| (i != Q).then(|| self.w[i].storage_and_layout()))
+                .collect();
             let mut wargs: Vec<(&CudaStorage, &Layout)> = Vec::with_capacity(9);
             for g in &w {
                 match g {
@@ -324,8 +424,10 @@ mod imp {
             if self.kv_point == KvPoint::PreRope {
                 k = quant_rows(k, rows, nkv * hd, self.kv_qmax)?;
             }
-            let q = gpu_kernels::fused::rope((&q, &lay(&[b, t, nh, hd])), cos, sin, nh, t, hd, true)?;
-            let k = gpu_kernels::fused::rope((&k, &lay(&[b, t, nkv, hd])), cos, sin, nkv, t, hd, true)?;
+            let q =
+                gpu_kernels::fused::rope((&q, &lay(&[b, t, nh, hd])), cos, sin, nh, t, hd, true)?;
+            let k =
+                gpu_kernels::fused::rope((&k, &lay(&[b, t, nkv, hd])), cos, sin, nkv, t, hd, true)?;
             if let (KvPoint::PostRope, Some(qmax)) = (self.kv_point, self.kv_qmax) {
                 ts::kv_quant_heads(&k, (b, nkv, t, hd), qmax)?;
             }
@@ -333,7 +435,8 @@ mod imp {
             let (ql, kl) = (lay(&[b * nkv, dims.rows, hd]), lay(&[b * nkv, t, hd]));
             // The score-matrix variant keeps P for the backward pass (no recomputation).
             let (y, p, lse) = if attn::use_scores(dims, dtype) {
-                let (y, p) = attn::forward_scores_keep((&q, &ql), (&k, &kl), (&v, &kl), dims, self.scale)?;
+                let (y, p) =
+                    attn::forward_scores_keep((&q, &ql), (&k, &kl), (&v, &kl), dims, self.scale)?;
                 (y, Some(p), None)
             } else {
                 let (y, lse) = attn::forward((&q, &ql), (&k, &kl), (&v, &kl), dims, self.scale)?;
@@ -378,86 +481,147 @@ mod imp {
             Ok((out, xl.shape().clone()))
         }
 
-        fn bwd(&self, x: &Tensor, _wq: &Tensor, _y: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn bwd(
+            &self,
+            x: &Tensor,
+            _wq: &Tensor,
+            _y: &Tensor,
+            dout: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let Some(sv) = self.saved.lock().expect("fused-block lock").take() else {
                 candle_core::bail!("fused-block: backward pass without a forward pass")
             };
-            let Sizes { b, t, h, nh, nkv, hd, inter } = self.s;
+            let Sizes {
+                b,
+                t,
+                h,
+                nh,
+                nkv,
+                hd,
+                inter,
+            } = self.s;
             let rows = self.s.rows();
             let dout = dout.to_dtype(x.dtype())?.contiguous()?;
             let sinks = &self.sinks;
-            let dx = with_storages(&[x, &dout, &self.w[LN1], &self.w[LN2], &self.cos, &self.sin], |a| {
-                let [xa, da, ln1, ln2, cos, sin] = [a[0], a[1], a[2], a[3], a[4], a[5]];
-                // dout as it is when it fills its own buffer (the usual case), else a copy.
-                let copied;
-                let d_out = if da.1.start_offset() == 0 && s_len(da.0) == rows * h {
-                    da.0
-                } else {
-                    copied = da.0.try_clone(da.1)?;
-                    &copied
-                };
-                let wc = |i: usize| sv.wq[i].as_ref().expect("projection weight");
+            let dx = with_storages(
+                &[x, &dout, &self.w[LN1], &self.w[LN2], &self.cos, &self.sin],
+                |a| {
+                    let [xa, da, ln1, ln2, cos, sin] = [a[0], a[1], a[2], a[3], a[4], a[5]];
+                    // dout as it is when it fills its own buffer (the usual case), else a copy.
+                    let copied;
+                    let d_out = if da.1.start_offset() == 0 && s_len(da.0) == rows * h {
+                        da.0
+                    } else {
+                        copied = da.0.try_clone(da.1)?;
+                        &copied
+                    };
+                    let wc = |i: usize| sv.wq[i].as_ref().expect("projection weight");
 
-                // MLP half.
-                let dsq = linear_dx(d_out, wc(DOWN), rows, inter, h)?;
-                linear_dw(&sinks[DOWN], d_out, &sv.sq, rows, inter, h)?;
-                drop(sv.sq);
-                let il = lay(&[rows, inter]);
-                let (dg, du) = gpu_kernels::fused::swiglu_backward((&sv.g, &il), (&sv.u, &il), (&dsq, &il))?;
-                drop((dsq, sv.g, sv.u));
-                let dh2 = linear_dx(&dg, wc(GATE), rows, h, inter)?;
-                linear_dx_into(&dh2, &du, wc(UP), rows, h, inter, 1.0)?;
-                linear_dw(&sinks[GATE], &dg, &sv.h2q, rows, h, inter)?;
-                linear_dw(&sinks[UP], &du, &sv.h2q, rows, h, inter)?;
-                drop((dg, du, sv.h2q));
-                let xl = lay(&[b, t, h]);
-                // dx2 = dout (residual) + the norm's dx, in one kernel.
-                let (dx2, dln2) = gpu_kernels::fused::rms_backward_add(
-                    (&sv.x2, &xl), ln2, &sv.r2, (&dh2, &xl), (d_out, &xl), h, sinks[LN2].is_some(),
-                )?;
-                accumulate(&sinks[LN2], dln2)?;
-                drop((dh2, sv.x2));
+                    // MLP half.
+                    let dsq = linear_dx(d_out, wc(DOWN), rows, inter, h)?;
+                    linear_dw(&sinks[DOWN], d_out, &sv.sq, rows, inter, h)?;
+                    drop(sv.sq);
+                    let il = lay(&[rows, inter]);
+                    let (dg, du) = gpu_kernels::fused::swiglu_backward(
+                        (&sv.g, &il),
+                        (&sv.u, &il),
+                        (&dsq, &il),
+                    )?;
+                    drop((dsq, sv.g, sv.u));
+                    let dh2 = linear_dx(&dg, wc(GATE), rows, h, inter)?;
+                    linear_dx_into(&dh2, &du, wc(UP), rows, h, inter, 1.0)?;
+                    linear_dw(&sinks[GATE], &dg, &sv.h2q, rows, h, inter)?;
+                    linear_dw(&sinks[UP], &du, &sv.h2q, rows, h, inter)?;
+                    drop((dg, du, sv.h2q));
+                    let xl = lay(&[b, t, h]);
+                    // dx2 = dout (residual) + the norm's dx, in one kernel.
+                    let (dx2, dln2) = gpu_kernels::fused::rms_backward_add(
+                        (&sv.x2, &xl),
+                        ln2,
+                        &sv.r2,
+                        (&dh2, &xl),
+                        (d_out, &xl),
+                        h,
+                        sinks[LN2].is_some(),
+                    )?;
+                    accumulate(&sinks[LN2], dln2)?;
+                    drop((dh2, sv.x2));
 
-                // Attention half.
-                let dyq = linear_dx(&dx2, wc(O), rows, nh * hd, h)?;
-                linear_dw(&sinks[O], &dx2, &sv.yq, rows, nh * hd, h)?;
-                drop(sv.yq);
-                let dy = ts::heads_transpose(&dyq, (b, nh, t, hd), None, false)?;
-                drop(dyq);
-                let dims = self.s.dims();
-                let (ql, kl) = (lay(&[b * nkv, dims.rows, hd]), lay(&[b * nkv, t, hd]));
-                let (dq, dk, dv) = match &sv.flash {
-                    None => attn::backward_scores_with(
-                        sv.p, (&sv.q, &ql), (&sv.k, &kl), (&sv.v, &kl), (&dy, &ql), dims, self.scale,
-                    )?,
-                    Some((y, lse)) => attn::backward(
-                        (&sv.q, &ql), (&sv.k, &kl), (&sv.v, &kl), (y, &ql), (&dy, &ql), lse, dims, self.scale,
-                    )?,
-                };
-                drop((dy, sv.q, sv.k, sv.v, sv.flash));
-                // Straight through the K/V quantizers; RoPE and the transposes backwards.
-                let dq = gpu_kernels::fused::rope((&dq, &lay(&[b, nh, t, hd])), cos, sin, nh, t, hd, false)?;
-                let dk = gpu_kernels::fused::rope((&dk, &lay(&[b, nkv, t, hd])), cos, sin, nkv, t, hd, false)?;
-                let dv = ts::heads_transpose(&dv, (b, nkv, t, hd), None, true)?;
-                let dh1 = linear_dx(&dq, wc(Q), rows, h, nh * hd)?;
-                linear_dx_into(&dh1, &dk, wc(K), rows, h, nkv * hd, 1.0)?;
-                linear_dx_into(&dh1, &dv, wc(V), rows, h, nkv * hd, 1.0)?;
-                linear_dw(&sinks[Q], &dq, &sv.hq, rows, h, nh * hd)?;
-                linear_dw(&sinks[K], &dk, &sv.hq, rows, h, nkv * hd)?;
-                linear_dw(&sinks[V], &dv, &sv.hq, rows, h, nkv * hd)?;
-                drop((dq, dk, dv, sv.hq));
-                let (dx, dln1) = gpu_kernels::fused::rms_backward_add(
-                    xa, ln1, &sv.r1, (&dh1, &xl), (&dx2, &xl), h, sinks[LN1].is_some(),
-                )?;
-                accumulate(&sinks[LN1], dln1)?;
-                Ok(dx)
-            })?;
+                    // Attention half.
+                    let dyq = linear_dx(&dx2, wc(O), rows, nh * hd, h)?;
+                    linear_dw(&sinks[O], &dx2, &sv.yq, rows, nh * hd, h)?;
+                    drop(sv.yq);
+                    let dy = ts::heads_transpose(&dyq, (b, nh, t, hd), None, false)?;
+                    drop(dyq);
+                    let dims = self.s.dims();
+                    let (ql, kl) = (lay(&[b * nkv, dims.rows, hd]), lay(&[b * nkv, t, hd]));
+                    let (dq, dk, dv) = match &sv.flash {
+                        None => attn::backward_scores_with(
+                            sv.p,
+                            (&sv.q, &ql),
+                            (&sv.k, &kl),
+                            (&sv.v, &kl),
+                            (&dy, &ql),
+                            dims,
+                            self.scale,
+                        )?,
+                        Some((y, lse)) => attn::backward(
+                            (&sv.q, &ql),
+                            (&sv.k, &kl),
+                            (&sv.v, &kl),
+                            (y, &ql),
+                            (&dy, &ql),
+                            lse,
+                            dims,
+                            self.scale,
+                        )?,
+                    };
+                    drop((dy, sv.q, sv.k, sv.v, sv.flash));
+                    // Straight through the K/V quantizers; RoPE and the transposes backwards.
+                    let dq = gpu_kernels::fused::rope(
+                        (&dq, &lay(&[b, nh, t, hd])),
+                        cos,
+                        sin,
+                        nh,
+                        t,
+                        hd,
+                        false,
+                    )?;
+                    let dk = gpu_kernels::fused::rope(
+                        (&dk, &lay(&[b, nkv, t, hd])),
+                        cos,
+                        sin,
+                        nkv,
+                        t,
+                        hd,
+                        false,
+                    )?;
+                    let dv = ts::heads_transpose(&dv, (b, nkv, t, hd), None, true)?;
+                    let dh1 = linear_dx(&dq, wc(Q), rows, h, nh * hd)?;
+                    linear_dx_into(&dh1, &dk, wc(K), rows, h, nkv * hd, 1.0)?;
+                    linear_dx_into(&dh1, &dv, wc(V), rows, h, nkv * hd, 1.0)?;
+                    linear_dw(&sinks[Q], &dq, &sv.hq, rows, h, nh * hd)?;
+                    linear_dw(&sinks[K], &dk, &sv.hq, rows, h, nkv * hd)?;
+                    linear_dw(&sinks[V], &dv, &sv.hq, rows, h, nkv * hd)?;
+                    drop((dq, dk, dv, sv.hq));
+                    let (dx, dln1) = gpu_kernels::fused::rms_backward_add(
+                        xa,
+                        ln1,
+                        &sv.r1,
+                        (&dh1, &xl),
+                        (&dx2, &xl),
+                        h,
+                        sinks[LN1].is_some(),
+                    )?;
+                    accumulate(&sinks[LN1], dln1)?;
+                    Ok(dx)
+                },
+            )?;
             let dx = x.track_op().then(|| wrap(dx, x.shape()));
             Ok((dx, None))
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn block_forward(
         x: &Tensor,
         blk: &Block,
@@ -465,8 +629,7 @@ mod imp {
         cfg: &LlamaConfig,
         quant: &QuantConfig,
         sinks: &GradSinks,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let f32c = |w: &Tensor| w.to_dtype(DType::F32)?.contiguous();

@@ -459,8 +459,18 @@ mod imp {
                     ts::gemm(
                         &dys.device,
                         (out, inner, rows),
-                        ts::Operand { ptr: dyp, dtype: dyd, ld: out, t: true },
-                        ts::Operand { ptr: xp, dtype: xd, ld: inner, t: false },
+                        ts::Operand {
+                            ptr: dyp,
+                            dtype: dyd,
+                            ld: out,
+                            t: true,
+                        },
+                        ts::Operand {
+                            ptr: xp,
+                            dtype: xd,
+                            ld: inner,
+                            t: false,
+                        },
                         dst,
                         DType::F32,
                         beta,

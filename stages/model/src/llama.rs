@@ -395,15 +395,18 @@ impl Llama {
     /// Gives every trainable projection and norm weight of the blocks, and an untied trainable
     /// LM head, a gradient sink, on a CUDA device in a `cuda` build (elsewhere: none, and
     /// gradients come from candle's backward pass as before). Returns the sinks by name.
-    pub fn attach_grad_sinks(&mut self) -> candle_core::Result<std::sync::Arc<crate::grad_sink::GradSinks>> {
+    pub fn attach_grad_sinks(
+        &mut self,
+    ) -> candle_core::Result<std::sync::Arc<crate::grad_sink::GradSinks>> {
         let mut sinks = crate::grad_sink::GradSinks::default();
         if cfg!(feature = "cuda") && self.device.is_cuda() {
             for (name, t) in self.named_tensors() {
                 let wanted = name.starts_with("model.layers.") || name == "lm_head.weight";
                 if wanted && t.track_op() {
-                    sinks
-                        .by_name
-                        .insert(name, std::sync::Arc::new(crate::grad_sink::GradSink::new(&t)?));
+                    sinks.by_name.insert(
+                        name,
+                        std::sync::Arc::new(crate::grad_sink::GradSink::new(&t)?),
+                    );
                 }
             }
         }
@@ -499,7 +502,15 @@ impl Llama {
             if let (true, Some(sinks)) = (fused_blocks, sinks) {
                 // Training on a GPU: the whole block is one node (no probe: calibration runs on
                 // the teacher, which has no sinks).
-                x = crate::fused_block::block_forward(&x, blk, layer, cfg, q, sinks, &cos32, &sin32)?;
+                x = crate::fused_block::block_forward(
+                    &x,
+                    blk,
+                    layer,
+                    cfg,
+                    q,
+                    sinks,
+                    (&cos32, &sin32),
+                )?;
                 continue;
             }
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
@@ -549,8 +560,15 @@ impl Llama {
         if let Some(sink) = sinks.and_then(|s| s.get("lm_head.weight")) {
             if crate::fused_ops::available(&x) {
                 // Training on a GPU: the LM head's gradient goes to its sink.
-                return crate::fused_ops::quant_linear_into_sink(&x, &self.lm_head, None, None, None, sink)?
-                    .to_dtype(DType::F32);
+                return crate::fused_ops::quant_linear_into_sink(
+                    &x,
+                    &self.lm_head,
+                    None,
+                    None,
+                    None,
+                    sink,
+                )?
+                .to_dtype(DType::F32);
             }
         }
         matmul_t(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32)

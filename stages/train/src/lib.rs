@@ -188,6 +188,30 @@ impl PhaseTimes {
     }
 }
 
+/// A step's gradient of each parameter: what candle's backward passes returned (summed over the
+/// micro-batches) and what GPU ops wrote into the parameter's sink, if it has one.
+fn step_gradients(
+    from_candle: Vec<Option<Tensor>>,
+    params: &[Param],
+    sinks: &[Option<std::sync::Arc<model::GradSink>>],
+) -> Result<Vec<Tensor>> {
+    from_candle
+        .into_iter()
+        .zip(params)
+        .zip(sinks)
+        .map(|((acc, p), sink)| {
+            let sunk = sink.as_ref().and_then(|s| s.gradient());
+            Ok(match (acc, sunk) {
+                (Some(a), Some(s)) => (a + s)?,
+                (Some(a), None) => a,
+                (None, Some(s)) => s.clone(),
+                (None, None) if sink.is_some() => p.var.zeros_like()?,
+                (None, None) => bail!("no micro-batch ran"),
+            })
+        })
+        .collect()
+}
+
 /// Corpus batches that measure the K/V ranges for `train.kv_equalize`.
 const KV_CALIBRATION_BATCHES: usize = 8;
 
@@ -495,21 +519,7 @@ pub fn train_until_on(
             agree_sum += d.agreement;
             window_tokens += batch.rows * batch.len;
         }
-        let grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&params)
-            .zip(&sink_of)
-            .map(|((acc, p), sink)| {
-                let sunk = sink.as_ref().and_then(|s| s.gradient());
-                Ok(match (acc, sunk) {
-                    (Some(a), Some(s)) => (a + s)?,
-                    (Some(a), None) => a,
-                    (None, Some(s)) => s.clone(),
-                    (None, None) if sink.is_some() => p.var.zeros_like()?,
-                    (None, None) => bail!("no micro-batch ran"),
-                })
-            })
-            .collect::<Result<_>>()?;
+        let grads = step_gradients(grads, &params, &sink_of)?;
         prof.mark("gradient sums")?;
         let grad_norm = optim::global_norm(&grads)?;
         let gscale = optim::clip_scale(grad_norm, cfg.grad_clip);

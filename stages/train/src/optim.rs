@@ -128,7 +128,14 @@ mod gpu {
     }
 
     /// One AdamW step of one parameter in place, the gradient scaled by `gscale`.
-    pub fn adamw(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, gscale: Option<f64>, s: &AdamWStep) -> Result<()> {
+    pub fn adamw(
+        w: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        gscale: Option<f64>,
+        s: &AdamWStep,
+    ) -> Result<()> {
         let g = g.contiguous()?;
         with_cuda(&[w, m, v, &g], |a| {
             ts::adamw_fused(a[0], a[1], a[2], a[3], gscale.map(|x| x as f32), s)
