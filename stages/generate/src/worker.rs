@@ -9,6 +9,7 @@ use anyhow::Result;
 use corpus::{Finish, Sample};
 use crossbeam_channel::Sender;
 use model::{BatchCache, Llama, SeqCache};
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -118,14 +119,23 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
             .map(|s| s.as_ref().map(|a| *a.tokens.last().unwrap()))
             .collect();
         let logits = caches.step(model, &inputs, &live)?;
-        for (row, &i) in logits.iter().zip(&live) {
-            let a = slots[i].as_mut().unwrap();
-            let next = if a.tokens.len() < a.greedy {
-                argmax(row)
-            } else {
-                sample(row, &params, &mut a.rng)
-            };
-            a.tokens.push(next);
+        // Each sample draws from its own RNG, so the rows (a softmax over the whole vocabulary
+        // each) are chosen in parallel with the same result as one by one.
+        let mut active: Vec<&mut Active> = slots.iter_mut().flatten().collect();
+        active
+            .par_iter_mut()
+            .zip(logits.par_iter())
+            .for_each(|(a, row)| {
+                let next = if a.tokens.len() < a.greedy {
+                    argmax(row)
+                } else {
+                    sample(row, &params, &mut a.rng)
+                };
+                a.tokens.push(next);
+            });
+        for &i in &live {
+            let a = slots[i].as_ref().unwrap();
+            let next = *a.tokens.last().unwrap();
             let finish = if eos.contains(&next) {
                 Some(Finish::Eos)
             } else if a.tokens.len() >= cfg.max_tokens {

@@ -211,7 +211,11 @@ fn rope_t<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<CudaStorage> {
     let dev = x.0.device.clone();
     let n = x.1.shape().elem_count();
-    if d == 0 || d % 2 == 1 || n % (heads * t * d) != 0 || cos.1.shape().elem_count() < t * d / 2 {
+    if d == 0
+        || d % 2 == 1
+        || !n.is_multiple_of(heads * t * d)
+        || cos.1.shape().elem_count() < t * d / 2
+    {
         candle_core::bail!(
             "fused rope: x of {n} values, head_dim {d}, tables for {t} positions do not fit"
         )
