@@ -92,7 +92,7 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
         if cfg.cuda_graph {
             cache.enable_cuda_graph()?;
         }
-        Caches::Batched(cache)
+        Caches::Batched(Box::new(cache))
     };
     loop {
         // Fill free slots; a sample of one token is finished before it needs the model.
@@ -156,7 +156,7 @@ fn decode_all(job: &Job, tx: &Sender<Result<Sample>>) -> Result<()> {
 /// The KV caches of a worker's slots.
 enum Caches {
     PerSequence(Vec<SeqCache>),
-    Batched(BatchCache),
+    Batched(Box<BatchCache>),
 }
 
 impl Caches {

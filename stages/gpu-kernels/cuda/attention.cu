@@ -19,19 +19,7 @@
 // `attn_dkdv` (one pair per key and query head, over the rows that see the key) and
 // `attn_sum_heads` (the query heads' shares of dk and dv). Sums run in a fixed order,
 // with no atomics, so results are deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+#include "common.cuh"
 
 // Tile sizes: rows (or keys) per block and keys (or rows) per shared-memory tile.
 template <int D> struct Tile {

@@ -19,21 +19,9 @@
 // Backward (distill_rows_grad_*): d ce_i / d zs_v = (softmax(xs)_v - softmax(xt)_v) / T,
 // times the incoming gradient g_i, from the saved log-sum-exps; aux row = [g_i, lse_s, lse_t].
 // Logits are assumed finite.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define DISTILL_THREADS 256
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // z / T as candle's affine(1 / T, 0) rounds it (no fused multiply-add): the argmax sees the
 // same values as the tensor-op path's.

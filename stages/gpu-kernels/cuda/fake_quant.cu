@@ -7,19 +7,7 @@
 // has ceil(d / g) groups, the last one possibly shorter. Input and output have the same dtype;
 // the math is in f32 (bf16/f16 inputs are exact in f32, outputs round to nearest even, as
 // candle's casts do), so a bf16 tensor gives what cast-to-f32, quantize, cast-back gives.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+#include "common.cuh"
 
 template <typename T>
 __device__ void fake_quant(const T *x, T *y, uint64_t groups, uint32_t d, uint32_t g, float qmax) {

@@ -14,19 +14,7 @@
 //   tensor-op formula's order of operations and f32 roundings (adamw.cu's three kernels).
 // Fake quantization is fake_quant.cu's math: alpha = max|x| / qmax, clamp(round_half_even(x /
 // alpha), -qmax, qmax) * alpha, alpha = 0 -> 0.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+#include "common.cuh"
 
 __device__ __forceinline__ float quantize(float x, float alpha, float qmax) {
   if (alpha == 0.0f) return 0.0f;
@@ -136,19 +124,6 @@ __device__ float block_max(float v) {
   return warp_max(lane < warps ? part[lane] : 0.0f);
 }
 
-__device__ float block_sum(float v) {
-  __shared__ float part[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  const int warps = blockDim.x / 32;
-  float s = lane < warps ? part[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  return s;
-}
-
 // RMSNorm (fused.cu's rms_fwd, the same roundings) followed by per-row fake quantization of
 // its output as stored in T: one block per row writes q(y) and r; y itself is never stored.
 template <typename T>
@@ -207,6 +182,23 @@ template <typename T> __device__ __forceinline__ void store_chunk(T *p, const fl
   *reinterpret_cast<uint4 *>(p) = u;
 }
 
+// A thread's chunks of a row (as rms_quant_reg and swiglu_quant_reg hold them), quantized and
+// stored at row y.
+template <typename T, int C>
+__device__ __forceinline__ void store_quantized(float (&v)[C][16 / sizeof(T)], T *y, uint32_t chunks,
+                                                float alpha, float qmax) {
+  constexpr uint32_t N = 16 / sizeof(T);
+#pragma unroll
+  for (int k = 0; k < C; ++k) {
+    const uint32_t c = threadIdx.x + blockDim.x * k;
+    if (c < chunks) {
+#pragma unroll
+      for (uint32_t j = 0; j < N; ++j) v[k][j] = quantize(v[k][j], alpha, qmax);
+      store_chunk<T>(y + c * N, v[k]);
+    }
+  }
+}
+
 template <typename T, int C>
 __device__ void rms_quant_reg(const T *x, const float *w, T *y, float *r, uint32_t h, float eps,
                               float qmax) {
@@ -237,16 +229,7 @@ __device__ void rms_quant_reg(const T *x, const float *w, T *y, float *r, uint32
       }
     }
   }
-  const float alpha = __fdiv_rn(block_max(m), qmax);
-#pragma unroll
-  for (int k = 0; k < C; ++k) {
-    const uint32_t c = threadIdx.x + blockDim.x * k;
-    if (c < chunks) {
-#pragma unroll
-      for (uint32_t j = 0; j < N; ++j) v[k][j] = quantize(v[k][j], alpha, qmax);
-      store_chunk<T>(y + row * h + c * N, v[k]);
-    }
-  }
+  store_quantized<T, C>(v, y + row * h, chunks, __fdiv_rn(block_max(m), qmax), qmax);
   if (threadIdx.x == 0) r[row] = rr;
 }
 
@@ -272,16 +255,7 @@ __device__ void swiglu_quant_reg(const T *g, const T *u, T *y, uint32_t n, float
       }
     }
   }
-  const float alpha = __fdiv_rn(block_max(m), qmax);
-#pragma unroll
-  for (int k = 0; k < C; ++k) {
-    const uint32_t c = threadIdx.x + blockDim.x * k;
-    if (c < chunks) {
-#pragma unroll
-      for (uint32_t j = 0; j < N; ++j) v[k][j] = quantize(v[k][j], alpha, qmax);
-      store_chunk<T>(y + row * n + c * N, v[k]);
-    }
-  }
+  store_quantized<T, C>(v, y + row * n, chunks, __fdiv_rn(block_max(m), qmax), qmax);
 }
 
 // Between the token-major layout [b, t, heads, d] and the head-major one [b, heads, t, d]:

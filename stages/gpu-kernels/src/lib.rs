@@ -30,3 +30,22 @@ pub mod fake_quant;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod train_step;
+
+/// Runs `f` on the CUDA storages of `tensors` (each read-locked for the call); `name` says in an
+/// error which op found a tensor elsewhere.
+#[cfg(feature = "cuda")]
+pub fn with_cuda<R>(
+    name: &str,
+    tensors: &[&candle_core::Tensor],
+    f: impl FnOnce(&[(&candle_core::CudaStorage, &candle_core::Layout)]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut args = Vec::with_capacity(guards.len());
+    for g in &guards {
+        match &*g.0 {
+            candle_core::Storage::Cuda(s) => args.push((s, g.1)),
+            _ => candle_core::bail!("{name}: every input must be on the GPU"),
+        }
+    }
+    f(&args)
+}

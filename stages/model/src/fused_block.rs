@@ -213,19 +213,12 @@ mod imp {
         inn: usize,
         out: usize,
     ) -> Result<CudaStorage> {
-        let dev = x.device.clone();
         // SAFETY: the product writes every value.
-        let y = unsafe { dev.alloc_uninit(&Shape::from((rows, out)), x.dtype())? };
-        let (yp, yd) = ts::address((&y, &lay(&[rows, out])), "y")?;
-        ts::gemm(
-            &dev,
-            (rows, out, inn),
-            operand(x, inn, false)?,
-            operand(w, inn, true)?,
-            yp,
-            yd,
-            0.0,
-        )?;
+        let y = unsafe {
+            x.device
+                .alloc_uninit(&Shape::from((rows, out)), x.dtype())?
+        };
+        linear_into(&y, x, w, rows, inn, out, 0.0)?;
         Ok(y)
     }
 

@@ -108,22 +108,7 @@ mod imp {
         candle_core::bail!("{name}: this fused op runs on CUDA devices only")
     }
 
-    /// Runs `f` on the CUDA storages of `tensors` (each read-locked for the call).
-    pub(crate) fn with_cuda<R>(
-        name: &str,
-        tensors: &[&Tensor],
-        f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> Result<R>,
-    ) -> Result<R> {
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut args = Vec::with_capacity(guards.len());
-        for g in &guards {
-            match &*g.0 {
-                Storage::Cuda(s) => args.push((s, g.1)),
-                _ => candle_core::bail!("{name}: every input must be on the GPU"),
-            }
-        }
-        f(&args)
-    }
+    pub(crate) use gpu_kernels::with_cuda;
 
     fn wrap(s: CudaStorage, shape: &Shape) -> Tensor {
         Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)

@@ -91,24 +91,16 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 mod gpu {
     use super::AdamWStep;
     use anyhow::Result;
-    use candle_core::{CudaStorage, Layout, Storage, Tensor};
+    use candle_core::{CudaStorage, Layout, Tensor};
     use gpu_kernels::train_step as ts;
 
-    /// Runs `f` on the CUDA storages of `tensors` (read-locked; the kernels write through raw
+    /// The CUDA storages of `tensors`, read-locked for `f` (the kernels write through raw
     /// device pointers in stream order).
     fn with_cuda<R>(
         tensors: &[&Tensor],
         f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut args = Vec::with_capacity(guards.len());
-        for g in &guards {
-            match &*g.0 {
-                Storage::Cuda(s) => args.push((s, g.1)),
-                _ => candle_core::bail!("optimizer: every tensor must be on the GPU"),
-            }
-        }
-        f(&args)
+        gpu_kernels::with_cuda("optimizer", tensors, f)
     }
 
     /// Partial sums of squares of every gradient into one buffer, one transfer, summed on the
