@@ -1,6 +1,6 @@
 // Helpers every kernel file shares (each .cu is its own PTX module and includes this):
 // conversions between the storage dtypes and f32 (outputs round to nearest even, as candle's
-// casts do) and a block-wide sum.
+// casts do), the fake quantizer's rounding rule, and warp- and block-wide reductions.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,4 +28,19 @@ __device__ float block_sum(float v) {
   float s = lane < warps ? part[lane] : 0.0f;
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   return s;
+}
+
+// Symmetric MinMax fake quantization of one value with scale alpha = max|x| / qmax
+// (DESIGN.md, "Quantizers"): clamp(round_half_even(x / alpha), -qmax, qmax) * alpha, 0 when
+// alpha = 0. The sign is restored after rounding |v|: small negatives give -0.0, as in PyTorch.
+__device__ __forceinline__ float quantize(float x, float alpha, float qmax) {
+  if (alpha == 0.0f) return 0.0f;
+  const float v = fminf(fmaxf(__fdiv_rn(x, alpha), -qmax), qmax);
+  const float r = rintf(fabsf(v));
+  return __fmul_rn(v < 0.0f ? -r : r, alpha);
+}
+
+__device__ __forceinline__ float warp_max(float m) {
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  return m;
 }

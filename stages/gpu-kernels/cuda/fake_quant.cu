@@ -22,18 +22,8 @@ __device__ void fake_quant(const T *x, T *y, uint64_t groups, uint32_t d, uint32
   T *ys = y + row * d + start;
   float m = 0.0f;
   for (uint32_t i = lane; i < len; i += 32) m = fmaxf(m, fabsf(to_f32(xs[i])));
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  const float alpha = __fdiv_rn(m, qmax);
-  for (uint32_t i = lane; i < len; i += 32) {
-    float out = 0.0f;
-    if (alpha != 0.0f) {
-      const float v = fminf(fmaxf(__fdiv_rn(to_f32(xs[i]), alpha), -qmax), qmax);
-      const float r = rintf(fabsf(v));
-      // Sign restored after rounding |v|: small negatives give -0.0, as in PyTorch.
-      out = __fmul_rn(v < 0.0f ? -r : r, alpha);
-    }
-    ys[i] = from_f32<T>(out);
-  }
+  const float alpha = __fdiv_rn(warp_max(m), qmax);
+  for (uint32_t i = lane; i < len; i += 32) ys[i] = from_f32<T>(quantize(to_f32(xs[i]), alpha, qmax));
 }
 
 #define FAKE_QUANT(NAME, T)                                                                      \

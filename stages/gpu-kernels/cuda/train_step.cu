@@ -12,21 +12,8 @@
 //   host in a fixed order, so deterministic);
 // - adamw_fused: gradient scaling (clipping), both moments and the update in one pass, with the
 //   tensor-op formula's order of operations and f32 roundings (adamw.cu's three kernels).
-// Fake quantization is fake_quant.cu's math: alpha = max|x| / qmax, clamp(round_half_even(x /
-// alpha), -qmax, qmax) * alpha, alpha = 0 -> 0.
+// Fake quantization is common.cuh's `quantize`, as in fake_quant.cu.
 #include "common.cuh"
-
-__device__ __forceinline__ float quantize(float x, float alpha, float qmax) {
-  if (alpha == 0.0f) return 0.0f;
-  const float v = fminf(fmaxf(__fdiv_rn(x, alpha), -qmax), qmax);
-  const float r = rintf(fabsf(v));
-  return __fmul_rn(v < 0.0f ? -r : r, alpha);
-}
-
-__device__ __forceinline__ float warp_max(float m) {
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  return m;
-}
 
 // Four values rounded to T and stored together (8 bytes for bf16/f16, 16 for f32).
 __device__ __forceinline__ void store4(float *p, float a, float b, float c, float d) {

@@ -338,9 +338,16 @@ mod imp {
 
         /// fq(w) cast to `dtype`, [out, in] contiguous.
         fn w_operand(&self, w: &CudaStorage, wl: &Layout, dtype: DType) -> Result<CudaStorage> {
-            let q = match self.w_q {
-                Some((qmax, group)) => gpu_kernels::fake_quant::fake_quant(w, wl, qmax, group)?.0,
-                None if w.dtype() != dtype => return w.to_dtype(wl, dtype),
+            let (qmax, group) = match self.w_q {
+                Some((qmax, group)) => (Some(qmax), group),
+                None => (None, None),
+            };
+            if w.dtype() == DType::F32 {
+                // The f32 master: quantized and cast in one pass, as the fused block does.
+                return gpu_kernels::train_step::fq_cast((w, wl), dtype, qmax, group);
+            }
+            let q = match qmax {
+                Some(qmax) => gpu_kernels::fake_quant::fake_quant(w, wl, qmax, group)?.0,
                 None => w.try_clone(wl)?,
             };
             if q.dtype() == dtype {
