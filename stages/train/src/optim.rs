@@ -158,7 +158,8 @@ pub fn adamw_tensor_ops(
 }
 
 /// The same update in place with the GPU kernels, for f32 tensors on a CUDA device in a
-/// `cuda` build: three kernels instead of about twelve tensor ops and three new tensors.
+/// `cuda` build: three kernels instead of about twelve tensor ops and three new tensors
+/// (`pipeline bench adamw` checks them; training uses the one-pass `gpu::adamw`).
 /// Returns false (and touches nothing) where they do not apply.
 pub fn adamw_in_place(
     w: &Tensor,
@@ -242,11 +243,6 @@ impl AdamW {
                 }
                 None => g,
             };
-            if adamw_in_place(p.var.as_tensor(), &self.m[i], &self.v[i], g, &s)
-                .with_context(|| format!("updating {}", p.name))?
-            {
-                continue;
-            }
             let (w, m, v) = adamw_tensor_ops(p.var.as_tensor(), &self.m[i], &self.v[i], g, &s)?;
             p.var
                 .set(&w)
