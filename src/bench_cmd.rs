@@ -79,7 +79,8 @@ pub struct AdamwArgs {
 pub struct LogitsArgs {
     #[arg(long)]
     pub model: PathBuf,
-    /// Safetensors with `C.tokens`, `C.logits` and `C.logits_w4a8kv4` for cases C = a, b.
+    /// Safetensors with `C.tokens`, `C.logits` and optionally `C.logits_w4a8kv4` for cases
+    /// C = a (and b); with `a.prompt` and `a.greedy`, also checks greedy decoding.
     #[arg(long)]
     pub reference: PathBuf,
     #[command(flatten)]
@@ -474,41 +475,43 @@ fn logits(a: LogitsArgs) -> Result<serde_json::Value> {
             .get(k)
             .with_context(|| format!("{}: no tensor `{k}`", a.reference.display()))
     };
+    let ids_of = |k: &str| -> Result<Vec<u32>> { Ok(get(k)?.to_dtype(DType::U32)?.to_vec1()?) };
     let w4a8kv4 = QuantConfig {
         w_bits: Some(4),
         a_bits: Some(8),
         kv_bits: Some(4),
         ..Default::default()
     };
+    // Cases `a`, `b`, ... as the reference holds them; the quantized logits are optional.
+    let cases: Vec<&str> = ["a", "b"]
+        .into_iter()
+        .filter(|c| reference.contains_key(&format!("{c}.tokens")))
+        .collect();
+    if cases.is_empty() {
+        anyhow::bail!("{}: no tensor `a.tokens`", a.reference.display());
+    }
     let mut out = serde_json::Map::new();
     for (label, q, key) in [
         ("fp", QuantConfig::none(), "logits"),
         ("w4a8kv4", w4a8kv4, "logits_w4a8kv4"),
     ] {
+        if !reference.contains_key(&format!("{}.{key}", cases[0])) {
+            continue;
+        }
         let m = Llama::load(&folder, q, &c.device)?.cast(c.dtype)?;
-        for case in ["a", "b"] {
-            let tokens: Vec<u32> = get(&format!("{case}.tokens"))?
-                .to_dtype(DType::U32)?
-                .to_vec1()?;
+        for &case in &cases {
+            let tokens = ids_of(&format!("{case}.tokens"))?;
             let want = get(&format!("{case}.{key}"))?.to_dtype(DType::F32)?;
             let ids = Tensor::new(tokens.as_slice(), &c.device)?.unsqueeze(0)?;
             let full = m
                 .forward(&ids)?
                 .squeeze(0)?
                 .to_device(&candle_core::Device::Cpu)?;
-            // The decoding path, one token at a time, through the cache the generator uses here.
-            let mut rows = Vec::with_capacity(tokens.len());
-            if c.device.is_cpu() {
-                let mut cache = SeqCache::new(&m, tokens.len())?;
-                for &t in &tokens {
-                    rows.push(m.decode_step(&[t], &mut [&mut cache])?);
-                }
-            } else {
-                let mut cache = BatchCache::new(&m, 1, tokens.len())?;
-                for &t in &tokens {
-                    rows.push(m.decode_slots(&[Some(t)], &mut cache)?);
-                }
-            }
+            let mut step = Decoder::new(&m, tokens.len())?;
+            let rows = tokens
+                .iter()
+                .map(|&t| step.next(&m, t))
+                .collect::<Result<Vec<_>>>()?;
             let inc = Tensor::cat(&rows, 0)?.to_device(&candle_core::Device::Cpu)?;
             for (path, got) in [("forward", &full), ("decode", &inc)] {
                 out.insert(
@@ -521,6 +524,31 @@ fn logits(a: LogitsArgs) -> Result<serde_json::Value> {
                 );
             }
         }
+        // Greedy continuation of `a.prompt` through the KV-cache decoder, against the
+        // reference's tokens (transformers' `generate(do_sample=False)`).
+        if label == "fp" && reference.contains_key("a.greedy") {
+            let prompt = ids_of("a.prompt")?;
+            let want = ids_of("a.greedy")?;
+            let mut step = Decoder::new(&m, prompt.len() + want.len())?;
+            let mut logits = None;
+            for &t in &prompt {
+                logits = Some(step.next(&m, t)?);
+            }
+            let mut got = Vec::with_capacity(want.len());
+            while got.len() < want.len() {
+                let l = logits.take().context("empty prompt")?;
+                let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+                got.push(t);
+                if got.len() < want.len() {
+                    logits = Some(step.next(&m, t)?);
+                }
+            }
+            let first_mismatch = got.iter().zip(&want).position(|(x, y)| x != y);
+            out.insert(
+                "fp.greedy".into(),
+                json!({"tokens": got.len(), "first_mismatch": first_mismatch, "got": got, "want": want}),
+            );
+        }
     }
     Ok(json!({
         "model": a.model.display().to_string(),
@@ -528,6 +556,30 @@ fn logits(a: LogitsArgs) -> Result<serde_json::Value> {
         "dtype": a.compute.dtype.to_string(),
         "cases": out,
     }))
+}
+
+/// The decoding path one token at a time, through the cache the generator uses on this device.
+enum Decoder {
+    Seq(SeqCache),
+    Batch(BatchCache),
+}
+
+impl Decoder {
+    fn new(m: &Llama, capacity: usize) -> Result<Self> {
+        Ok(if m.device.is_cpu() {
+            Decoder::Seq(SeqCache::new(m, capacity)?)
+        } else {
+            Decoder::Batch(BatchCache::new(m, 1, capacity)?)
+        })
+    }
+
+    /// Feeds one token; returns the next-token logits [1, vocab].
+    fn next(&mut self, m: &Llama, t: u32) -> Result<Tensor> {
+        Ok(match self {
+            Decoder::Seq(c) => m.decode_step(&[t], &mut [c])?,
+            Decoder::Batch(c) => m.decode_slots(&[Some(t)], c)?,
+        })
+    }
 }
 
 /// Share of positions whose top-1 token differs.

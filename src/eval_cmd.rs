@@ -66,12 +66,15 @@ pub struct EvalArgs {
     pub text: PathBuf,
     #[command(flatten)]
     pub quant: QuantArgs,
-    /// Window length (default: the model's max_position_embeddings).
+    /// Window length (default: the model's max_position_embeddings, or its sliding window).
     #[arg(long)]
     pub ctx: Option<usize>,
     /// Windows scored together.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Score only the first N tokens of the text (BOS included), as `[eval] max_tokens`.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -87,8 +90,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .with_context(|| format!("cannot read text file {}", a.text.display()))?;
     let compute = a.compute.open()?;
     let model = Llama::load(&folder, quant.clone(), &compute.device)?.cast(compute.dtype)?;
-    let ids = eval::encode_text(&tokenizer, &text, folder.config.bos_token_id)?;
-    let ctx = a.ctx.unwrap_or(folder.config.max_position_embeddings);
+    let mut ids = eval::encode_text(&tokenizer, &text, folder.config.bos_token_id)?;
+    if let Some(n) = a.max_tokens {
+        ids.truncate(n);
+    }
+    let ctx = a.ctx.unwrap_or(folder.config.usable_context());
     let mut bar = LazyBar::new(
         (ids.len() - 1) as u64,
         "eval {bar:40} {pos}/{len} tokens {per_sec} eta {eta}",

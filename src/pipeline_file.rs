@@ -294,7 +294,7 @@ impl PipelineFile {
         }
         let teacher = model::ModelFolder::open(&self.teacher.model)
             .map_err(|e| anyhow!("{}: [teacher] model: {e:#}", at("teacher", "model")))?;
-        let ctx = teacher.config.max_position_embeddings;
+        let ctx = teacher.config.usable_context();
         if self.generate.max_tokens > ctx {
             bail!(
                 "{}: [generate] max_tokens = {} is above the teacher's context ({ctx})",

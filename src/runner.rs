@@ -370,7 +370,7 @@ fn evaluate(
     let mut models = vec![&rtn];
     models.extend(rtn_rotated.as_ref());
     models.push(&student);
-    let ctx = p.eval.ctx.unwrap_or(folder.config.max_position_embeddings);
+    let ctx = p.eval.ctx.unwrap_or(folder.config.usable_context());
     let mut bar = crate::progress::LazyBar::new(
         (ids.len() - 1) as u64,
         "eval {bar:40} {pos}/{len} tokens eta {eta}",

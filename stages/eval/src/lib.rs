@@ -107,10 +107,11 @@ fn check_ids(model: &Llama, ids: &[u32], ctx: usize) -> Result<()> {
     if ids.len() < 2 {
         bail!("the evaluation text has fewer than 2 tokens; nothing to score");
     }
-    if ctx == 0 || ctx > model.cfg.max_position_embeddings {
+    if ctx == 0 || ctx > model.cfg.usable_context() {
         bail!(
-            "ctx = {ctx}: allowed values are 1..={} (the model's max_position_embeddings)",
-            model.cfg.max_position_embeddings
+            "ctx = {ctx}: allowed values are 1..={} (the model's {})",
+            model.cfg.usable_context(),
+            model.cfg.context_limit()
         );
     }
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= model.cfg.vocab_size) {

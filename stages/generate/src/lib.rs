@@ -271,11 +271,12 @@ pub fn generate_on(
     }
     let folder = ModelFolder::open(teacher_dir)?;
     let tokenizer = folder.tokenizer()?;
-    if cfg.max_tokens > folder.config.max_position_embeddings {
+    if cfg.max_tokens > folder.config.usable_context() {
         bail!(
-            "generate.max_tokens = {} is above the teacher's context ({} in {})",
+            "generate.max_tokens = {} is above the teacher's context ({}: {} in {})",
             cfg.max_tokens,
-            folder.config.max_position_embeddings,
+            folder.config.usable_context(),
+            folder.config.context_limit(),
             teacher_dir.join("config.json").display()
         );
     }

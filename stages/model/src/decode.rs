@@ -10,7 +10,7 @@
 //! QKV, RoPE + cache write + attention, O + residual, RMSNorm + gate/up + SwiGLU, down +
 //! residual), each product reading its weight at close to full memory bandwidth.
 
-use crate::llama::{quant_kv, rms_norm, softmax_last, Linear, Llama, Rope};
+use crate::llama::{quant_kv, rms_norm, softmax_last, Attention, Linear, Llama, Rope};
 use crate::qconfig::{KvPoint, QuantConfig};
 use crate::rowmatmul::row_matmul;
 use candle_core::{bail, DType, Result, Tensor};
@@ -93,6 +93,8 @@ impl Llama {
             if c.len >= c.capacity {
                 bail!("decode_step: KV cache full ({} tokens)", c.capacity);
             }
+            cfg.check_context(c.len + 1)
+                .map_err(candle_core::Error::Msg)?;
         }
         let ids = Tensor::from_slice(tokens, bsz, &self.device)?;
         let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
@@ -116,8 +118,11 @@ impl Llama {
             .to_dtype(self.compute)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+            let eps = cfg.rms_norm_eps;
             let qs = blk.attn.q_proj.forward_rows(&h, q)?;
-            let mut k = blk.attn.k_proj.forward_rows(&h, q)?;
+            let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
+            let k = blk.attn.k_proj.forward_rows(&h, q)?;
+            let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
             let v = quant_kv(&blk.attn.v_proj.forward_rows(&h, q)?, q, hd)?;
             if q.kv_point == KvPoint::PreRope {
                 k = quant_kv(&k, q, hd)?;
@@ -172,7 +177,11 @@ fn attention_probs(scores: &Tensor) -> Result<Tensor> {
 struct LayerWeights {
     qkv: Tensor,
     qkv_bias: Option<Tensor>,
+    /// Qwen3's per-head norms of q and k.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     o: Tensor,
+    o_bias: Option<Tensor>,
     gate_up: Tensor,
     down: Tensor,
 }
@@ -185,10 +194,16 @@ impl LayerWeights {
             (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?.to_dtype(dtype)?),
             _ => None,
         };
+        let cast = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            t.as_ref().map(|t| t.detach().to_dtype(dtype)).transpose()
+        };
         Ok(Self {
             qkv: Tensor::cat(&[w(&a.q_proj)?, w(&a.k_proj)?, w(&a.v_proj)?], 0)?,
             qkv_bias,
+            q_norm: cast(&a.q_norm)?,
+            k_norm: cast(&a.k_norm)?,
             o: w(&a.o_proj)?,
+            o_bias: cast(&a.o_proj.bias)?,
             gate_up: Tensor::cat(&[w(&blk.mlp.gate_proj)?, w(&blk.mlp.up_proj)?], 0)?,
             down: w(&blk.mlp.down_proj)?,
         })
@@ -450,6 +465,11 @@ impl Llama {
             if t.is_some() && cache.lens[i] >= cache.capacity {
                 bail!("decode_slots: KV cache full ({} tokens)", cache.capacity);
             }
+            if t.is_some() {
+                self.cfg
+                    .check_context(cache.lens[i] + 1)
+                    .map_err(candle_core::Error::Msg)?;
+            }
         }
         // candle's attention ops span the longest slot (the whole capacity for a CUDA graph,
         // whose shapes are fixed); a slot sees its positions 0..=pos.
@@ -510,10 +530,13 @@ impl Llama {
                 None => qkv,
             };
             let y = match &ops {
-                Some(ops) => ops.attend(&qkv, &cache.k[l], &cache.v[l], q)?,
+                Some(ops) => ops.attend(&qkv, lw, &cache.k[l], &cache.v[l], q)?,
                 None => self.attend_kernels(&qkv, &inp.pos, cache, l)?,
             };
             x = kernels.project_add(&y, &lw.o, &x, q, ws.map(|w| &w.x))?;
+            if let Some(b) = &lw.o_bias {
+                x = x.broadcast_add(b)?;
+            }
             let into = ws.map(|w| &w.m);
             let m = kernels.swiglu(&x, &blk.post_attention_layernorm, &lw.gate_up, eps, q, into)?;
             x = kernels.project_add(&m, &lw.down, &x, q, ws.map(|w| &w.x))?;
@@ -547,6 +570,7 @@ impl Llama {
             nh: cfg.num_attention_heads,
             nkv: cfg.num_key_value_heads,
             hd: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
             capacity: cache.capacity,
         })
     }
@@ -585,18 +609,27 @@ struct AttentionOps {
     nh: usize,
     nkv: usize,
     hd: usize,
+    eps: f64,
     capacity: usize,
 }
 
 impl AttentionOps {
     /// qkv [slots, (nh + 2 nkv) · hd] -> [slots, nh · hd]; writes this step's k and v into the
     /// caches [slots, nkv, capacity, hd].
-    fn attend(&self, qkv: &Tensor, kc: &Tensor, vc: &Tensor, q: &QuantConfig) -> Result<Tensor> {
+    fn attend(
+        &self,
+        qkv: &Tensor,
+        lw: &LayerWeights,
+        kc: &Tensor,
+        vc: &Tensor,
+        q: &QuantConfig,
+    ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let (s, span, cap) = (qkv.dim(0)?, self.mask.dim(3)?, self.capacity);
         let (qd, kvd) = (nh * hd, nkv * hd);
-        let qs = qkv.narrow(1, 0, qd)?;
-        let mut k = qkv.narrow(1, qd, kvd)?;
+        let qs = Attention::norm_heads(&qkv.narrow(1, 0, qd)?, lw.q_norm.as_ref(), hd, self.eps)?;
+        let mut k =
+            Attention::norm_heads(&qkv.narrow(1, qd, kvd)?, lw.k_norm.as_ref(), hd, self.eps)?;
         let v = quant_kv(&qkv.narrow(1, qd + kvd, kvd)?, q, hd)?;
         if q.kv_point == KvPoint::PreRope {
             k = quant_kv(&k, q, hd)?;
@@ -648,8 +681,10 @@ impl StepKernels {
             && matches!(model.compute, DType::BF16 | DType::F16)
             && q.a_bits.is_none()
             && q.kv_bits.is_none();
+        // The attention kernel applies RoPE straight to the projections: no q/k norm between.
+        let attention_plain = plain && !model.cfg.qk_norm;
         Self {
-            attention: plain && Self::heads_fit(model, slots, capacity),
+            attention: attention_plain && Self::heads_fit(model, slots, capacity),
             gemv: plain && slots <= GEMV_MAX_SLOTS,
         }
     }

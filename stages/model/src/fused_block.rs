@@ -30,6 +30,7 @@ pub fn supported(
         && x.device().is_cuda()
         && sinks.is_some()
         && !cfg.attention_bias
+        && !cfg.qk_norm
         && quant.kv_rotation == KvRotation::None
         && imp::head_dim_ok(cfg.head_dim)
 }

@@ -56,6 +56,29 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Qwen3's RMSNorm weights [head_dim], applied to each head of q and k before RoPE.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+impl Attention {
+    /// Qwen3's per-head RMSNorm of a projection's output [.., heads * head_dim] (identity for
+    /// other architectures).
+    pub fn norm_heads(
+        x: &Tensor,
+        w: Option<&Tensor>,
+        head_dim: usize,
+        eps: f64,
+    ) -> candle_core::Result<Tensor> {
+        let Some(w) = w else {
+            return Ok(x.clone());
+        };
+        let dims = x.dims().to_vec();
+        let last = dims[dims.len() - 1];
+        let mut split = dims[..dims.len() - 1].to_vec();
+        split.extend([last / head_dim, head_dim]);
+        rms_norm(&x.reshape(split)?, w, eps)?.reshape(dims)
+    }
 }
 
 #[derive(Clone)]
@@ -83,20 +106,19 @@ pub struct Rope {
 impl Rope {
     fn new(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<Self> {
         let half = cfg.head_dim / 2;
-        // Inverse frequencies, angles and cos/sin in f64, rounded once to f32: the most accurate
-        // table. (transformers rounds inv_freq and the angles to f32 first; either order is
-        // within the float noise of the 4-bit KV references, see scripts/torch_ppl_reference.py.)
+        // Inverse frequencies (with the config's RoPE scaling), angles and cos/sin in f64,
+        // rounded once to f32: the most accurate table. (transformers rounds inv_freq and the
+        // angles to f32 first; either order is within the float noise of the 4-bit KV
+        // references, see scripts/torch_ppl_reference.py.) YaRN scales cos and sin.
         let n = cfg.max_position_embeddings;
+        let (inv, attention_factor) = cfg.rope_frequencies();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
-        let inv: Vec<f64> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64))
-            .collect();
         for p in 0..n {
             for f in &inv {
                 let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+                cos.push((a.cos() * attention_factor) as f32);
+                sin.push((a.sin() * attention_factor) as f32);
             }
         }
         Ok(Self {
@@ -232,6 +254,13 @@ pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             v.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
             v.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
         }
+        if cfg.o_proj_bias {
+            v.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
+        if cfg.qk_norm {
+            v.push((format!("{p}.self_attn.q_norm.weight"), vec![cfg.head_dim]));
+            v.push((format!("{p}.self_attn.k_norm.weight"), vec![cfg.head_dim]));
+        }
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
         v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
@@ -308,13 +337,20 @@ impl Llama {
                 q_proj: lin("self_attn.q_proj", ab)?,
                 k_proj: lin("self_attn.k_proj", ab)?,
                 v_proj: lin("self_attn.v_proj", ab)?,
-                o_proj: lin("self_attn.o_proj", false)?,
+                o_proj: lin("self_attn.o_proj", cfg.o_proj_bias)?,
+                q_norm: None,
+                k_norm: None,
             };
             let mlp = Mlp {
                 gate_proj: lin("mlp.gate_proj", false)?,
                 up_proj: lin("mlp.up_proj", false)?,
                 down_proj: lin("mlp.down_proj", false)?,
             };
+            let mut attn = attn;
+            if cfg.qk_norm {
+                attn.q_norm = Some(take(&format!("{p}.self_attn.q_norm.weight"))?);
+                attn.k_norm = Some(take(&format!("{p}.self_attn.k_norm.weight"))?);
+            }
             blocks.push(Block {
                 input_layernorm: take(&format!("{p}.input_layernorm.weight"))?,
                 attn,
@@ -370,6 +406,8 @@ impl Llama {
         for b in &mut self.blocks {
             b.input_layernorm = c(&b.input_layernorm)?;
             b.post_attention_layernorm = c(&b.post_attention_layernorm)?;
+            b.attn.q_norm = b.attn.q_norm.as_ref().map(c).transpose()?;
+            b.attn.k_norm = b.attn.k_norm.as_ref().map(c).transpose()?;
             for l in [
                 &mut b.attn.q_proj,
                 &mut b.attn.k_proj,
@@ -441,6 +479,11 @@ impl Llama {
                     v.push((format!("{p}.{n}.bias"), bias.clone()));
                 }
             }
+            for (n, w) in [("q_norm", &b.attn.q_norm), ("k_norm", &b.attn.k_norm)] {
+                if let Some(w) = w {
+                    v.push((format!("{p}.self_attn.{n}.weight"), w.clone()));
+                }
+            }
             v.push((
                 format!("{p}.post_attention_layernorm.weight"),
                 b.post_attention_layernorm.clone(),
@@ -467,6 +510,7 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
+        cfg.check_context(t).map_err(candle_core::Error::Msg)?;
         let q = &self.quant;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
@@ -514,8 +558,11 @@ impl Llama {
                 continue;
             }
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+            let eps = cfg.rms_norm_eps;
             let qs = blk.attn.q_proj.forward(&h, q)?;
-            let mut k = blk.attn.k_proj.forward(&h, q)?;
+            let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
+            let k = blk.attn.k_proj.forward(&h, q)?;
+            let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
             let v = quant_kv(&blk.attn.v_proj.forward(&h, q)?, q, hd)?;
             if q.kv_point == crate::qconfig::KvPoint::PreRope {
                 k = quant_kv(&k, q, hd)?;

@@ -108,6 +108,13 @@ pub fn apply(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
+    if cfg.qk_norm {
+        // Rescaled K channels would be undone by the per-head norm after k_proj.
+        anyhow::bail!(
+            "train.kv_equalize: not supported for models with q/k norms ({:?}); set kv_equalize = 0",
+            cfg.architecture
+        );
+    }
     let (rep, half) = (nh / nkv, hd / 2);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}.self_attn");

@@ -104,7 +104,10 @@ fn is_trainable(name: &str, cfg: &TrainConfig) -> bool {
         cfg.train_embeddings
     } else if name == "lm_head.weight" {
         cfg.train_lm_head
-    } else if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+    } else if name.ends_with("layernorm.weight")
+        || name.ends_with("_norm.weight")
+        || name == "model.norm.weight"
+    {
         cfg.train_norms
     } else {
         true
@@ -311,11 +314,12 @@ pub fn train_until_on(
 
     let folder = ModelFolder::open(teacher_dir)?;
     let mcfg = folder.config.clone();
-    if cfg.seq_len > mcfg.max_position_embeddings {
+    if cfg.seq_len > mcfg.usable_context() {
         bail!(
-            "train.seq_len = {}: allowed values are 2..={} (the teacher's max_position_embeddings)",
+            "train.seq_len = {}: allowed values are 2..={} (the teacher's {})",
             cfg.seq_len,
-            mcfg.max_position_embeddings
+            mcfg.usable_context(),
+            mcfg.context_limit()
         );
     }
     if mcfg.tie_word_embeddings && cfg.train_embeddings != cfg.train_lm_head {
