@@ -7,7 +7,10 @@ itself, with transformers' logits and greedy tokens as the reference (tests/hf_a
 For each case OUT_DIR/<case>/ holds the model folder (config.json as transformers writes it,
 safetensors, the stories260k tokenizer) and reference.safetensors:
   a.tokens [T] int64, a.logits [T, vocab] f32 (full forward),
-  a.prompt [P] int64, a.greedy [N] int64 (greedy continuation of the prompt).
+  a.prompt [P] int64, a.greedy [N] int64 (greedy continuation of the prompt),
+  a.logits_w4a8kv4 [T, vocab] f32: the same forward with the fake quantizers of
+  ../shared/DESIGN.md put into transformers' own modules (weights per output channel, the
+  projections' inputs per token, V per token at v_proj's output, K per token after RoPE).
 Exit code 3 (with a message) when torch or transformers is missing.
 """
 import json
@@ -104,6 +107,50 @@ def randomize(model, seed):
                 p.copy_(0.08 * noise)
 
 
+def fake_quant(x, bits, dim=-1):
+    """Symmetric MinMax fake quantization over `dim`, round half to even (DESIGN.md)."""
+    qmax = 2 ** (bits - 1) - 1
+    alpha = x.abs().amax(dim=dim, keepdim=True) / qmax
+    safe = torch.where(alpha == 0, torch.ones_like(alpha), alpha)
+    q = torch.clamp(torch.round(x / safe), -qmax, qmax) * safe
+    return torch.where(alpha == 0, torch.zeros_like(q), q)
+
+
+def w4a8kv4_logits(model, tokens):
+    """Logits with W4 (per channel), A8 (per token) and KV4 (per token, post-RoPE K)."""
+    import copy
+    import importlib
+
+    m = copy.deepcopy(model)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    hooks = []
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if name.split(".")[-1] in names:
+                mod.weight.copy_(fake_quant(mod.weight, 4))
+                hooks.append(mod.register_forward_pre_hook(lambda _, a: (fake_quant(a[0], 8),)))
+                if name.endswith("v_proj"):
+                    hooks.append(mod.register_forward_hook(lambda _, a, y: fake_quant(y, 4)))
+    # K is quantized where the cache stores it: after RoPE, across all KV heads of a token.
+    module = importlib.import_module(type(m).__module__)
+    original = module.apply_rotary_pos_emb
+
+    def rope_then_quant(q, k, cos, sin, *args, **kw):
+        q, k = original(q, k, cos, sin, *args, **kw)
+        b, h, t, d = k.shape
+        flat = k.transpose(1, 2).reshape(b, t, h * d)
+        return q, fake_quant(flat, 4).reshape(b, t, h, d).transpose(1, 2)
+
+    module.apply_rotary_pos_emb = rope_then_quant
+    try:
+        with torch.no_grad():
+            return m(tokens[None]).logits[0].float()
+    finally:
+        module.apply_rotary_pos_emb = original
+        for h in hooks:
+            h.remove()
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -130,6 +177,8 @@ def main():
         prompt = tokens[:6]
         with torch.no_grad():
             logits = ref(tokens[None]).logits[0].float()
+        quantized = w4a8kv4_logits(ref, tokens)
+        with torch.no_grad():
             ref.generation_config.eos_token_id = None
             greedy = ref.generate(
                 prompt[None],
@@ -142,6 +191,7 @@ def main():
             {
                 "a.tokens": tokens.to(torch.int64).contiguous(),
                 "a.logits": logits.contiguous(),
+                "a.logits_w4a8kv4": quantized.contiguous(),
                 "a.prompt": prompt.to(torch.int64).clone(),
                 "a.greedy": greedy.to(torch.int64).contiguous(),
             },

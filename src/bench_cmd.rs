@@ -513,12 +513,31 @@ fn logits(a: LogitsArgs) -> Result<serde_json::Value> {
                 .map(|&t| step.next(&m, t))
                 .collect::<Result<Vec<_>>>()?;
             let inc = Tensor::cat(&rows, 0)?.to_device(&candle_core::Device::Cpu)?;
-            for (path, got) in [("forward", &full), ("decode", &inc)] {
+            // The batched cache's path (the GPU generator's) on any device, in a 2-slot cache
+            // with the other slot idle.
+            let mut batch = BatchCache::new(&m, 2, tokens.len())?;
+            let rows = tokens
+                .iter()
+                .map(|&t| {
+                    Ok(m.decode_slots(&[Some(t), None], &mut batch)?
+                        .narrow(0, 0, 1)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let batched = Tensor::cat(&rows, 0)?.to_device(&candle_core::Device::Cpu)?;
+            for (path, got) in [
+                ("forward", &full),
+                ("decode", &inc),
+                ("decode_batch", &batched),
+            ] {
                 out.insert(
                     format!("{label}.{case}.{path}"),
                     json!({
                         "max_abs_diff": (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?,
                         "argmax_mismatch": argmax_mismatch(got, &want)?,
+                        // Positions whose logits differ by more than 1e-4 anywhere (a 4-bit
+                        // rounding flip moves one position, a wrong quantizer all of them).
+                        "positions_over_1e-4": (got - &want)?.abs()?.max(1)?.gt(1e-4)?
+                            .to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?,
                         "positions": tokens.len(),
                     }),
                 );

@@ -71,7 +71,7 @@ fn every_architecture_matches_transformers() {
         );
         let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
         let cases = &v["cases"];
-        for path in ["forward", "decode"] {
+        for path in ["forward", "decode", "decode_batch"] {
             let c = &cases[format!("fp.a.{path}")];
             let diff = c["max_abs_diff"].as_f64().unwrap();
             let mismatch = c["argmax_mismatch"].as_f64().unwrap();
@@ -80,6 +80,26 @@ fn every_architecture_matches_transformers() {
                 failures.push(format!(
                     "{case} {path}: max |diff| {diff:e}, argmax mismatch {mismatch}"
                 ));
+            }
+        }
+        // The fake quantizers (W4 per channel, A8 per token, V and post-RoPE K per token)
+        // against the same quantizers put into transformers' modules. Equal, except where a
+        // value lies within float noise of a rounding boundary: such a flip moves logits by a
+        // few hundredths (quantization itself moves them by about 1), and in the decoder,
+        // whose products sum in another order, it stays in the cache for every later position.
+        for path in ["forward", "decode", "decode_batch"] {
+            let c = &cases[format!("w4a8kv4.a.{path}")];
+            let over = c["positions_over_1e-4"].as_u64().unwrap();
+            let diff = c["max_abs_diff"].as_f64().unwrap();
+            eprintln!(
+                "{case:24} {path:8} w4a8kv4: max |diff| {diff:.2e}, positions over 1e-4: {over}"
+            );
+            let exact_enough = match path {
+                "forward" => over <= 1 && diff < 0.05,
+                _ => diff < 0.05,
+            };
+            if !exact_enough {
+                failures.push(format!("{case} {path} w4a8kv4: {c}"));
             }
         }
         let g = &cases["fp.greedy"];
