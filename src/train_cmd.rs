@@ -75,6 +75,21 @@ pub struct TrainArgs {
     /// none (default) or hadamard.
     #[arg(long)]
     pub kv_rotation: Option<KvRotation>,
+    /// qat (default) or qlora.
+    #[arg(long)]
+    pub method: Option<train::Method>,
+    /// The block-quantized base of a qlora student (a `pipeline quantize` output folder).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// LoRA rank r (qlora; default 16).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (qlora; scale alpha / r; default 16).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Projections with adapters, comma separated (qlora; default all seven).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
 }
 
 /// Sets `key` in `table` when the flag was given.
@@ -133,6 +148,11 @@ impl TrainArgs {
         set(&mut s, "kv_bits", self.kv_bits)?;
         set(&mut s, "kv_point", self.kv_point)?;
         set(&mut s, "kv_rotation", self.kv_rotation)?;
+        set(&mut s, "method", self.method)?;
+        set(&mut s, "base", self.base.clone())?;
+        set(&mut s, "lora_rank", self.lora_rank)?;
+        set(&mut s, "lora_alpha", self.lora_alpha)?;
+        set(&mut s, "lora_targets", self.lora_targets.clone())?;
         let train: TrainConfig = toml::Value::Table(t).try_into().with_context(|| {
             format!("[train] settings from {src} (steps, batch and seq_len are required)")
         })?;

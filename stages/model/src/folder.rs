@@ -153,6 +153,76 @@ impl ModelFolder {
         Ok(out)
     }
 
+    /// A quantized folder as a frozen base: its block-quantized weights kept quantized (by
+    /// tensor name), every other tensor as f32.
+    pub fn load_base(
+        &self,
+        device: &Device,
+    ) -> Result<(
+        HashMap<String, Tensor>,
+        HashMap<String, crate::lora::BlockwiseWeight>,
+    )> {
+        if !quantize::is_quantized_folder(&self.dir) {
+            bail!(
+                "{}: not a quantized folder (no quantize.json, no bitsandbytes quantization_config); make one with `pipeline quantize`",
+                self.dir.display()
+            );
+        }
+        let (mut dense, mut blockwise) = (HashMap::new(), HashMap::new());
+        for t in quantize::load_blockwise(&self.dir, &self.weight_files)? {
+            match t {
+                quantize::LoadedTensor::Blockwise {
+                    name,
+                    shape,
+                    codes,
+                    block,
+                    code,
+                    scales,
+                } => {
+                    let [o, i] = shape[..] else {
+                        bail!(
+                            "{}: quantized tensor {name} has shape {shape:?}, expected 2 dims",
+                            self.dir.display()
+                        );
+                    };
+                    let w = crate::lora::BlockwiseWeight::new(
+                        (o, i),
+                        codes,
+                        block,
+                        code,
+                        scales,
+                        device,
+                    )
+                    .with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
+                    blockwise.insert(name, w);
+                }
+                quantize::LoadedTensor::F32 { name, shape, data } => {
+                    dense.insert(name, Tensor::from_vec(data, shape, device)?);
+                }
+                quantize::LoadedTensor::Raw {
+                    name,
+                    dtype,
+                    shape,
+                    bytes,
+                } => {
+                    let dtype = match dtype {
+                        quantize::input::Dtype::F32 => DType::F32,
+                        quantize::input::Dtype::F16 => DType::F16,
+                        quantize::input::Dtype::BF16 => DType::BF16,
+                        other => bail!(
+                            "{}: tensor {name} has dtype {}; expected f32, f16 or bf16",
+                            self.dir.display(),
+                            other.name()
+                        ),
+                    };
+                    let t = Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?;
+                    dense.insert(name, t.to_dtype(DType::F32)?.to_device(device)?);
+                }
+            }
+        }
+        Ok((dense, blockwise))
+    }
+
     fn load_dequantized(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for t in quantize::load_dequantized(&self.dir, &self.weight_files)? {
@@ -161,6 +231,12 @@ impl ModelFolder {
                     let t = Tensor::from_vec(data, shape, &Device::Cpu)
                         .with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
                     (name, t)
+                }
+                quantize::LoadedTensor::Blockwise { name, .. } => {
+                    bail!(
+                        "{}: tensor {name}: unexpected block-quantized tensor",
+                        self.dir.display()
+                    )
                 }
                 quantize::LoadedTensor::Raw {
                     name,

@@ -627,18 +627,25 @@ mod imp {
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let f32c = |w: &Tensor| w.to_dtype(DType::F32)?.contiguous();
+        let dense = |l: &crate::llama::Linear| -> Result<Tensor> {
+            match l.dense_weight() {
+                Some(w) => Ok(w.clone()),
+                None => candle_core::bail!("fused block: a LoRA projection (see `supported`)"),
+            }
+        };
+        let q_w = dense(&blk.attn.q_proj)?;
         let w = [
-            &blk.input_layernorm,
-            &blk.attn.q_proj.weight,
-            &blk.attn.k_proj.weight,
-            &blk.attn.v_proj.weight,
-            &blk.attn.o_proj.weight,
-            &blk.post_attention_layernorm,
-            &blk.mlp.gate_proj.weight,
-            &blk.mlp.up_proj.weight,
-            &blk.mlp.down_proj.weight,
+            blk.input_layernorm.clone(),
+            q_w.clone(),
+            dense(&blk.attn.k_proj)?,
+            dense(&blk.attn.v_proj)?,
+            dense(&blk.attn.o_proj)?,
+            blk.post_attention_layernorm.clone(),
+            dense(&blk.mlp.gate_proj)?,
+            dense(&blk.mlp.up_proj)?,
+            dense(&blk.mlp.down_proj)?,
         ]
-        .into_iter()
+        .iter()
         .map(f32c)
         .collect::<Result<Vec<_>>>()?;
         let sinks = NAMES
@@ -673,6 +680,6 @@ mod imp {
         };
         // The q projection's weight is the second argument so that candle records the node even
         // when x carries no gradient (frozen embeddings); its gradient goes to the sink.
-        x.contiguous()?.apply_op2(&blk.attn.q_proj.weight, op)
+        x.contiguous()?.apply_op2(&q_w, op)
     }
 }

@@ -15,6 +15,7 @@ pub mod fused_ops;
 pub mod grad_sink;
 pub mod kv_rotation;
 pub mod llama;
+pub mod lora;
 pub mod qconfig;
 pub mod rowmatmul;
 pub mod synth;
@@ -24,7 +25,8 @@ pub use config::LlamaConfig;
 pub use decode::{BatchCache, SeqCache};
 pub use folder::{ModelFolder, TeacherFingerprint};
 pub use grad_sink::{GradSink, GradSinks};
-pub use llama::Llama;
+pub use llama::{Linear, Llama, Weight};
+pub use lora::{BlockwiseWeight, LoraWeight};
 pub use qconfig::{parse_bits, KvPoint, KvRotation, QuantConfig};
 
 /// The largest |a - b| over all elements, in f64 whatever the dtypes (for tests and checks).

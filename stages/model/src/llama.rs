@@ -10,27 +10,58 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
 
-/// A projection `y = x Wᵀ (+ b)`; weight [out, in] as stored by Hugging Face.
+/// How a projection's weight [out, in] is held: the student's parameterisation lives here,
+/// and everything else (activation and K/V quantizers, the blocks) is the same for all.
+#[derive(Clone)]
+pub enum Weight {
+    /// A dense weight as stored by Hugging Face: the teacher's, or the `qat` student's f32
+    /// master, fake-quantized per `QuantConfig::w_bits` in the forward pass.
+    Dense(Tensor),
+    /// A frozen block-quantized base with a low-rank adapter (`qlora`).
+    Lora(crate::lora::LoraWeight),
+}
+
+/// A projection `y = x Wᵀ (+ b)`.
 #[derive(Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// The weight as the forward pass sees it (fake-quantized per channel or per group).
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// The dense weight, if the projection has one (the fused GPU paths take only those).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Lora(_) => None,
+        }
+    }
+
+    /// The weight as the forward pass sees it: a dense weight fake-quantized per channel or
+    /// per group; a LoRA weight as dequant(base) + scale B A (its base is the quantization).
     pub fn effective_weight(&self, q: &QuantConfig) -> candle_core::Result<Tensor> {
-        match q.w_bits {
-            Some(b) => quant::fake_quant_ste(&self.weight, b, q.w_group),
-            None => Ok(self.weight.clone()),
+        match (&self.weight, q.w_bits) {
+            (Weight::Dense(w), Some(b)) => quant::fake_quant_ste(w, b, q.w_group),
+            (Weight::Dense(w), None) => Ok(w.clone()),
+            (Weight::Lora(l), _) => l.effective(),
         }
     }
 
     /// Activations are quantized per token (over the last dim) before the product.
     pub fn forward(&self, x: &Tensor, q: &QuantConfig) -> candle_core::Result<Tensor> {
-        if crate::fused_ops::available(x) && (x.track_op() || self.weight.track_op()) {
+        let fused_dense = self
+            .dense_weight()
+            .filter(|w| crate::fused_ops::available(x) && (x.track_op() || w.track_op()));
+        if let Some(w) = fused_dense {
             // Training on a GPU: quantizers, cast and product as one graph node.
-            let y = crate::fused_ops::quant_linear(x, &self.weight, q.a_bits, q.w_bits, q.w_group)?;
+            let y = crate::fused_ops::quant_linear(x, w, q.a_bits, q.w_bits, q.w_group)?;
             return match &self.bias {
                 Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
                 None => Ok(y),
@@ -94,6 +125,27 @@ pub struct Block {
     pub attn: Attention,
     pub post_attention_layernorm: Tensor,
     pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.attn.q_proj),
+            ("self_attn.k_proj", &self.attn.k_proj),
+            ("self_attn.v_proj", &self.attn.v_proj),
+            ("self_attn.o_proj", &self.attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    /// Whether every projection has a dense weight (the fused GPU block takes only those).
+    pub fn is_dense(&self) -> bool {
+        self.projections()
+            .iter()
+            .all(|(_, l)| l.dense_weight().is_some())
+    }
 }
 
 /// Precomputed RoPE tables (Hugging Face "rotate half" layout), [max_pos, head_dim / 2].
@@ -294,7 +346,21 @@ impl Llama {
     pub fn from_tensors(
         cfg: LlamaConfig,
         quant: QuantConfig,
+        t: HashMap<String, Tensor>,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::with_projections(cfg, quant, t, HashMap::new(), source, device)
+    }
+
+    /// `from_tensors` where some projections come already built (a student's parameterisation),
+    /// keyed by their Hugging Face prefix (`model.layers.0.self_attn.q_proj`); the others are
+    /// dense weights from `t`.
+    pub fn with_projections(
+        cfg: LlamaConfig,
+        quant: QuantConfig,
         mut t: HashMap<String, Tensor>,
+        mut projections: HashMap<String, Weight>,
         source: &str,
         device: &Device,
     ) -> Result<Self> {
@@ -302,7 +368,34 @@ impl Llama {
         quant
             .check_model(cfg.head_dim)
             .with_context(|| source.to_string())?;
+        for (prefix, w) in &projections {
+            let name = format!("{prefix}.weight");
+            let Some((_, shape)) = expected_tensors(&cfg).into_iter().find(|(n, _)| *n == name)
+            else {
+                bail!("{source}: `{prefix}` is not a projection of this model");
+            };
+            if let Weight::Lora(l) = w {
+                let (o, i) = l.base.shape;
+                if [o, i] != shape[..]
+                    || l.a.dims() != [l.a.dim(0)?, i]
+                    || l.b.dims() != [o, l.a.dim(0)?]
+                {
+                    bail!(
+                        "{source}: `{prefix}`: base {:?}, A {:?}, B {:?} do not fit {shape:?}",
+                        l.base.shape,
+                        l.a.dims(),
+                        l.b.dims()
+                    );
+                }
+            }
+        }
         for (name, shape) in expected_tensors(&cfg) {
+            if name
+                .strip_suffix(".weight")
+                .is_some_and(|p| projections.contains_key(p))
+            {
+                continue;
+            }
             match t.get(&name) {
                 None => {
                     bail!("{source}: missing tensor `{name}` (config.json implies shape {shape:?})")
@@ -323,8 +416,12 @@ impl Llama {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let mut lin = |n: &str, bias: bool| -> Result<Linear> {
+                let weight = match projections.remove(&format!("{p}.{n}")) {
+                    Some(w) => w,
+                    None => Weight::Dense(take(&format!("{p}.{n}.weight"))?),
+                };
                 Ok(Linear {
-                    weight: take(&format!("{p}.{n}.weight"))?,
+                    weight,
                     bias: if bias {
                         Some(take(&format!("{p}.{n}.bias"))?)
                     } else {
@@ -391,7 +488,11 @@ impl Llama {
         let c = |t: &Tensor| t.to_dtype(dtype);
         let cl = |l: &Linear| -> candle_core::Result<Linear> {
             Ok(Linear {
-                weight: c(&l.weight)?,
+                weight: match &l.weight {
+                    Weight::Dense(w) => Weight::Dense(c(w)?),
+                    // The base is dequantized to f32 where used; the adapter stays f32.
+                    Weight::Lora(lw) => Weight::Lora(lw.clone()),
+                },
                 bias: l.bias.as_ref().map(c).transpose()?,
             })
         };
@@ -474,7 +575,13 @@ impl Llama {
                 ("mlp.up_proj", &b.mlp.up_proj),
                 ("mlp.down_proj", &b.mlp.down_proj),
             ] {
-                v.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+                match &lin.weight {
+                    Weight::Dense(w) => v.push((format!("{p}.{n}.weight"), w.clone())),
+                    Weight::Lora(l) => {
+                        v.push((format!("{p}.{n}.lora_A.weight"), l.a.clone()));
+                        v.push((format!("{p}.{n}.lora_B.weight"), l.b.clone()));
+                    }
+                }
                 if let Some(bias) = &lin.bias {
                     v.push((format!("{p}.{n}.bias"), bias.clone()));
                 }
@@ -494,6 +601,37 @@ impl Llama {
             v.push(("lm_head.weight".to_string(), self.lm_head.clone()));
         }
         v
+    }
+
+    /// `named_tensors` with every LoRA projection merged into a dense weight
+    /// dequant(base) + scale B A: a plain Hugging Face checkpoint of the same function.
+    pub fn merged_named_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, t) in self.named_tensors() {
+            if name.ends_with(".lora_B.weight") {
+                continue;
+            }
+            if let Some(prefix) = name.strip_suffix(".lora_A.weight") {
+                let (l, proj) = prefix
+                    .strip_prefix("model.layers.")
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(l, p)| Some((l.parse::<usize>().ok()?, p)))
+                    .ok_or_else(|| candle_core::Error::Msg(format!("bad LoRA name {name}")))?;
+                let lin = self.blocks[l]
+                    .projections()
+                    .into_iter()
+                    .find(|(n, _)| *n == proj)
+                    .map(|(_, lin)| lin)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("bad LoRA name {name}")))?;
+                out.push((
+                    format!("{prefix}.weight"),
+                    lin.effective_weight(&QuantConfig::none())?,
+                ));
+                continue;
+            }
+            out.push((name, t));
+        }
+        Ok(out)
     }
 
     /// Full-sequence forward from position 0: ids [b, t] (u32) -> logits [b, t, vocab].
@@ -541,7 +679,8 @@ impl Llama {
         };
         let scale = 1.0 / (hd as f64).sqrt();
         let sinks = self.grad_sinks.as_deref().filter(|s| !s.by_name.is_empty());
-        let fused_blocks = crate::fused_block::supported(&x, cfg, q, sinks);
+        let fused_blocks = crate::fused_block::supported(&x, cfg, q, sinks)
+            && self.blocks.iter().all(Block::is_dense);
         for (layer, blk) in self.blocks.iter().enumerate() {
             if let (true, Some(sinks)) = (fused_blocks, sinks) {
                 // Training on a GPU: the whole block is one node (no probe: calibration runs on

@@ -23,7 +23,7 @@ pub mod stage;
 pub mod writer;
 
 pub use header::{QuantizeHeader, HEADER_FILE, REPORT_FILE};
-pub use load::{is_quantized_folder, load_dequantized, LoadedTensor};
+pub use load::{is_quantized_folder, load_blockwise, load_dequantized, LoadedTensor};
 pub use report::QuantizeReport;
 pub use settings::{check_block_size, Format, Layout, QuantizeSettings, DEFAULT_SKIP};
 pub use stage::{quantize_folder, Progress};

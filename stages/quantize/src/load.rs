@@ -22,6 +22,16 @@ pub enum LoadedTensor {
         shape: Vec<usize>,
         data: Vec<f32>,
     },
+    /// A quantized weight kept quantized (`load_blockwise`): value i is
+    /// `code[codes[i]] * scales[i / block]`, one code index per value.
+    Blockwise {
+        name: String,
+        shape: Vec<usize>,
+        codes: Vec<u8>,
+        block: usize,
+        code: Vec<f32>,
+        scales: Vec<f32>,
+    },
     /// A tensor that was stored as is (raw little-endian bytes).
     Raw {
         name: String,
@@ -49,6 +59,16 @@ pub fn is_quantized_folder(dir: &Path) -> bool {
 /// Every tensor of the quantized folder `dir` (weights in `files`), quantized ones
 /// dequantized to f32.
 pub fn load_dequantized(dir: &Path, files: &[PathBuf]) -> Result<Vec<LoadedTensor>> {
+    load(dir, files, false)
+}
+
+/// Every tensor of the quantized folder `dir`, quantized ones kept as code indices and block
+/// scales (a frozen base that stays 4-bit in memory).
+pub fn load_blockwise(dir: &Path, files: &[PathBuf]) -> Result<Vec<LoadedTensor>> {
+    load(dir, files, true)
+}
+
+fn load(dir: &Path, files: &[PathBuf], keep: bool) -> Result<Vec<LoadedTensor>> {
     let header = QuantizeHeader::read(dir)?;
     let layout = header
         .as_ref()
@@ -62,7 +82,7 @@ pub fn load_dequantized(dir: &Path, files: &[PathBuf]) -> Result<Vec<LoadedTenso
             Layout::Bnb => {
                 for t in &st.tensors {
                     if let Some(w) = t.name.strip_suffix(BNB_STATE_SUFFIX) {
-                        out.push(load_bnb(&st, w, &mut consumed)?);
+                        out.push(load_bnb(&st, w, &mut consumed, keep)?);
                     } else if t.name.contains(".quant_state.bitsandbytes__") {
                         bail!(
                             "{}: tensor {}: only NF4 bitsandbytes checkpoints can be read (not FP4)",
@@ -79,7 +99,7 @@ pub fn load_dequantized(dir: &Path, files: &[PathBuf]) -> Result<Vec<LoadedTenso
                     if Some(&info.file) != fname.as_ref() {
                         continue;
                     }
-                    out.push(load_packed(&st, h, name, &info.shape, &mut consumed)?);
+                    out.push(load_packed(&st, h, name, &info.shape, &mut consumed, keep)?);
                 }
             }
         }
@@ -204,6 +224,7 @@ fn dequant(
     code: &[f32],
     bits: u32,
     scales: &[f32],
+    keep: bool,
 ) -> Result<LoadedTensor> {
     let n: usize = shape.iter().product();
     if block == 0
@@ -219,6 +240,16 @@ fn dequant(
             code.len()
         );
     }
+    if keep {
+        return Ok(LoadedTensor::Blockwise {
+            name: w.to_string(),
+            shape: shape.to_vec(),
+            codes: quant::unpack_bits(packed, bits, n),
+            block,
+            code: code.to_vec(),
+            scales: scales.to_vec(),
+        });
+    }
     Ok(LoadedTensor::F32 {
         name: w.to_string(),
         shape: shape.to_vec(),
@@ -226,7 +257,12 @@ fn dequant(
     })
 }
 
-fn load_bnb(st: &SafetensorsFile, w: &str, consumed: &mut HashSet<String>) -> Result<LoadedTensor> {
+fn load_bnb(
+    st: &SafetensorsFile,
+    w: &str,
+    consumed: &mut HashSet<String>,
+    keep: bool,
+) -> Result<LoadedTensor> {
     let state_name = format!("{w}{BNB_STATE_SUFFIX}");
     let state = take(st, &state_name, Some(Dtype::U8), consumed)?;
     let at = || format!("{}: tensor {state_name}", st.path.display());
@@ -255,7 +291,7 @@ fn load_bnb(st: &SafetensorsFile, w: &str, consumed: &mut HashSet<String>) -> Re
         take(st, &format!("{w}.quant_map"), Some(Dtype::F32), consumed)?,
     )?;
     let sc = scales(st, w, offset, nested_block, consumed)?;
-    dequant(st, w, st.bytes(weight), &shape, block, &code, 4, &sc)
+    dequant(st, w, st.bytes(weight), &shape, block, &code, 4, &sc, keep)
 }
 
 fn load_packed(
@@ -264,6 +300,7 @@ fn load_packed(
     w: &str,
     shape: &[usize],
     consumed: &mut HashSet<String>,
+    keep: bool,
 ) -> Result<LoadedTensor> {
     let offset = if h.settings.double_quant {
         let t = take(
@@ -291,5 +328,6 @@ fn load_packed(
         &code,
         h.bits,
         &sc,
+        keep,
     )
 }

@@ -386,6 +386,69 @@ pub fn export_student(
     result.with_context(|| format!("writing the student folder {}", dst.display()))
 }
 
+/// Writes a folder of `files` (name, bytes) at `dst`: built in a temp folder, synced, renamed.
+pub fn write_folder(dst: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    let parent = dst.parent().context("the folder has no parent")?;
+    let name = dst
+        .file_name()
+        .context("the folder has no name")?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let result = (|| -> Result<()> {
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        for (f, bytes) in files {
+            write_synced(&tmp.join(f), bytes)?;
+        }
+        fsio::fsync_dir(&tmp)?;
+        if dst.exists() {
+            remove_dir_safely(dst, parent)?;
+        }
+        fsio::rename_durable(&tmp, dst)
+    })();
+    result.with_context(|| format!("writing {}", dst.display()))
+}
+
+/// The trained adapters of a LoRA student as a PEFT adapter folder (`adapter_config.json`,
+/// `adapter_model.safetensors` under peft's tensor names) for the base folder `base`.
+pub fn export_adapter(
+    dst: &Path,
+    adapters: &[(String, Tensor)],
+    lora: &crate::config::LoraConfig,
+    base: &Path,
+) -> Result<()> {
+    let named: Vec<(String, Tensor)> = adapters
+        .iter()
+        .map(|(n, t)| (format!("base_model.model.{n}"), t.clone()))
+        .collect();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.lora_rank,
+        "lora_alpha": lora.lora_alpha,
+        "lora_dropout": lora.lora_dropout,
+        "target_modules": lora.lora_targets,
+        "base_model_name_or_path": base.display().to_string(),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+    });
+    write_folder(
+        dst,
+        &[
+            ("adapter_model.safetensors", safetensors_bytes(&named)?),
+            ("adapter_config.json", json_bytes(&config)?),
+        ],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

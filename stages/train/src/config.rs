@@ -270,44 +270,243 @@ fn d_kv_bits() -> u32 {
     4
 }
 
-/// The `[student]` table: how the student is fake-quantized while it trains.
-/// Bit widths are integers; 16 (or "none") means not quantized.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// How the student parameterises the teacher's seven projections per layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// LLM-QAT: every weight trainable, fake-quantized (`w_bits`, `w_group`).
+    #[default]
+    Qat,
+    /// QLoRA: a frozen block-quantized base (the `[quantize]` stage's output) with LoRA
+    /// adapters, the only trainable weights.
+    Qlora,
+}
+
+impl std::str::FromStr for Method {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "qat" => Ok(Method::Qat),
+            "qlora" => Ok(Method::Qlora),
+            other => bail!("student.method = {other:?}: allowed values are \"qat\", \"qlora\""),
+        }
+    }
+}
+
+impl Method {
+    fn is_qat(&self) -> bool {
+        *self == Method::Qat
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Qat => "qat",
+            Method::Qlora => "qlora",
+        }
+    }
+
+    /// Whether the method trains adapters on a block-quantized base.
+    pub fn needs_base(&self) -> bool {
+        *self == Method::Qlora
+    }
+}
+
+/// The projections LoRA adapters can go on, as peft's `target_modules` names them.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The `[student]` table: how the student is parameterised and fake-quantized while it
+/// trains. Bit widths are integers; 16 (or "none") means not quantized. Keys of another
+/// method than `method` are refused by name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawStudent")]
 pub struct StudentConfig {
-    #[serde(default = "d_w_bits", deserialize_with = "bits")]
+    /// Left out of the JSON for `qat`, so runs made before methods existed keep their
+    /// fingerprints.
+    #[serde(skip_serializing_if = "Method::is_qat")]
+    pub method: Method,
     pub w_bits: u32,
     /// Per-group weight quantization along the input dimension; absent = per output channel.
-    #[serde(default)]
     pub w_group: Option<usize>,
-    #[serde(default = "d_a_bits", deserialize_with = "bits")]
     pub a_bits: u32,
-    #[serde(default = "d_kv_bits", deserialize_with = "bits")]
     pub kv_bits: u32,
-    #[serde(default)]
     pub kv_point: KvPoint,
     /// "hadamard": round K and V in each head's Hadamard basis (see model::kv_rotation).
     /// Left out of the JSON when "none", so older runs keep their fingerprints.
-    #[serde(default, skip_serializing_if = "KvRotation::is_none")]
+    #[serde(skip_serializing_if = "KvRotation::is_none")]
     pub kv_rotation: KvRotation,
+    /// LoRA settings (`qlora`).
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub lora: Option<LoraConfig>,
+    /// The block-quantized base folder (`qlora`): given by `pipeline train --base` or
+    /// `[student] base`, or the `[quantize]` stage's output in `pipeline run`. Its content
+    /// hash, not its path, is part of the training fingerprint.
+    #[serde(skip_serializing)]
+    pub base: Option<std::path::PathBuf>,
+}
+
+/// LoRA adapters: rank r, alpha (scale alpha / r), dropout on the adapter's input, and the
+/// projections that get one (peft's names).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_targets: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.lora_alpha / self.lora_rank as f64
+    }
+}
+
+/// The `[student]` table as written: every key optional, so that each method's defaults and
+/// each method's own keys can be told apart.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStudent {
+    method: Option<Method>,
+    #[serde(default, deserialize_with = "opt_bits")]
+    w_bits: Option<u32>,
+    w_group: Option<usize>,
+    #[serde(default, deserialize_with = "opt_bits")]
+    a_bits: Option<u32>,
+    #[serde(default, deserialize_with = "opt_bits")]
+    kv_bits: Option<u32>,
+    kv_point: Option<KvPoint>,
+    kv_rotation: Option<KvRotation>,
+    lora_rank: Option<usize>,
+    lora_alpha: Option<f64>,
+    lora_dropout: Option<f64>,
+    lora_targets: Option<Vec<String>>,
+    base: Option<std::path::PathBuf>,
+}
+
+fn opt_bits<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {
+    bits(d).map(Some)
+}
+
+impl TryFrom<RawStudent> for StudentConfig {
+    type Error = String;
+
+    fn try_from(r: RawStudent) -> std::result::Result<Self, String> {
+        let method = r.method.unwrap_or_default();
+        let m = method.name();
+        let other = |key: &str, owner: &str| {
+            format!("student.{key} is a key of method \"{owner}\", but student.method = \"{m}\"")
+        };
+        let lora = match method {
+            Method::Qat => {
+                for (key, set) in [
+                    ("lora_rank", r.lora_rank.is_some()),
+                    ("lora_alpha", r.lora_alpha.is_some()),
+                    ("lora_dropout", r.lora_dropout.is_some()),
+                    ("lora_targets", r.lora_targets.is_some()),
+                    ("base", r.base.is_some()),
+                ] {
+                    if set {
+                        return Err(other(key, "qlora"));
+                    }
+                }
+                None
+            }
+            Method::Qlora => {
+                // The base's block quantization is the weight quantization.
+                if r.w_bits.is_some_and(|b| b != 16) {
+                    return Err(format!("student.w_bits is a key of method \"qat\" (a {m} student's weights are quantized by its base, [quantize] format)"));
+                }
+                if r.w_group.is_some() {
+                    return Err(other("w_group", "qat"));
+                }
+                let targets = r
+                    .lora_targets
+                    .unwrap_or_else(|| PROJECTIONS.iter().map(|s| s.to_string()).collect());
+                Some(LoraConfig {
+                    lora_rank: r.lora_rank.unwrap_or(16),
+                    lora_alpha: r.lora_alpha.unwrap_or(16.0),
+                    lora_dropout: r.lora_dropout.unwrap_or(0.0),
+                    lora_targets: targets,
+                })
+            }
+        };
+        // QLoRA is weight-only unless activation / K/V quantization is asked for.
+        let (w, a, kv) = match method {
+            Method::Qat => (d_w_bits(), d_a_bits(), d_kv_bits()),
+            Method::Qlora => (16, 16, 16),
+        };
+        Ok(StudentConfig {
+            method,
+            w_bits: r.w_bits.unwrap_or(w),
+            w_group: r.w_group,
+            a_bits: r.a_bits.unwrap_or(a),
+            kv_bits: r.kv_bits.unwrap_or(kv),
+            kv_point: r.kv_point.unwrap_or_default(),
+            kv_rotation: r.kv_rotation.unwrap_or_default(),
+            lora,
+            base: r.base,
+        })
+    }
 }
 
 impl Default for StudentConfig {
     fn default() -> Self {
         StudentConfig {
+            method: Method::Qat,
             w_bits: d_w_bits(),
             w_group: None,
             a_bits: d_a_bits(),
             kv_bits: d_kv_bits(),
             kv_point: KvPoint::default(),
             kv_rotation: KvRotation::None,
+            lora: None,
+            base: None,
         }
     }
 }
 
 impl StudentConfig {
     pub fn validate(&self) -> Result<()> {
-        self.quant_config().map(|_| ())
+        self.quant_config()?;
+        if let Some(l) = &self.lora {
+            if l.lora_rank == 0 {
+                bail!("student.lora_rank = 0: allowed values are integers >= 1 (at most the smaller dimension of each target projection)");
+            }
+            if !(l.lora_alpha.is_finite() && l.lora_alpha > 0.0) {
+                bail!(
+                    "student.lora_alpha = {}: allowed values are finite numbers > 0",
+                    l.lora_alpha
+                );
+            }
+            if l.lora_dropout != 0.0 {
+                bail!(
+                    "student.lora_dropout = {}: only 0 is supported (the synthetic corpus is never repeated, and a dropout mask would need its own resumable random stream)",
+                    l.lora_dropout
+                );
+            }
+            if l.lora_targets.is_empty() {
+                bail!(
+                    "student.lora_targets is empty: allowed values are a list of {}",
+                    PROJECTIONS.join(", ")
+                );
+            }
+            for t in &l.lora_targets {
+                if !PROJECTIONS.contains(&t.as_str()) {
+                    bail!(
+                        "student.lora_targets: {t:?} is not a projection of the model; allowed values are {}",
+                        PROJECTIONS.join(", ")
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The model crate's quantization seam for this student.

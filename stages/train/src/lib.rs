@@ -15,11 +15,13 @@ pub mod data;
 pub mod kv_equalize;
 pub mod loss;
 pub mod optim;
+pub mod student;
 
-pub use config::{Packing, Schedule, StudentConfig, TrainConfig};
+pub use config::{LoraConfig, Method, Packing, Schedule, StudentConfig, TrainConfig};
+pub use student::{Base, Student};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use checkpoint::CheckpointState;
 use corpus::{fsio, CorpusManifest};
 use data::{Loader, LoaderSpec};
@@ -35,6 +37,8 @@ use std::time::Instant;
 pub const LOG_FILE: &str = "train_log.jsonl";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 pub const STUDENT_DIR: &str = "student";
+/// A LoRA student's adapters as a PEFT folder (beside the merged `student/`).
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// One line of `train_log.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -98,23 +102,7 @@ pub fn train_on(
     )
 }
 
-/// Which student tensors receive gradients.
-fn is_trainable(name: &str, cfg: &TrainConfig) -> bool {
-    if name == "model.embed_tokens.weight" {
-        cfg.train_embeddings
-    } else if name == "lm_head.weight" {
-        cfg.train_lm_head
-    } else if name.ends_with("layernorm.weight")
-        || name.ends_with("_norm.weight")
-        || name == "model.norm.weight"
-    {
-        cfg.train_norms
-    } else {
-        true
-    }
-}
-
-/// Builds the student from `init` (teacher or checkpoint tensors): trainable tensors become
+/// Builds a `qat` student from `init` (teacher or checkpoint tensors): trainable tensors become
 /// `Var`s, and the model holds the Vars' own tensors so optimizer updates reach the forward pass.
 pub fn build_student(
     mcfg: &LlamaConfig,
@@ -124,23 +112,18 @@ pub fn build_student(
     source: &str,
     device: &Device,
 ) -> Result<(Llama, Vec<Param>)> {
-    let mut tensors = HashMap::new();
-    let mut params = Vec::new();
-    for (name, _) in model::llama::expected_tensors(mcfg) {
-        let t = init
-            .get(&name)
-            .with_context(|| format!("{source}: missing tensor `{name}`"))?;
-        if is_trainable(&name, cfg) {
-            // from_tensor copies the storage, so the teacher's tensors are never touched.
-            let var = Var::from_tensor(t)?;
-            tensors.insert(name.clone(), var.as_tensor().clone());
-            params.push(Param { name, var });
-        } else {
-            tensors.insert(name, t.clone());
-        }
-    }
-    let model = Llama::from_tensors(mcfg.clone(), quant.clone(), tensors, source, device)?;
-    Ok((model, params))
+    let s = Student::build(
+        &StudentConfig::default(),
+        mcfg,
+        quant,
+        init,
+        false,
+        None,
+        cfg,
+        source,
+        device,
+    )?;
+    Ok((s.model, s.params))
 }
 
 /// Where a step's time goes, when `PIPELINE_PROFILE=1`: the device is synchronised after each
@@ -347,7 +330,31 @@ pub fn train_until_on(
             teacher_dir.display()
         );
     }
-    let fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg, compute.dtype)?;
+    if student.method.needs_base() && cfg.kv_equalize > 0.0 {
+        bail!(
+            "train.kv_equalize = {}: not supported with student.method = \"{}\" (it would rescale the frozen base); set it to 0",
+            cfg.kv_equalize,
+            student.method.name()
+        );
+    }
+    let base_dir = match (student.method.needs_base(), &student.base) {
+        (true, Some(d)) => Some(d.clone()),
+        (true, None) => bail!(
+            "student.method = \"{}\" needs a block-quantized base: `pipeline train --base DIR` or [student] base (made by `pipeline quantize`; `pipeline run` makes it from [quantize])",
+            student.method.name()
+        ),
+        (false, _) => None,
+    };
+    // A LoRA student's checkpoints hold adapters only: the base they go with is named by the
+    // hash of its weights.
+    let base_sha = match &base_dir {
+        Some(d) => Some(ModelFolder::open(d)?.fingerprint()?.weights_sha256),
+        None => None,
+    };
+    let mut fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg, compute.dtype)?;
+    if let Some(sha) = &base_sha {
+        fp["base_weights_sha256"] = json!(sha);
+    }
 
     // Find where to start: the newest checkpoint that verifies, if its settings match ours.
     let ckpt_root = out.join(CHECKPOINT_DIR);
@@ -392,6 +399,10 @@ pub fn train_until_on(
 
     let teacher_tensors = folder.load_tensors(&device)?;
     let teacher_names: Vec<String> = teacher_tensors.keys().cloned().collect();
+    let base = match &base_dir {
+        Some(d) => Some(Base::load(d, &teacher_tensors, &device)?),
+        None => None,
+    };
     let teacher = Llama::from_tensors(
         mcfg.clone(),
         QuantConfig::none(),
@@ -434,18 +445,34 @@ pub fn train_until_on(
             (init, teacher_dir.display().to_string())
         }
     };
-    let (mut student_model, params) = build_student(&mcfg, &quant, &init, cfg, &source, &device)?;
-    student_model.set_compute_dtype(compute.dtype);
-    student_model.fused_attention = true;
+    let mut stu = Student::build(
+        student,
+        &mcfg,
+        &quant,
+        &init,
+        resume.is_some(),
+        base.as_ref(),
+        cfg,
+        &source,
+        &device,
+    )?;
+    drop(base);
+    eprintln!(
+        "student: method {}, {} trainable parameters",
+        student.method.name(),
+        stu.trainable_count()
+    );
+    stu.model.set_compute_dtype(compute.dtype);
+    stu.model.fused_attention = true;
     // On a GPU, weight gradients are written straight into f32 sinks (none on the CPU).
-    let sinks = student_model.attach_grad_sinks()?;
-    let sink_of: Vec<_> = params.iter().map(|p| sinks.get(&p.name)).collect();
+    let sinks = stu.model.attach_grad_sinks()?;
+    let sink_of: Vec<_> = stu.params.iter().map(|p| sinks.get(&p.name)).collect();
     drop(init);
-    let mut opt = AdamW::new(cfg, &params)?;
+    let mut opt = AdamW::new(cfg, &stu.params)?;
     if let Some((dir, _)) = &resume {
         let p = dir.join(checkpoint::OPTIMIZER_FILE);
         opt.load_moments(
-            &params,
+            &stu.params,
             checkpoint::read_safetensors(&p, &device)?,
             &p.display().to_string(),
         )?;
@@ -472,7 +499,7 @@ pub fn train_until_on(
     for step in start_step + 1..=end_step {
         let lr = optim::lr_at(cfg, step);
         sinks.reset();
-        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut grads: Vec<Option<Tensor>> = vec![None; stu.params.len()];
         let (mut loss_sum, mut kl_sum, mut agree_sum) = (0f64, 0f64, 0f64);
         for _ in 0..cfg.grad_accum {
             let batch = loader.next_batch()?;
@@ -482,7 +509,7 @@ pub fn train_until_on(
             prof.mark("data")?;
             let teacher_logits = teacher.forward(&ids)?;
             prof.mark("teacher forward")?;
-            let student_logits = student_model.forward(&ids)?;
+            let student_logits = stu.model.forward(&ids)?;
             prof.mark("student forward")?;
             let d = loss::distill_loss(
                 &teacher_logits,
@@ -506,7 +533,7 @@ pub fn train_until_on(
                 .affine(1.0 / cfg.grad_accum as f64, 0.0)?
                 .backward()?;
             prof.mark("backward")?;
-            for ((acc, p), sink) in grads.iter_mut().zip(&params).zip(&sink_of) {
+            for ((acc, p), sink) in grads.iter_mut().zip(&stu.params).zip(&sink_of) {
                 let gi = match g.get(p.var.as_tensor()) {
                     Some(x) => x.clone(),
                     // Written into its sink (collected below).
@@ -523,7 +550,7 @@ pub fn train_until_on(
             agree_sum += d.agreement;
             window_tokens += batch.rows * batch.len;
         }
-        let grads = step_gradients(grads, &params, &sink_of)?;
+        let grads = step_gradients(grads, &stu.params, &sink_of)?;
         prof.mark("gradient sums")?;
         let grad_norm = optim::global_norm(&grads)?;
         let gscale = optim::clip_scale(grad_norm, cfg.grad_clip);
@@ -534,7 +561,7 @@ pub fn train_until_on(
                 last_ckpt.as_ref().map_or_else(no_ckpt, |p| p.display().to_string())
             );
         }
-        opt.step(&params, &grads, lr, step, gscale)?;
+        opt.step(&stu.params, &grads, lr, step, gscale)?;
         prof.mark("optimizer")?;
         let n = cfg.grad_accum as f64;
         last_loss = loss_sum / n;
@@ -579,8 +606,8 @@ pub fn train_until_on(
             };
             let dir = checkpoint::write(
                 &ckpt_root,
-                &student_model.named_tensors(),
-                &opt.named_moments(&params),
+                &stu.checkpoint_tensors(),
+                &opt.named_moments(&stu.params),
                 &state,
             )?;
             checkpoint::prune(&ckpt_root, cfg.keep_checkpoints)?;
@@ -593,11 +620,20 @@ pub fn train_until_on(
 
     let student_dir = if end_step == cfg.steps {
         // Under the teacher's names: a tied model that also stored `lm_head.weight` gets it back.
-        let mut tensors = student_model.named_tensors();
+        let mut tensors = stu.hf_tensors()?;
         if mcfg.tie_word_embeddings && teacher_names.iter().any(|n| n == "lm_head.weight") {
-            tensors.push(("lm_head.weight".into(), student_model.embed_tokens.clone()));
+            tensors.push(("lm_head.weight".into(), stu.model.embed_tokens.clone()));
         }
         let dst = out.join(STUDENT_DIR);
+        if let (Some(lora), Some(base)) = (&student.lora, &base_dir) {
+            // Written first: `student/` is what marks a finished run.
+            checkpoint::export_adapter(
+                &out.join(ADAPTER_DIR),
+                &stu.checkpoint_tensors(),
+                lora,
+                base,
+            )?;
+        }
         checkpoint::export_student(teacher_dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;
         Some(dst)
     } else {

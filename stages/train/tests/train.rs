@@ -240,7 +240,8 @@ fn loss_falls_and_the_student_folder_loads() -> Result<()> {
     let b = student.blocks[0]
         .mlp
         .up_proj
-        .weight
+        .dense_weight()
+        .expect("a qat student's weights are dense")
         .flatten_all()?
         .to_vec1::<f32>()?;
     assert_eq!(a, b);

@@ -1,0 +1,275 @@
+//! The student: how it parameterises the teacher's projections (`[student] method`), how it is
+//! built from the teacher (or a quantized base) and a checkpoint, and what of it is saved. The
+//! training loop sees only `Student::model` (its forward pass) and `Student::params` (what the
+//! optimizer updates); it never asks which method it is.
+
+use crate::config::{LoraConfig, Method, StudentConfig, TrainConfig, PROJECTIONS};
+use crate::optim::Param;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use model::{BlockwiseWeight, Llama, LlamaConfig, LoraWeight, QuantConfig, Weight};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct Student {
+    pub model: Llama,
+    pub params: Vec<Param>,
+    method: Method,
+}
+
+/// A block-quantized base (`qlora`): its quantized projections and its other tensors.
+pub struct Base {
+    pub dense: HashMap<String, Tensor>,
+    pub blockwise: HashMap<String, BlockwiseWeight>,
+}
+
+impl Base {
+    /// Loads `dir` and checks that it was made from `teacher` (the tensors it keeps unquantized,
+    /// such as the embedding and the norms, must be the teacher's).
+    pub fn load(
+        dir: &std::path::Path,
+        teacher: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let folder = model::ModelFolder::open(dir)?;
+        let (dense, blockwise) = folder.load_base(device)?;
+        if blockwise.is_empty() {
+            bail!(
+                "student.base = {}: the folder holds no block-quantized weights",
+                dir.display()
+            );
+        }
+        let mut names: Vec<&String> = dense.keys().filter(|n| teacher.contains_key(*n)).collect();
+        names.sort();
+        for name in names {
+            let (a, b) = (&dense[name], &teacher[name]);
+            if a.dims() != b.dims() || model::max_abs_diff(a, b)? != 0.0 {
+                bail!(
+                    "student.base = {}: tensor `{name}` differs from the teacher's: the base was made from another model (quantize this teacher with `pipeline quantize`)",
+                    dir.display()
+                );
+            }
+        }
+        Ok(Self { dense, blockwise })
+    }
+}
+
+/// Which student tensors of a `qat` student receive gradients.
+fn qat_trainable(name: &str, cfg: &TrainConfig) -> bool {
+    if name == "model.embed_tokens.weight" {
+        cfg.train_embeddings
+    } else if name == "lm_head.weight" {
+        cfg.train_lm_head
+    } else if name.ends_with("layernorm.weight")
+        || name.ends_with("_norm.weight")
+        || name == "model.norm.weight"
+    {
+        cfg.train_norms
+    } else {
+        true
+    }
+}
+
+/// splitmix64: a seedable stream per adapter, so initial adapters depend only on the seed.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// peft's initial A: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+fn initial_a(rank: usize, inputs: usize, seed: u64, key: &str, device: &Device) -> Result<Tensor> {
+    let mut state = seed ^ 0x5EED_1042_u64;
+    for b in key.bytes() {
+        state = splitmix(&mut state) ^ b as u64;
+    }
+    let bound = 1.0 / (inputs as f64).sqrt();
+    let v: Vec<f32> = (0..rank * inputs)
+        .map(|_| {
+            let u = (splitmix(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+            ((2.0 * u - 1.0) * bound) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (rank, inputs), device)?)
+}
+
+impl Student {
+    /// Builds the student. `init` holds the teacher's tensors (fresh start) or, when resuming,
+    /// the checkpoint's (`checkpoint_tensors`); `base` is required by methods that need one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        spec: &StudentConfig,
+        mcfg: &LlamaConfig,
+        quant: &QuantConfig,
+        init: &HashMap<String, Tensor>,
+        resuming: bool,
+        base: Option<&Base>,
+        cfg: &TrainConfig,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        match (&spec.method, &spec.lora, base) {
+            (Method::Qat, _, _) => Self::qat(mcfg, quant, init, cfg, source, device),
+            (Method::Qlora, Some(lora), Some(base)) => {
+                let adapters = if resuming { Some(init) } else { None };
+                Self::lora(mcfg, quant, lora, base, adapters, cfg, source, device)
+            }
+            (m, _, _) => bail!(
+                "student.method = \"{}\" needs a base (student.base)",
+                m.name()
+            ),
+        }
+    }
+
+    fn qat(
+        mcfg: &LlamaConfig,
+        quant: &QuantConfig,
+        init: &HashMap<String, Tensor>,
+        cfg: &TrainConfig,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        let mut params = Vec::new();
+        for (name, _) in model::llama::expected_tensors(mcfg) {
+            let t = init
+                .get(&name)
+                .with_context(|| format!("{source}: missing tensor `{name}`"))?;
+            if qat_trainable(&name, cfg) {
+                // from_tensor copies the storage, so the teacher's tensors are never touched.
+                let var = Var::from_tensor(t)?;
+                tensors.insert(name.clone(), var.as_tensor().clone());
+                params.push(Param { name, var });
+            } else {
+                tensors.insert(name, t.clone());
+            }
+        }
+        let model = Llama::from_tensors(mcfg.clone(), quant.clone(), tensors, source, device)?;
+        Ok(Self {
+            model,
+            params,
+            method: Method::Qat,
+        })
+    }
+
+    /// Frozen base + LoRA adapters on the target projections (the only trainable tensors);
+    /// `adapters` are a checkpoint's, else A starts random and B at zero, as peft starts them.
+    #[allow(clippy::too_many_arguments)]
+    fn lora(
+        mcfg: &LlamaConfig,
+        quant: &QuantConfig,
+        lora: &LoraConfig,
+        base: &Base,
+        adapters: Option<&HashMap<String, Tensor>>,
+        cfg: &TrainConfig,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let r = lora.lora_rank;
+        let mut projections = HashMap::new();
+        let mut params = Vec::new();
+        for l in 0..mcfg.num_hidden_layers {
+            for n in PROJECTIONS {
+                let group = match n {
+                    "gate_proj" | "up_proj" | "down_proj" => "mlp",
+                    _ => "self_attn",
+                };
+                let prefix = format!("model.layers.{l}.{group}.{n}");
+                let q = base.blockwise.get(&format!("{prefix}.weight")).with_context(|| {
+                    format!("student.base: `{prefix}.weight` is not block-quantized in the base (see [quantize] skip)")
+                })?;
+                let (out, inp) = q.shape;
+                if !lora.lora_targets.iter().any(|t| t == n) {
+                    // Not adapted: the frozen base as a dense weight.
+                    projections.insert(prefix, Weight::Dense(q.dequantize()?));
+                    continue;
+                }
+                if r > out.min(inp) {
+                    bail!(
+                        "student.lora_rank = {r}: larger than `{prefix}` allows ({out} x {inp}: at most {})",
+                        out.min(inp)
+                    );
+                }
+                let (ka, kb) = (
+                    format!("{prefix}.lora_A.weight"),
+                    format!("{prefix}.lora_B.weight"),
+                );
+                let (a, b) = match adapters {
+                    Some(t) => {
+                        let get = |k: &str, shape: [usize; 2]| -> Result<Tensor> {
+                            let x = t
+                                .get(k)
+                                .with_context(|| format!("{source}: missing tensor `{k}`"))?;
+                            if x.dims() != shape {
+                                bail!(
+                                    "{source}: tensor `{k}` has shape {:?}, expected {shape:?}",
+                                    x.dims()
+                                );
+                            }
+                            Ok(x.clone())
+                        };
+                        (get(&ka, [r, inp])?, get(&kb, [out, r])?)
+                    }
+                    None => (
+                        initial_a(r, inp, cfg.seed, &ka, device)?,
+                        Tensor::zeros((out, r), candle_core::DType::F32, device)?,
+                    ),
+                };
+                let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+                projections.insert(
+                    prefix,
+                    Weight::Lora(LoraWeight {
+                        base: Arc::new(q.clone()),
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                        scale: lora.scale(),
+                    }),
+                );
+                params.push(Param { name: ka, var: a });
+                params.push(Param { name: kb, var: b });
+            }
+        }
+        let model = Llama::with_projections(
+            mcfg.clone(),
+            quant.clone(),
+            base.dense.clone(),
+            projections,
+            source,
+            device,
+        )?;
+        Ok(Self {
+            model,
+            params,
+            method: Method::Qlora,
+        })
+    }
+
+    /// What a checkpoint stores of the student: every tensor for `qat` (as before), only the
+    /// adapters for `qlora` (the base is the base folder's, named by its hash).
+    pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        match self.method {
+            Method::Qat => self.model.named_tensors(),
+            Method::Qlora => self
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+                .collect(),
+        }
+    }
+
+    /// The student as a plain Hugging Face checkpoint: `qat` as trained (f32 masters), LoRA
+    /// students merged (dequant(base) + scale B A).
+    pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(match self.method {
+            Method::Qat => self.model.named_tensors(),
+            Method::Qlora => self.model.merged_named_tensors()?,
+        })
+    }
+
+    /// Trainable parameters in total (for reports).
+    pub fn trainable_count(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+}
