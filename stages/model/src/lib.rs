@@ -13,6 +13,7 @@ pub mod folder;
 pub mod fused_block;
 pub mod fused_ops;
 pub mod grad_sink;
+pub mod hub;
 pub mod kv_rotation;
 pub mod llama;
 pub mod qconfig;
@@ -24,6 +25,7 @@ pub use config::LlamaConfig;
 pub use decode::{BatchCache, SeqCache};
 pub use folder::{ModelFolder, TeacherFingerprint};
 pub use grad_sink::{GradSink, GradSinks};
+pub use hub::HubSource;
 pub use llama::Llama;
 pub use qconfig::{parse_bits, KvPoint, KvRotation, QuantConfig};
 
