@@ -276,7 +276,7 @@ pub fn generate_on(
             "generate.max_tokens = {} is above the teacher's context ({} in {})",
             cfg.max_tokens,
             folder.config.max_position_embeddings,
-            teacher_dir.join("config.json").display()
+            folder.dir.join("config.json").display()
         );
     }
     let fp = folder.fingerprint()?;
@@ -285,6 +285,8 @@ pub fn generate_on(
         weights_sha256: fp.weights_sha256,
         tokenizer_sha256: fp.tokenizer_sha256,
         vocab_size: folder.config.vocab_size,
+        hub_repo: fp.hub_repo,
+        hub_commit: fp.hub_commit,
     };
     let wanted = CorpusManifest::new(
         teacher,

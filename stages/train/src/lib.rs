@@ -594,7 +594,7 @@ pub fn train_until_on(
             tensors.push(("lm_head.weight".into(), student_model.embed_tokens.clone()));
         }
         let dst = out.join(STUDENT_DIR);
-        checkpoint::export_student(teacher_dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;
+        checkpoint::export_student(&folder.dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;
         Some(dst)
     } else {
         None
