@@ -58,7 +58,8 @@ impl QuantArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json), or a hub id
+    /// org/name[@revision] resolved through the HF cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
     #[arg(long)]
     pub model: PathBuf,
     /// UTF-8 text to score.
@@ -102,7 +103,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let r = eval::perplexity(&model, &ids, ctx, a.batch, |n| bar.set_position(n as u64))?;
     bar.finish();
     if a.json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "model": a.model.display().to_string(),
             "text": a.text.display().to_string(),
             "quant": quant.label(),
@@ -116,11 +117,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "seconds": r.seconds,
             "tokens_per_second": r.tokens_per_second,
         });
+        if let Some(h) = &folder.hub {
+            v["hub_repo"] = h.repo.clone().into();
+            v["hub_commit"] = h.commit.clone().into();
+        }
         println!("{v}");
     } else {
         println!(
-            "{} [{}] ppl {:.5}  nll {:.6}  tokens {}  ({:.0} tokens/s)",
+            "{}{} [{}] ppl {:.5}  nll {:.6}  tokens {}  ({:.0} tokens/s)",
             a.model.display(),
+            folder
+                .hub
+                .as_ref()
+                .map_or(String::new(), |h| format!(" (commit {})", h.commit)),
             quant.label(),
             r.ppl,
             r.nll,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Teacher model folder (Hugging Face format).
+    /// Teacher model folder (Hugging Face format), or a hub id org/name[@revision].
     #[arg(long)]
     pub teacher: PathBuf,
     /// Corpus folder (Parquet shards + manifest.json).

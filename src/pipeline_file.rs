@@ -26,7 +26,7 @@ pub struct RunTable {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherTable {
-    /// Hugging Face folder of the teacher.
+    /// Hugging Face folder of the teacher, or a hub id `org/name[@revision]`.
     pub model: PathBuf,
 }
 
@@ -285,9 +285,9 @@ impl PipelineFile {
                 );
             }
         }
-        if !self.teacher.model.exists() {
+        if !self.teacher.model.exists() && model::hub::hub_spec_of(&self.teacher.model).is_none() {
             bail!(
-                "{}: [teacher] model = {:?} does not exist",
+                "{}: [teacher] model = {:?} does not exist (and is not a hub id org/name[@revision])",
                 at("teacher", "model"),
                 self.teacher.model
             );

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// Hugging Face model folder to quantize.
+    /// Hugging Face model folder to quantize, or a hub id org/name[@revision].
     #[arg(long)]
     pub model: PathBuf,
     /// Output folder (created; refused if it holds another model or quantization).
@@ -50,7 +50,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     ) {
         bar.set_style(style);
     }
-    let report = quantize_folder(&a.model, &a.out, &s, &mut |p| {
+    // A hub id becomes its snapshot folder in the Hugging Face cache (downloaded if needed).
+    let (input, hub) = model::hub::resolve(&a.model)?;
+    let report = quantize_folder(&input, &a.out, &s, &mut |p| {
         bar.set_length(p.bytes_total);
         bar.set_position(p.bytes_done);
         bar.set_message(format!(
@@ -60,11 +62,21 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        match &hub {
+            Some(h) => {
+                let mut v = serde_json::to_value(&report)?;
+                v["hub_repo"] = h.repo.clone().into();
+                v["hub_commit"] = h.commit.clone().into();
+                println!("{v}");
+            }
+            None => println!("{}", serde_json::to_string(&report)?),
+        }
     } else {
         println!(
-            "{} -> {} [{} {} block {}{}]: {} weights, {:.3} bits/param, {:.1} MB -> {:.1} MB ({:.1}%), rel. error mean {:.4} max {:.4}, {:.2} GB/s quantizing, {:.1} s",
+            "{}{} -> {} [{} {} block {}{}]: {} weights, {:.3} bits/param, {:.1} MB -> {:.1} MB ({:.1}%), rel. error mean {:.4} max {:.4}, {:.2} GB/s quantizing, {:.1} s",
             a.model.display(),
+            hub.as_ref()
+                .map_or(String::new(), |h| format!(" (commit {})", h.commit)),
             a.out.display(),
             report.format,
             report.layout,

@@ -27,8 +27,10 @@ pub struct ModelScore {
 #[derive(Debug, Clone)]
 pub struct ReportInput<'a> {
     pub run_name: &'a str,
-    /// Teacher model folder.
+    /// Teacher model folder or hub id, as the pipeline file names it.
     pub teacher: &'a str,
+    /// The hub repo and resolved commit, when the teacher came from the hub.
+    pub teacher_hub: Option<&'a model::HubSource>,
     /// Quantization label, e.g. "w4a8kv4".
     pub quant_label: &'a str,
     /// Path of the held-out text.
@@ -190,6 +192,10 @@ fn score_json(s: &ModelScore) -> Value {
 fn report_json(input: &ReportInput, log: &TrainLog, gap: Option<f64>) -> Value {
     let mut teacher = score_json(&input.teacher_score);
     teacher["path"] = json!(input.teacher);
+    if let Some(h) = input.teacher_hub {
+        teacher["hub_repo"] = json!(h.repo);
+        teacher["hub_commit"] = json!(h.commit);
+    }
     // Timings as a list: a JSON object would lose the run order of the stages.
     let timings: Vec<Value> = input
         .timings
@@ -297,7 +303,14 @@ fn report_markdown(input: &ReportInput, log: &TrainLog, table: &str) -> String {
     );
 
     md.push_str("\n## Settings\n\n");
-    md.push_str(&format!("- teacher: `{}`\n", input.teacher));
+    md.push_str(&format!("- teacher: `{}`", input.teacher));
+    match input.teacher_hub {
+        Some(h) => md.push_str(&format!(
+            " (hub repo `{}`, commit `{}`)\n",
+            h.repo, h.commit
+        )),
+        None => md.push('\n'),
+    }
     md.push_str(&format!("- quantization: `{}`\n", input.quant_label));
     md.push_str(&format!(
         "- held-out text: `{}` ({} tokens scored)\n",
@@ -741,6 +754,7 @@ mod tests {
         ReportInput {
             run_name: "test-run",
             teacher: "models/teacher",
+            teacher_hub: None,
             quant_label: "w4a8kv4",
             eval_text: "data/heldout.txt",
             teacher_score: score(10.0, None, None),
@@ -874,6 +888,41 @@ mod tests {
         assert!(md.contains(NO_STEPS));
         assert!(check_svg(&out.join("loss.svg")).contains(NO_STEPS));
         assert!(check_svg(&out.join("perplexity.svg")).contains("log scale"));
+    }
+
+    /// A teacher from the hub: report.json and report.md name its repo and commit; a local
+    /// teacher's report has no such fields.
+    #[test]
+    fn hub_teacher_is_named_with_its_commit() {
+        let tmp = TempDir::new("hub");
+        let missing = tmp.0.join("none.jsonl");
+        let local = tmp.0.join("local");
+        write_report(&local, &input(&missing, 20.0)).expect("write_report");
+        let j = read_json(&local.join("report.json"));
+        assert!(j["teacher"].get("hub_repo").is_none() && j["teacher"].get("hub_commit").is_none());
+
+        let src = model::HubSource {
+            repo: "org/name".into(),
+            revision: "main".into(),
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        };
+        let mut inp = input(&missing, 20.0);
+        inp.teacher = "org/name";
+        inp.teacher_hub = Some(&src);
+        let out = tmp.0.join("hub");
+        write_report(&out, &inp).expect("write_report");
+        let j = read_json(&out.join("report.json"));
+        assert_eq!(j["teacher"]["path"], "org/name");
+        assert_eq!(j["teacher"]["hub_repo"], "org/name");
+        assert_eq!(j["teacher"]["hub_commit"], src.commit.as_str());
+        let md = std::fs::read_to_string(out.join("report.md")).expect("read report.md");
+        assert!(
+            md.contains(&format!(
+                "- teacher: `org/name` (hub repo `org/name`, commit `{}`)",
+                src.commit
+            )),
+            "{md}"
+        );
     }
 
     /// A run with a K/V rotation: the plain RTN stays the baseline, rotation alone gets a row.

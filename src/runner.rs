@@ -390,6 +390,7 @@ fn evaluate(
     let input = ReportInput {
         run_name: &p.run.name,
         teacher: &p.teacher.model.display().to_string(),
+        teacher_hub: folder.hub.as_ref(),
         quant_label: &q.label(),
         eval_text: &p.eval.text.display().to_string(),
         teacher_score: score(&t, None),

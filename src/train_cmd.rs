@@ -12,7 +12,7 @@ use train::{Packing, Schedule, StudentConfig, TrainConfig};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Teacher model folder (Hugging Face format).
+    /// Teacher model folder (Hugging Face format), or a hub id org/name[@revision].
     #[arg(long)]
     pub teacher: PathBuf,
     /// Corpus folder written by `pipeline generate`.

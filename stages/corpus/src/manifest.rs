@@ -24,11 +24,19 @@ pub const FORMAT: u32 = 1;
 /// The teacher model the corpus was generated with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TeacherInfo {
-    /// Where the teacher was loaded from (informational; not compared).
+    /// Where the teacher was loaded from: a folder, or a hub id `org/name[@revision]`
+    /// (informational; not compared).
     pub path: String,
     pub weights_sha256: String,
     pub tokenizer_sha256: String,
     pub vocab_size: usize,
+    /// The hub repo id, for a teacher resolved from the Hugging Face hub (informational like
+    /// `path`: the hashes above decide whether two corpora match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_repo: Option<String>,
+    /// The commit the hub revision resolved to (40 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_commit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,6 +304,8 @@ pub(crate) mod tests {
                 weights_sha256: "ab".repeat(32),
                 tokenizer_sha256: "cd".repeat(32),
                 vocab_size: 100,
+                hub_repo: None,
+                hub_commit: None,
             },
             json!({"temperature": 1.0, "top_k": null, "greedy": [3, 5], "first_token": "random"}),
             7,
@@ -327,6 +337,35 @@ pub(crate) mod tests {
             text.contains("\n  \"teacher\": {"),
             "pretty JSON expected:\n{text}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn hub_fields_are_optional_and_informational() -> Result<()> {
+        let dir = TestDir::new("manifest-hub")?;
+        // A local teacher writes no hub fields, so manifests from before they existed match.
+        let local = make_manifest(10, 4);
+        local.save(dir.path())?;
+        let text = std::fs::read_to_string(dir.path().join(MANIFEST_FILE))?;
+        assert!(!text.contains("hub_"), "{text}");
+        let mut v: Value = serde_json::from_str(&text)?;
+        assert_eq!(v["teacher"].as_object().map(|o| o.len()), Some(4), "{text}");
+        assert_eq!(CorpusManifest::load(dir.path())?, local);
+
+        let mut hub = local.clone();
+        hub.teacher.path = "org/name@main".into();
+        hub.teacher.hub_repo = Some("org/name".into());
+        hub.teacher.hub_commit = Some("0123456789abcdef0123456789abcdef01234567".into());
+        hub.save(dir.path())?;
+        v = serde_json::from_str(&std::fs::read_to_string(dir.path().join(MANIFEST_FILE))?)?;
+        assert_eq!(v["teacher"]["hub_repo"], "org/name");
+        assert_eq!(
+            v["teacher"]["hub_commit"],
+            "0123456789abcdef0123456789abcdef01234567"
+        );
+        assert_eq!(CorpusManifest::load(dir.path())?, hub);
+        // Same weights and tokenizer: the same corpus, wherever the teacher was loaded from.
+        assert!(local.compatible_with(&hub).is_ok());
         Ok(())
     }
 

@@ -277,7 +277,7 @@ pub fn generate_on(
             cfg.max_tokens,
             folder.config.usable_context(),
             folder.config.context_limit(),
-            teacher_dir.join("config.json").display()
+            folder.dir.join("config.json").display()
         );
     }
     let fp = folder.fingerprint()?;
@@ -286,6 +286,8 @@ pub fn generate_on(
         weights_sha256: fp.weights_sha256,
         tokenizer_sha256: fp.tokenizer_sha256,
         vocab_size: folder.config.vocab_size,
+        hub_repo: fp.hub_repo,
+        hub_commit: fp.hub_commit,
     };
     let wanted = CorpusManifest::new(
         teacher,

@@ -3,6 +3,7 @@
 //! the config so a broken checkpoint fails with the file and tensor name, not a panic later.
 
 use crate::config::LlamaConfig;
+use crate::hub::HubSource;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
@@ -14,13 +15,22 @@ pub struct ModelFolder {
     pub dir: PathBuf,
     pub config: LlamaConfig,
     pub weight_files: Vec<PathBuf>,
+    /// The hub repo and commit, when the folder was opened from a hub id (`dir` is then the
+    /// snapshot folder in the Hugging Face cache).
+    pub hub: Option<HubSource>,
 }
 
-/// Identity of a teacher: hashes of its weights and tokenizer, recorded in corpus manifests.
+/// Identity of a teacher: hashes of its weights and tokenizer, recorded in corpus manifests
+/// and stage fingerprints; for a teacher from the hub also its repo id and resolved commit
+/// (absent for a local folder, so fingerprints made before these fields existed still match).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TeacherFingerprint {
     pub weights_sha256: String,
     pub tokenizer_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_repo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_commit: Option<String>,
 }
 
 fn sha256_files(files: &[PathBuf]) -> Result<String> {
@@ -34,7 +44,10 @@ fn sha256_files(files: &[PathBuf]) -> Result<String> {
 }
 
 impl ModelFolder {
+    /// Opens a model folder, or a hub id `org/name[@revision]` (see [`crate::hub`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        let (resolved, hub) = crate::hub::resolve(dir)?;
+        let dir = resolved.as_path();
         if !dir.is_dir() {
             bail!(
                 "model folder {} does not exist or is not a folder",
@@ -87,6 +100,7 @@ impl ModelFolder {
             dir: dir.to_path_buf(),
             config,
             weight_files,
+            hub,
         })
     }
 
@@ -118,6 +132,8 @@ impl ModelFolder {
         Ok(TeacherFingerprint {
             weights_sha256: sha256_files(&self.weight_files)?,
             tokenizer_sha256: sha256_files(&[self.tokenizer_path()])?,
+            hub_repo: self.hub.as_ref().map(|h| h.repo.clone()),
+            hub_commit: self.hub.as_ref().map(|h| h.commit.clone()),
         })
     }
 

@@ -375,7 +375,9 @@ fn copy_companions(
     for e in std::fs::read_dir(input).with_context(|| format!("cannot list {}", input.display()))? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if !e.file_type()?.is_file()
+        // `Path::is_file` follows symlinks: a Hugging Face cache snapshot links every file
+        // to its blob.
+        if !e.path().is_file()
             || name.ends_with(".safetensors")
             || name == "model.safetensors.index.json"
             || name == HEADER_FILE

@@ -634,7 +634,7 @@ pub fn train_until_on(
                 base,
             )?;
         }
-        checkpoint::export_student(teacher_dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;
+        checkpoint::export_student(&folder.dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;
         Some(dst)
     } else {
         None

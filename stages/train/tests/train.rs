@@ -78,6 +78,8 @@ fn make_corpus(dir: &Path) -> Result<()> {
         weights_sha256: fp.weights_sha256,
         tokenizer_sha256: fp.tokenizer_sha256,
         vocab_size: folder.config.vocab_size,
+        hub_repo: fp.hub_repo,
+        hub_commit: fp.hub_commit,
     };
     let mut m = CorpusManifest::new(teacher, serde_json::json!({"temperature": 1.0}), 0, 48, 24);
     for (k, chunk) in samples.chunks(24).enumerate() {
