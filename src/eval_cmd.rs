@@ -58,7 +58,8 @@ impl QuantArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or llama.cpp
+    /// `.gguf` file.
     #[arg(long)]
     pub model: PathBuf,
     /// UTF-8 text to score.

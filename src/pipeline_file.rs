@@ -26,7 +26,7 @@ pub struct RunTable {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherTable {
-    /// Hugging Face folder of the teacher.
+    /// Hugging Face folder of the teacher, or a llama.cpp `.gguf` file.
     pub model: PathBuf,
 }
 
