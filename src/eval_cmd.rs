@@ -58,8 +58,9 @@ impl QuantArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json), or a hub id
-    /// org/name[@revision] resolved through the HF cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json), a hub id
+    /// org/name[@revision] resolved through the HF cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE),
+    /// or a llama.cpp `.gguf` file.
     #[arg(long)]
     pub model: PathBuf,
     /// UTF-8 text to score.

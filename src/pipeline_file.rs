@@ -26,7 +26,8 @@ pub struct RunTable {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherTable {
-    /// Hugging Face folder of the teacher, or a hub id `org/name[@revision]`.
+    /// Hugging Face folder of the teacher, a hub id `org/name[@revision]`, or a llama.cpp
+    /// `.gguf` file.
     pub model: PathBuf,
 }
 

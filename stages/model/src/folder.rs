@@ -1,9 +1,11 @@
 //! A Hugging Face model folder on disk: `config.json`, `model.safetensors` (or a sharded
 //! `model.safetensors.index.json`) and `tokenizer.json`. Loading checks every tensor against
 //! the config so a broken checkpoint fails with the file and tensor name, not a panic later.
+//! A llama.cpp `.gguf` file is accepted in place of a folder (see `gguf`).
 
 use crate::config::LlamaConfig;
 use crate::hub::HubSource;
+use crate::gguf::{self, GgufModel};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
@@ -12,12 +14,15 @@ use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 pub struct ModelFolder {
+    /// The folder, or the `.gguf` file of a llama.cpp checkpoint.
     pub dir: PathBuf,
     pub config: LlamaConfig,
     pub weight_files: Vec<PathBuf>,
     /// The hub repo and commit, when the folder was opened from a hub id (`dir` is then the
     /// snapshot folder in the Hugging Face cache).
     pub hub: Option<HubSource>,
+    /// Set when `dir` is a `.gguf` file: config, tensors and tokenizer all come from it.
+    pub gguf: Option<GgufModel>,
 }
 
 /// Identity of a teacher: hashes of its weights and tokenizer, recorded in corpus manifests
@@ -48,6 +53,16 @@ impl ModelFolder {
     pub fn open(dir: &Path) -> Result<Self> {
         let (resolved, hub) = crate::hub::resolve(dir)?;
         let dir = resolved.as_path();
+        if gguf::is_gguf_path(dir) {
+            let g = GgufModel::open(dir)?;
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                config: g.config()?,
+                weight_files: vec![dir.to_path_buf()],
+                hub,
+                gguf: Some(g),
+            });
+        }
         if !dir.is_dir() {
             bail!(
                 "model folder {} does not exist or is not a folder",
@@ -101,45 +116,67 @@ impl ModelFolder {
             config,
             weight_files,
             hub,
+            gguf: None,
         })
     }
 
+    /// Where the tokenizer comes from: `tokenizer.json`, or the `.gguf` file's metadata.
     pub fn tokenizer_path(&self) -> PathBuf {
-        self.dir.join("tokenizer.json")
+        match &self.gguf {
+            Some(_) => self.dir.clone(),
+            None => self.dir.join("tokenizer.json"),
+        }
     }
 
     /// Loads `tokenizer.json` and checks that every id it can produce fits the model's vocabulary.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let path = self.tokenizer_path();
-        if !path.exists() {
-            bail!("{}: missing tokenizer.json", self.dir.display());
-        }
-        let tok = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let (tok, config_file) = match &self.gguf {
+            Some(g) => (g.tokenizer()?, self.dir.clone()),
+            None => {
+                if !path.exists() {
+                    bail!("{}: missing tokenizer.json", self.dir.display());
+                }
+                let tok = Tokenizer::from_file(&path).map_err(|e| {
+                    anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display())
+                })?;
+                (tok, self.dir.join("config.json"))
+            }
+        };
         let n = tok.get_vocab_size(true);
         if n > self.config.vocab_size {
             bail!(
                 "{}: tokenizer has {n} tokens but {} says vocab_size = {}: tokenizer and model do not match",
                 path.display(),
-                self.dir.join("config.json").display(),
+                config_file.display(),
                 self.config.vocab_size
             );
         }
         Ok(tok)
     }
 
+    /// For a `.gguf` file: the hash of the file and of the tokenizer.json built from it.
     pub fn fingerprint(&self) -> Result<TeacherFingerprint> {
+        let tokenizer_sha256 = match &self.gguf {
+            Some(g) => hex::encode(Sha256::digest(g.tokenizer_json()?.as_bytes())),
+            None => sha256_files(&[self.tokenizer_path()])?,
+        };
         Ok(TeacherFingerprint {
             weights_sha256: sha256_files(&self.weight_files)?,
             tokenizer_sha256: sha256_files(&[self.tokenizer_path()])?,
             hub_repo: self.hub.as_ref().map(|h| h.repo.clone()),
             hub_commit: self.hub.as_ref().map(|h| h.commit.clone()),
+            tokenizer_sha256,
         })
     }
 
     /// Every tensor of the checkpoint, converted to f32 on `device`. A folder written by
-    /// `pipeline quantize` (or a bitsandbytes 4-bit checkpoint) is dequantized on load.
+    /// `pipeline quantize` (or a bitsandbytes 4-bit checkpoint) is dequantized on load, and so
+    /// is a GGUF file.
     pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        if let Some(g) = &self.gguf {
+            return g.load_tensors(&self.config, device);
+        }
         if quantize::is_quantized_folder(&self.dir) {
             return self.load_dequantized(device);
         }

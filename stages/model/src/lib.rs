@@ -1,8 +1,8 @@
 //! The model library: a Llama-family decoder (Llama, Mistral, Qwen2-style bias) loaded from a
-//! Hugging Face folder, with one quantization seam (`QuantConfig`) handed to the seven linear
-//! projections and to the K/V cache. It has two forward paths: a full-sequence pass that is
-//! differentiable (training, evaluation) and an incremental pass with a per-sequence KV cache
-//! (generation). No training code lives here.
+//! Hugging Face folder (or a llama.cpp GGUF file), with one quantization seam (`QuantConfig`)
+//! handed to the seven linear projections and to the K/V cache. It has two forward paths: a
+//! full-sequence pass that is differentiable (training, evaluation) and an incremental pass with
+//! a per-sequence KV cache (generation). No training code lives here.
 
 pub mod attention_softmax;
 pub mod causal_attention;
@@ -12,6 +12,7 @@ pub mod decode;
 pub mod folder;
 pub mod fused_block;
 pub mod fused_ops;
+pub mod gguf;
 pub mod grad_sink;
 pub mod hub;
 pub mod kv_rotation;

@@ -349,6 +349,30 @@ const COPIED_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
+/// The teacher's files that go beside the student's weights: those of COPIED_FILES that exist,
+/// or for a llama.cpp `.gguf` teacher the config.json and tokenizer.json built from it.
+fn teacher_files(teacher: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    if model::gguf::is_gguf_path(teacher) {
+        let g = model::gguf::GgufModel::open(teacher)?;
+        return Ok(vec![
+            (
+                "config.json".into(),
+                serde_json::to_vec_pretty(g.config_json())?,
+            ),
+            ("tokenizer.json".into(), g.tokenizer_json()?.into_bytes()),
+        ]);
+    }
+    let mut out = vec![];
+    for f in COPIED_FILES {
+        let src = teacher.join(f);
+        if src.is_file() {
+            let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            out.push((f.to_string(), bytes));
+        }
+    }
+    Ok(out)
+}
+
 /// Writes the final student as a Hugging Face folder `dst` (built in a temp folder, renamed).
 pub fn export_student(
     teacher_dir: &Path,
@@ -369,12 +393,8 @@ pub fn export_student(
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         write_synced(&tmp.join("model.safetensors"), &safetensors_bytes(tensors)?)?;
-        for f in COPIED_FILES {
-            let src = teacher_dir.join(f);
-            if src.is_file() {
-                let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
-                write_synced(&tmp.join(f), &bytes)?;
-            }
+        for (f, bytes) in teacher_files(teacher_dir)? {
+            write_synced(&tmp.join(f), &bytes)?;
         }
         write_synced(&tmp.join("quantization.json"), &json_bytes(quantization)?)?;
         fsio::fsync_dir(&tmp)?;
