@@ -155,7 +155,8 @@ impl ModelFolder {
         Ok(tok)
     }
 
-    /// For a `.gguf` file: the hash of the file and of the tokenizer.json built from it.
+    /// Hashes of the weights and the tokenizer (for a `.gguf` file: of the file and of the
+    /// tokenizer.json built from it), and the hub source if any.
     pub fn fingerprint(&self) -> Result<TeacherFingerprint> {
         let tokenizer_sha256 = match &self.gguf {
             Some(g) => hex::encode(Sha256::digest(g.tokenizer_json()?.as_bytes())),
@@ -163,7 +164,6 @@ impl ModelFolder {
         };
         Ok(TeacherFingerprint {
             weights_sha256: sha256_files(&self.weight_files)?,
-            tokenizer_sha256: sha256_files(&[self.tokenizer_path()])?,
             hub_repo: self.hub.as_ref().map(|h| h.repo.clone()),
             hub_commit: self.hub.as_ref().map(|h| h.commit.clone()),
             tokenizer_sha256,
