@@ -68,6 +68,18 @@ pub struct QuantizeTable {
     pub skip: Vec<String>,
 }
 
+impl Default for QuantizeTable {
+    fn default() -> Self {
+        QuantizeTable {
+            format: default_qformat(),
+            block_size: default_block(),
+            double_quant: true,
+            layout: None,
+            skip: default_qskip(),
+        }
+    }
+}
+
 impl QuantizeTable {
     /// The typed settings `pipeline quantize` uses; fails with the key and allowed values.
     pub fn settings(&self) -> Result<quantize::QuantizeSettings> {
@@ -168,6 +180,12 @@ fn stays_inside(p: &Path) -> bool {
 }
 
 impl PipelineFile {
+    /// The frozen base's quantization: the `[quantize]` table, or its defaults (NF4, blocks
+    /// of 64, double quantization), as `pipeline quantize` makes it.
+    pub fn quantize_settings(&self) -> Result<quantize::QuantizeSettings> {
+        self.quantize.clone().unwrap_or_default().settings()
+    }
+
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read pipeline file {}", path.display()))?;

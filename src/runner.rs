@@ -1,5 +1,5 @@
-//! `pipeline run` and `pipeline status`: the stage graph generate -> train -> eval over one
-//! run directory. Each stage keeps `stage.json` in its folder (settings, fingerprint, status,
+//! `pipeline run` and `pipeline status`: the stage graph generate -> (quantize) -> train -> eval
+//! over one run directory; `quantize` makes the frozen base of students that need one (qlora). Each stage keeps `stage.json` in its folder (settings, fingerprint, status,
 //! outputs with hashes); a complete stage whose fingerprint matches is skipped, a partial one
 //! resumes, a changed one is refused unless `--force STAGE`. No numerics live here.
 
@@ -11,12 +11,13 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub const STAGES: [&str; 3] = ["generate", "train", "eval"];
+pub const STAGES: [&str; 4] = ["generate", "quantize", "train", "eval"];
 const STAGE_FILE: &str = "stage.json";
 
 fn stage_dir(run: &Path, stage: &str) -> PathBuf {
     match stage {
         "generate" => run.join("corpus"),
+        "quantize" => run.join("base"),
         other => run.join(other),
     }
 }
@@ -47,19 +48,33 @@ impl Plan {
             }
         }
         let mut tr = json!({ "input": sha(&gen), "student": p.student, "train": train });
+        // Students on a frozen base (qlora) depend on the quantize stage; others have none,
+        // and their fingerprints are what they were before the stage existed.
+        let quant = if p.student.method.needs_base() {
+            let q = json!({ "teacher": fp, "quantize": p.quantize_settings()? });
+            tr["base"] = json!(sha(&q));
+            Some(q)
+        } else {
+            None
+        };
         // A bf16/f16 student differs from an f32 one; f32 runs keep the fingerprint they had
         // before the dtype setting existed.
         if p.run.dtype != model::ComputeDtype::F32 {
             tr["dtype"] = json!(p.run.dtype);
         }
         let ev = json!({ "input": sha(&tr), "eval": p.eval });
-        Ok(Plan {
-            configs: vec![
-                ("generate".into(), gen),
-                ("train".into(), tr),
-                ("eval".into(), ev),
-            ],
-        })
+        let mut configs = vec![("generate".into(), gen)];
+        if let Some(q) = quant {
+            configs.push(("quantize".into(), q));
+        }
+        configs.push(("train".into(), tr));
+        configs.push(("eval".into(), ev));
+        Ok(Plan { configs })
+    }
+
+    /// The stages this run has, in order.
+    pub fn stages(&self) -> Vec<&str> {
+        self.configs.iter().map(|(s, _)| s.as_str()).collect()
     }
 
     fn config(&self, stage: &str) -> &Value {
@@ -251,9 +266,18 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
     let plan = Plan::new(&p)?;
     // The effective settings (overrides applied), so `pipeline status RUN_DIR` can read them.
     fsio::write_atomic(&run.join("pipeline.toml"), toml::to_string(&p)?.as_bytes())?;
+    let stages = plan.stages();
+    for f in force {
+        if !stages.contains(&f.as_str()) {
+            bail!(
+                "--force {f}: this run has no {f} stage (its stages are {})",
+                stages.join(", ")
+            );
+        }
+    }
     // --force STAGE redoes that stage and every stage after it.
-    if let Some(first) = STAGES.iter().position(|s| force.iter().any(|f| f == s)) {
-        for s in &STAGES[first..] {
+    if let Some(first) = stages.iter().position(|s| force.iter().any(|f| f == s)) {
+        for s in &stages[first..] {
             let d = stage_dir(&run, s);
             if d.exists() {
                 eprintln!("--force: removing {} ({s})", d.display());
@@ -263,7 +287,7 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
         }
     }
     // Refuse before doing anything if a stage's settings changed.
-    for s in STAGES {
+    for &s in &stages {
         if let State::Changed(d) = state(&run, s, &plan, &p)? {
             bail!(
                 "stage {s} in {} was made with other settings ({d}); rerun with --force {s} to redo it and the stages after it, or use another run directory",
@@ -275,7 +299,7 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
     let mut did_something = false;
     // Opened once: tensors of two handles to the same GPU cannot be mixed.
     let compute = model::Compute::open(p.run.device, p.run.dtype)?;
-    for s in STAGES {
+    for &s in &stages {
         match state(&run, s, &plan, &p)? {
             State::Done => {
                 eprintln!("{s}: complete, skipping");
@@ -299,13 +323,28 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                     false,
                 )?;
             }
+            "quantize" => {
+                let (input, _) = model::hub::resolve(&p.teacher.model)?;
+                let settings = p.quantize_settings()?;
+                let r =
+                    quantize::quantize_folder(&input, &stage_dir(&run, s), &settings, &mut |_| {})?;
+                eprintln!(
+                    "quantize: {} at {:.3} bits per parameter",
+                    settings.format.name(),
+                    r.bits_per_param
+                );
+            }
             "train" => {
+                let mut student = p.student.clone();
+                if student.method.needs_base() {
+                    student.base = Some(stage_dir(&run, "quantize"));
+                }
                 let r = train::train_on(
                     &compute,
                     &p.teacher.model,
                     &stage_dir(&run, "generate"),
                     &stage_dir(&run, s),
-                    &p.student,
+                    &student,
                     &p.train,
                     // The train stage prints each logged step itself.
                     |_| {},
@@ -426,7 +465,7 @@ pub fn status(arg: &Path, sets: &[String]) -> Result<()> {
     let plan = Plan::new(&p)?;
     println!("run {} ({})", p.run.name, run.display());
     let mut next = None;
-    for s in STAGES {
+    for s in plan.stages() {
         let st = state(&run, s, &plan, &p)?;
         let line = match &st {
             State::Done => {

@@ -4,8 +4,8 @@
 //! A llama.cpp `.gguf` file is accepted in place of a folder (see `gguf`).
 
 use crate::config::LlamaConfig;
-use crate::hub::HubSource;
 use crate::gguf::{self, GgufModel};
+use crate::hub::HubSource;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};

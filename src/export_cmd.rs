@@ -1,0 +1,129 @@
+//! `pipeline export`: a trained student in the form another tool loads. `peft`: a LoRA
+//! student's base folder (bitsandbytes layout for NF4) and its PEFT adapter folder; `hf`: the
+//! student as a plain Hugging Face folder (a LoRA student merged: dequant(base) + scale B A).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The train output folder (`pipeline train --out`, or RUN/train).
+    #[arg(long)]
+    pub student: PathBuf,
+    /// A new folder for the export.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// peft (a LoRA student: base/ + adapter/) or hf (a Hugging Face folder).
+    #[arg(long)]
+    pub format: String,
+    /// Print one JSON object describing the export.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The files of `src` (not subfolders), read for a durable copy; symlinks are followed.
+fn folder_files(src: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(src)
+        .with_context(|| format!("cannot read {}", src.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        if name.starts_with('.') || !p.is_file() {
+            continue;
+        }
+        out.push((
+            name,
+            std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+        ));
+    }
+    Ok(out)
+}
+
+fn write(dst: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    train::checkpoint::write_folder(dst, &refs)
+}
+
+pub fn run(a: ExportArgs) -> Result<()> {
+    let student_dir = a.student.join(train::STUDENT_DIR);
+    if !student_dir.join("model.safetensors").is_file() {
+        bail!(
+            "--student {}: no finished student ({} is missing); train to the last step first",
+            a.student.display(),
+            student_dir.join("model.safetensors").display()
+        );
+    }
+    if a.out.exists()
+        && std::fs::read_dir(&a.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "--out {}: exists and is not empty; export into a new folder",
+            a.out.display()
+        );
+    }
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let summary = match a.format.as_str() {
+        "hf" => {
+            let mut files = folder_files(&student_dir)?;
+            // quantization.json describes how the student was trained, not a format transformers reads.
+            files.retain(|(n, _)| n != "quantization.json");
+            write(&a.out.join("model"), &files)?;
+            serde_json::json!({"format": "hf", "model": a.out.join("model")})
+        }
+        "peft" => {
+            let adapter = a.student.join(train::ADAPTER_DIR);
+            let cfg_path = adapter.join("adapter_config.json");
+            if !cfg_path.is_file() {
+                bail!(
+                    "--format peft: {} has no adapter ({} is missing): only LoRA students (student.method = \"qlora\") have one; use --format hf",
+                    a.student.display(),
+                    cfg_path.display()
+                );
+            }
+            let mut cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&cfg_path)
+                    .with_context(|| format!("cannot read {}", cfg_path.display()))?,
+            )
+            .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
+            let base =
+                PathBuf::from(cfg["base_model_name_or_path"].as_str().with_context(|| {
+                    format!("{}: no base_model_name_or_path", cfg_path.display())
+                })?);
+            // The base must be the one the adapters were trained on.
+            let base_files = folder_files(&base)?;
+            write(&a.out.join("base"), &base_files)?;
+            let base_out = std::fs::canonicalize(a.out.join("base"))?;
+            cfg["base_model_name_or_path"] = base_out.display().to_string().into();
+            let mut files = folder_files(&adapter)?;
+            for (n, b) in &mut files {
+                if n == "adapter_config.json" {
+                    *b = serde_json::to_vec_pretty(&cfg)?;
+                }
+            }
+            write(&a.out.join("adapter"), &files)?;
+            serde_json::json!({
+                "format": "peft",
+                "base": a.out.join("base"),
+                "adapter": a.out.join("adapter"),
+                "r": cfg["r"],
+                "lora_alpha": cfg["lora_alpha"],
+                "target_modules": cfg["target_modules"],
+            })
+        }
+        other => bail!("--format {other:?}: allowed values are \"peft\", \"hf\""),
+    };
+    if a.json {
+        println!("{summary}");
+    } else {
+        println!("exported {} to {}", a.format, a.out.display());
+    }
+    Ok(())
+}
