@@ -40,7 +40,7 @@ enum Command {
     #[command(subcommand)]
     Corpus(generate_cmd::CorpusCommand),
     /// Train a fake-quantized student by logit distillation on a corpus (resumable).
-    Train(train_cmd::TrainArgs),
+    Train(Box<train_cmd::TrainArgs>),
     /// Run a whole pipeline file (generate -> train -> eval), skipping and resuming stages.
     Run {
         /// Pipeline TOML, e.g. pipelines/llmqat.toml.
@@ -78,7 +78,7 @@ fn main() {
         Command::Eval(a) => eval_cmd::run(a),
         Command::Generate(a) => generate_cmd::run(a),
         Command::Corpus(c) => generate_cmd::corpus(c),
-        Command::Train(a) => train_cmd::run(a),
+        Command::Train(a) => train_cmd::run(*a),
         Command::Run {
             pipeline,
             sets,

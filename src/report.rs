@@ -42,6 +42,8 @@ pub struct ReportInput<'a> {
     pub rtn: ModelScore,
     /// Label of the plain RTN row (the run's label without a K/V rotation).
     pub rtn_label: &'a str,
+    /// What the student is, e.g. "QAT student" or "qlora student".
+    pub student_label: &'a str,
     /// RTN with the run's K/V rotation, when the run rotates: what rotation alone buys.
     pub rtn_rotated: Option<ModelScore>,
     /// The trained QAT student.
@@ -270,7 +272,7 @@ fn score_table(input: &ReportInput, gap: Option<f64>) -> String {
     if let Some(r) = &input.rtn_rotated {
         rows.push((format!("RTN {q} (rotation, no training)"), r));
     }
-    rows.push((format!("QAT student {q}"), &input.student));
+    rows.push((format!("{} {q}", input.student_label), &input.student));
     let mut t = String::from(
         "| model | perplexity | NLL | top-1 agreement | KL to teacher |\n\
          |---|---:|---:|---:|---:|\n",
@@ -760,6 +762,7 @@ mod tests {
             teacher_score: score(10.0, None, None),
             rtn: score(rtn_ppl, Some(0.62), Some(0.85)),
             rtn_label: "w4a8kv4",
+            student_label: "QAT student",
             rtn_rotated: None,
             student: score(12.0, Some(0.81), Some(0.21)),
             train_log: log,

@@ -397,7 +397,22 @@ fn evaluate(
         kv_rotation: model::KvRotation::None,
         ..q.clone()
     };
-    let rtn = model::Llama::load(&folder, plain.clone(), &dev)?.cast(compute.dtype)?;
+    // A student on a frozen base (qlora) starts from that base: it is the baseline, not RTN.
+    let (rtn, rtn_label) = if p.student.method.needs_base() {
+        let base = model::ModelFolder::open(&stage_dir(run, "quantize"))?;
+        let label = format!(
+            "{} base ({})",
+            p.quantize_settings()?.format.name(),
+            plain.label()
+        );
+        (model::Llama::load(&base, plain.clone(), &dev)?, label)
+    } else {
+        (
+            model::Llama::load(&folder, plain.clone(), &dev)?,
+            plain.label(),
+        )
+    };
+    let rtn = rtn.cast(compute.dtype)?;
     let rtn_rotated = if q == plain {
         None
     } else {
@@ -434,7 +449,11 @@ fn evaluate(
         eval_text: &p.eval.text.display().to_string(),
         teacher_score: score(&t, None),
         rtn: score(&scores[0].0, Some(&scores[0].1)),
-        rtn_label: &plain.label(),
+        rtn_label: &rtn_label,
+        student_label: &match p.student.method {
+            train::Method::Qat => "QAT student".to_string(),
+            m => format!("{} student", m.name()),
+        },
         rtn_rotated: rtn_rotated
             .as_ref()
             .map(|_| score(&scores[1].0, Some(&scores[1].1))),

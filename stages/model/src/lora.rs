@@ -61,7 +61,7 @@ impl BlockwiseWeight {
             let s = self.scales.narrow(0, 0, full)?.reshape((full, 1))?;
             parts.push(v.broadcast_mul(&s)?.flatten_all()?);
         }
-        if n % self.block != 0 {
+        if !n.is_multiple_of(self.block) {
             // A shorter last block.
             let v = values.narrow(0, full * self.block, n % self.block)?;
             let s = self.scales.narrow(0, full, 1)?;
