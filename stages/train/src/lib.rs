@@ -535,7 +535,10 @@ pub fn train_until_on(
             prof.mark("backward")?;
             for ((acc, p), sink) in grads.iter_mut().zip(&stu.params).zip(&sink_of) {
                 let gi = match g.get(p.var.as_tensor()) {
-                    Some(x) => x.clone(),
+                    // Detached: a gradient computed through another trainable tensor (LoRA's
+                    // B A) carries that graph, and the AdamW moments made from it would chain
+                    // every step's graph to the next.
+                    Some(x) => x.detach(),
                     // Written into its sink (collected below).
                     None if sink.is_some() => continue,
                     None => p.var.zeros_like()?,

@@ -219,6 +219,9 @@ impl AdamW {
     ) -> Result<()> {
         let (b1, b2) = (self.beta1, self.beta2);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            // A gradient that carries its graph would chain every step's graph into the
+            // moments (memory growing each step).
+            debug_assert!(!g.track_op(), "{}: gradient carries a graph", p.name);
             let s = AdamWStep {
                 beta1: b1,
                 beta2: b2,
