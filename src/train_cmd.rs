@@ -165,8 +165,63 @@ impl TrainArgs {
     }
 }
 
+/// With a `[quantize]` table in the config file, a LoRA student's base must have been made with
+/// those settings (its `quantize.json` says how it was made).
+fn check_base_settings(config: Option<&Path>, student: &StudentConfig) -> Result<()> {
+    let (Some(path), Some(base)) = (config, &student.base) else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let Some(table) = doc.get("quantize") else {
+        return Ok(());
+    };
+    let want: crate::pipeline_file::QuantizeTable = table
+        .clone()
+        .try_into()
+        .with_context(|| format!("{}: [quantize]", path.display()))?;
+    let want = want.settings()?;
+    let Some(have) = quantize::QuantizeHeader::read(base)? else {
+        anyhow::bail!(
+            "student.base = {}: no quantize.json, so it cannot be checked against [quantize] of {}",
+            base.display(),
+            path.display()
+        );
+    };
+    let h = &have.settings;
+    for (key, a, b) in [
+        ("format", h.format.name(), want.format.name()),
+        ("layout", h.layout.name().into(), want.layout.name().into()),
+        (
+            "block_size",
+            h.block_size.to_string(),
+            want.block_size.to_string(),
+        ),
+        (
+            "double_quant",
+            h.double_quant.to_string(),
+            want.double_quant.to_string(),
+        ),
+        ("skip", format!("{:?}", h.skip), format!("{:?}", want.skip)),
+    ] {
+        if a != b {
+            anyhow::bail!(
+                "student.base = {} was quantized with {key} = {a}, but [quantize] {key} = {b} in {}; quantize the teacher with these settings or change [quantize]",
+                base.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let (student, cfg) = a.configs()?;
+    if student.method.needs_base() {
+        check_base_settings(a.config.as_deref(), &student)?;
+    }
     let quant = student.quant_config()?;
     eprintln!(
         "training a {} student of {} on {} for {} steps ({} x {} tokens per micro-batch, grad_accum {})",

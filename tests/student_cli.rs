@@ -384,6 +384,21 @@ fn qlora_bad_settings_fail_naming_the_key() {
         let e = common(&extra);
         assert!(e.contains(want), "{extra:?}: {e}\nwanted: {want}");
     }
+    // A base made with other settings than the config's [quantize] says.
+    let cfg = d.join("q.toml");
+    std::fs::write(&cfg, "[quantize]\nformat = \"nf3\"\n").unwrap();
+    let e = common(&[
+        "--method",
+        "qlora",
+        "--base",
+        bs,
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("was quantized with format = nf4, but [quantize] format = nf3"),
+        "{e}"
+    );
     // A base made from another teacher.
     let other = temp_dir("qlora_other_base").join("base");
     let m = shared().join("models/tinystories-656k");
