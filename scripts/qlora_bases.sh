@@ -19,7 +19,9 @@ echo "{\"teacher\": $(ppl $T), \"steps\": $STEPS, \"bases\": {" > "$W/result.jso
 sep=""
 for f in nf4 nf3 nf2; do
     [ -f "$W/base-$f/quantize.json" ] || "$B" quantize --model $T --out "$W/base-$f" --format $f --double-quant
-    "$B" train --teacher $T --corpus "$W/corpus" --out "$W/train-$f" --config pipelines/qlora.toml \
+    # qlora.toml with this base's [quantize] format (nf4 in the bnb layout, the others packed).
+    sed -e "s/^format = \"nf4\"/format = \"$f\"/" -e '/^layout = /d' pipelines/qlora.toml >"$W/qlora-$f.toml"
+    "$B" train --teacher $T --corpus "$W/corpus" --out "$W/train-$f" --config "$W/qlora-$f.toml" \
         --base "$W/base-$f" --steps "$STEPS"
     echo "$sep\"$f\": {\"base\": $(ppl "$W/base-$f"), \"student\": $(ppl "$W/train-$f/student")}" >> "$W/result.json.tmp"
     sep=","
