@@ -45,8 +45,7 @@ fn folder_files(src: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 }
 
 fn write(dst: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
-    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    train::checkpoint::write_folder(dst, &refs)
+    train::checkpoint::write_folder(dst, files)
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {

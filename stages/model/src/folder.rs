@@ -258,22 +258,34 @@ impl ModelFolder {
                     shape,
                     bytes,
                 } => {
-                    let dtype = match dtype {
-                        quantize::input::Dtype::F32 => DType::F32,
-                        quantize::input::Dtype::F16 => DType::F16,
-                        quantize::input::Dtype::BF16 => DType::BF16,
-                        other => bail!(
-                            "{}: tensor {name} has dtype {}; expected f32, f16 or bf16",
-                            self.dir.display(),
-                            other.name()
-                        ),
-                    };
-                    let t = Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?;
+                    let t = self.raw_tensor(&name, dtype, &shape, &bytes)?;
                     dense.insert(name, t.to_dtype(DType::F32)?.to_device(device)?);
                 }
             }
         }
         Ok((dense, blockwise))
+    }
+
+    /// A tensor a quantized folder stores as is (f32, f16 or bf16), on the CPU.
+    fn raw_tensor(
+        &self,
+        name: &str,
+        dtype: quantize::input::Dtype,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<Tensor> {
+        let dtype = match dtype {
+            quantize::input::Dtype::F32 => DType::F32,
+            quantize::input::Dtype::F16 => DType::F16,
+            quantize::input::Dtype::BF16 => DType::BF16,
+            other => bail!(
+                "{}: tensor {name} has dtype {}; expected f32, f16 or bf16",
+                self.dir.display(),
+                other.name()
+            ),
+        };
+        Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)
+            .with_context(|| format!("{}: tensor {name}", self.dir.display()))
     }
 
     fn load_dequantized(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
@@ -297,18 +309,7 @@ impl ModelFolder {
                     shape,
                     bytes,
                 } => {
-                    let dtype = match dtype {
-                        quantize::input::Dtype::F32 => DType::F32,
-                        quantize::input::Dtype::F16 => DType::F16,
-                        quantize::input::Dtype::BF16 => DType::BF16,
-                        other => bail!(
-                            "{}: tensor {name} has dtype {}; expected f32, f16 or bf16",
-                            self.dir.display(),
-                            other.name()
-                        ),
-                    };
-                    let t = Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)
-                        .with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
+                    let t = self.raw_tensor(&name, dtype, &shape, &bytes)?;
                     (name, t)
                 }
             };

@@ -380,34 +380,17 @@ pub fn export_student(
     tensors: &[(String, Tensor)],
     quantization: &Value,
 ) -> Result<()> {
-    let parent = dst.parent().context("the student folder has no parent")?;
-    let name = dst
-        .file_name()
-        .context("the student folder has no name")?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = parent.join(format!(".{name}.tmp"));
-    let result = (|| -> Result<()> {
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-        }
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        write_synced(&tmp.join("model.safetensors"), &safetensors_bytes(tensors)?)?;
-        for (f, bytes) in teacher_files(teacher_dir)? {
-            write_synced(&tmp.join(f), &bytes)?;
-        }
-        write_synced(&tmp.join("quantization.json"), &json_bytes(quantization)?)?;
-        fsio::fsync_dir(&tmp)?;
-        if dst.exists() {
-            remove_dir_safely(dst, parent)?;
-        }
-        fsio::rename_durable(&tmp, dst)
-    })();
-    result.with_context(|| format!("writing the student folder {}", dst.display()))
+    let mut files: Vec<(String, Vec<u8>)> =
+        vec![("model.safetensors".into(), safetensors_bytes(tensors)?)];
+    for (f, bytes) in teacher_files(teacher_dir)? {
+        files.push((f.to_string(), bytes));
+    }
+    files.push(("quantization.json".into(), json_bytes(quantization)?));
+    write_folder(dst, &files).context("writing the student folder")
 }
 
 /// Writes a folder of `files` (name, bytes) at `dst`: built in a temp folder, synced, renamed.
-pub fn write_folder(dst: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+pub fn write_folder<S: AsRef<str>>(dst: &Path, files: &[(S, Vec<u8>)]) -> Result<()> {
     let parent = dst.parent().context("the folder has no parent")?;
     let name = dst
         .file_name()
@@ -421,7 +404,7 @@ pub fn write_folder(dst: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         for (f, bytes) in files {
-            write_synced(&tmp.join(f), bytes)?;
+            write_synced(&tmp.join(f.as_ref()), bytes)?;
         }
         fsio::fsync_dir(&tmp)?;
         if dst.exists() {
