@@ -415,3 +415,69 @@ fn qlora_bad_settings_fail_naming_the_key() {
     assert!(e.contains("differs from the teacher's"), "{e}");
     assert!(!d.join("student").exists());
 }
+
+/// A qlora `pipeline run` (generate, quantize, train, eval) killed with SIGKILL at seeded
+/// random moments, then finished: base, adapters and student equal an uninterrupted run's.
+#[test]
+fn qlora_run_survives_sigkill_byte_identical() {
+    let d = temp_dir("qlora_kill");
+    let s = shared();
+    let write = |name: &str| -> PathBuf {
+        let dir = d.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("p.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[run]\nname = \"k\"\ndirectory = \"{}\"\n[teacher]\nmodel = \"{}\"\n\
+                 [generate]\nsamples = 64\nmax_tokens = 48\nshard_size = 16\nseed = 3\n\
+                 [quantize]\nformat = \"nf4\"\n\
+                 [student]\nmethod = \"qlora\"\nlora_rank = 8\n\
+                 [train]\nsteps = 150\nbatch = 4\nseq_len = 48\nlr = 2e-3\nschedule = \"cosine\"\n\
+                 warmup_steps = 5\nlog_every = 10\ncheckpoint_every = 3\nkeep_checkpoints = 2\n\
+                 [eval]\ntext = \"{}\"\nmax_tokens = 1000\n",
+                dir.join("run").display(),
+                s.join("models/stories260k").display(),
+                s.join("data/tinystories-valid-64k.txt").display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (pa, pb) = (write("a"), write("b"));
+    run_ok(&["run", pa.to_str().unwrap()]);
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut kills = 0;
+    for _ in 0..10 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let ms = 150 + x % 1200;
+        let mut child = bin()
+            .args(["run", pb.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        if child.try_wait().unwrap().is_none() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            kills += 1;
+        }
+        let _ = child.wait();
+    }
+    eprintln!("{kills} kills");
+    assert!(kills >= 7, "only {kills} runs were still going when killed");
+    run_ok(&["run", pb.to_str().unwrap()]);
+    for f in [
+        "run/base/model.safetensors",
+        "run/train/adapter/adapter_model.safetensors",
+        "run/train/student/model.safetensors",
+    ] {
+        assert_eq!(
+            sha256(&d.join("a").join(f)),
+            sha256(&d.join("b").join(f)),
+            "{f} differs after kills"
+        );
+    }
+}
