@@ -96,7 +96,31 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 PathBuf::from(cfg["base_model_name_or_path"].as_str().with_context(|| {
                     format!("{}: no base_model_name_or_path", cfg_path.display())
                 })?);
-            // The base must be the one the adapters were trained on.
+            // The base must be the one the adapters were trained on (its weights' hash is in
+            // the training fingerprint of every checkpoint).
+            let ckpts = a.student.join(train::CHECKPOINT_DIR);
+            let trained_on = train::checkpoint::newest_valid(&ckpts, &mut |m| eprintln!("{m}"))?
+                .and_then(|(_, s)| {
+                    s.fingerprint["base_weights_sha256"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .with_context(|| {
+                    format!(
+                        "{}: no checkpoint names the base the adapters were trained on",
+                        ckpts.display()
+                    )
+                })?;
+            let have = model::ModelFolder::open(&base)?
+                .fingerprint()?
+                .weights_sha256;
+            if have != trained_on {
+                bail!(
+                    "{}: the base folder {} has changed since training (weights sha256 {have}, trained on {trained_on})",
+                    cfg_path.display(),
+                    base.display()
+                );
+            }
             let base_files = folder_files(&base)?;
             write(&a.out.join("base"), &base_files)?;
             let base_out = std::fs::canonicalize(a.out.join("base"))?;

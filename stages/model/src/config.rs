@@ -129,13 +129,10 @@ const HARMLESS_KEYS: &[&str] = &[
     "quantization_config",
     // Splits the matmuls during pretraining only; transformers 4 computed the same product.
     "pretraining_tp",
-    // SmolLM2 writes these nanotron keys; transformers reads neither (`rope_interleaved` is
-    // checked below).
+    // SmolLM2 writes this nanotron key, which transformers does not read (its
+    // `rope_interleaved` is checked).
     "is_llama_config",
-    "max_window_layers",
-    "use_sliding_window",
-    "layer_types",
-    "sliding_window",
+    // Dropout rates: training-time only.
     "embd_pdrop",
     "resid_pdrop",
     "attn_pdrop",
@@ -162,6 +159,10 @@ const READ_KEYS: &[&str] = &[
     "hidden_act",
     "rope_interleaved",
     "use_mrope",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
 ];
 
 fn get_usize(v: &Value, file: &Path, key: &str) -> Result<usize> {
@@ -322,7 +323,7 @@ impl LlamaConfig {
             None if arch == Architecture::Qwen3 => 128,
             _ => derived_head_dim()?,
         };
-        let (rope_theta, rope_scaling) = Self::read_rope(v, file, arch)?;
+        let (rope_theta, rope_scaling) = Self::read_rope(v, file)?;
         let attention_bias = match arch {
             Architecture::Qwen2 => true,
             Architecture::Mistral => false,
@@ -377,9 +378,8 @@ impl LlamaConfig {
 
     /// `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5,
     /// where `rope_theta` moved inside): one path, as transformers merges them.
-    fn read_rope(v: &Value, file: &Path, arch: Architecture) -> Result<(f64, RopeScaling)> {
+    fn read_rope(v: &Value, file: &Path) -> Result<(f64, RopeScaling)> {
         let f = file.display();
-        let _ = arch;
         let params = match (v.get("rope_parameters"), v.get("rope_scaling")) {
             (Some(p), Some(s)) if !p.is_null() && !s.is_null() && p != s => {
                 bail!("{f}: both `rope_parameters` and `rope_scaling` are set and differ; keep one")

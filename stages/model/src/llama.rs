@@ -368,10 +368,10 @@ impl Llama {
         quant
             .check_model(cfg.head_dim)
             .with_context(|| source.to_string())?;
+        let expected = expected_tensors(&cfg);
         for (prefix, w) in &projections {
             let name = format!("{prefix}.weight");
-            let Some((_, shape)) = expected_tensors(&cfg).into_iter().find(|(n, _)| *n == name)
-            else {
+            let Some((_, shape)) = expected.iter().find(|(n, _)| *n == name) else {
                 bail!("{source}: `{prefix}` is not a projection of this model");
             };
             if let Weight::Lora(l) = w {
@@ -389,7 +389,7 @@ impl Llama {
                 }
             }
         }
-        for (name, shape) in expected_tensors(&cfg) {
+        for (name, shape) in expected {
             if name
                 .strip_suffix(".weight")
                 .is_some_and(|p| projections.contains_key(p))

@@ -434,7 +434,11 @@ pub fn export_adapter(
         "lora_alpha": lora.lora_alpha,
         "lora_dropout": lora.lora_dropout,
         "target_modules": lora.lora_targets,
-        "base_model_name_or_path": base.display().to_string(),
+        // Absolute, so that `pipeline export` finds it from any working directory.
+        "base_model_name_or_path": fs::canonicalize(base)
+            .with_context(|| format!("resolving the base folder {}", base.display()))?
+            .display()
+            .to_string(),
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,

@@ -337,8 +337,8 @@ pub fn train_until_on(
             student.method.name()
         );
     }
-    let base_dir = match (student.method.needs_base(), &student.base) {
-        (true, Some(d)) => Some(d.clone()),
+    let base_folder = match (student.method.needs_base(), &student.base) {
+        (true, Some(d)) => Some(ModelFolder::open(d)?),
         (true, None) => bail!(
             "student.method = \"{}\" needs a block-quantized base: `pipeline train --base DIR` or [student] base (made by `pipeline quantize`; `pipeline run` makes it from [quantize])",
             student.method.name()
@@ -347,8 +347,8 @@ pub fn train_until_on(
     };
     // A LoRA student's checkpoints hold adapters only: the base they go with is named by the
     // hash of its weights.
-    let base_sha = match &base_dir {
-        Some(d) => Some(ModelFolder::open(d)?.fingerprint()?.weights_sha256),
+    let base_sha = match &base_folder {
+        Some(f) => Some(f.fingerprint()?.weights_sha256),
         None => None,
     };
     let mut fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg, compute.dtype)?;
@@ -399,8 +399,8 @@ pub fn train_until_on(
 
     let teacher_tensors = folder.load_tensors(&device)?;
     let teacher_names: Vec<String> = teacher_tensors.keys().cloned().collect();
-    let base = match &base_dir {
-        Some(d) => Some(Base::load(d, &teacher_tensors, &device)?),
+    let base = match &base_folder {
+        Some(f) => Some(Base::load(f, &teacher_tensors, &device)?),
         None => None,
     };
     let teacher = Llama::from_tensors(
@@ -628,13 +628,13 @@ pub fn train_until_on(
             tensors.push(("lm_head.weight".into(), stu.model.embed_tokens.clone()));
         }
         let dst = out.join(STUDENT_DIR);
-        if let (Some(lora), Some(base)) = (&student.lora, &base_dir) {
+        if let (Some(lora), Some(base)) = (&student.lora, &base_folder) {
             // Written first: `student/` is what marks a finished run.
             checkpoint::export_adapter(
                 &out.join(ADAPTER_DIR),
                 &stu.checkpoint_tensors(),
                 lora,
-                base,
+                &base.dir,
             )?;
         }
         checkpoint::export_student(&folder.dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;

@@ -27,11 +27,11 @@ impl Base {
     /// Loads `dir` and checks that it was made from `teacher` (the tensors it keeps unquantized,
     /// such as the embedding and the norms, must be the teacher's).
     pub fn load(
-        dir: &std::path::Path,
+        folder: &model::ModelFolder,
         teacher: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
-        let folder = model::ModelFolder::open(dir)?;
+        let dir = &folder.dir;
         let (dense, blockwise) = folder.load_base(device)?;
         if blockwise.is_empty() {
             bail!(
