@@ -212,6 +212,24 @@ fn write_stage(run: &Path, stage: &str, plan: &Plan, status: &str, seconds: f64)
     )
 }
 
+/// Removes everything in a stage folder but its `stage.json`.
+fn clear_stage_outputs(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let e = e?;
+        if e.file_name() == STAGE_FILE {
+            continue;
+        }
+        let p = e.path();
+        if e.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        }
+        .with_context(|| format!("cannot remove {}", p.display()))?;
+    }
+    Ok(())
+}
+
 /// Final outputs of a stage (checkpoints are working state and are left out).
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.flatten().collect();
@@ -324,6 +342,10 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                 )?;
             }
             "quantize" => {
+                // A base left unfinished by a kill is this run's own partial output (quantize
+                // refuses a folder it did not finish, to protect users' folders): quantizing is
+                // deterministic and fast, so it starts over.
+                clear_stage_outputs(&stage_dir(&run, s))?;
                 let (input, _) = model::hub::resolve(&p.teacher.model)?;
                 let settings = p.quantize_settings()?;
                 let r =

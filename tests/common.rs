@@ -44,3 +44,36 @@ pub fn copy_model(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// Starts `pipeline ARGS` `times` times and SIGKILLs each run after a seeded random delay of
+/// `min_ms..min_ms + span_ms` (xorshift from `seed`, so a failure can be replayed); returns
+/// how many runs were still going when killed.
+pub fn kill_at_random_moments(
+    args: &[&str],
+    times: usize,
+    seed: u64,
+    min_ms: u64,
+    span_ms: u64,
+) -> usize {
+    let mut x = seed;
+    let mut kills = 0;
+    for _ in 0..times {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let ms = min_ms + x % span_ms;
+        let mut child = bin()
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        if child.try_wait().unwrap().is_none() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            kills += 1;
+        }
+        let _ = child.wait();
+    }
+    kills
+}

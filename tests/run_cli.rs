@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// A small pipeline file in `dir` whose run directory is `dir/run`.
 fn write_pipeline(dir: &Path, extra: &str) -> PathBuf {
@@ -176,27 +175,13 @@ fn sigkill_at_random_moments_resumes_byte_identical() {
     }
     run_ok(&["run", pa.to_str().unwrap()]);
 
-    // Seeded delays (xorshift) so a failure can be replayed.
-    let mut x: u64 = 0x2545f4914f6cdd1d;
-    let mut kills = 0;
-    for _ in 0..12 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let ms = 200 + x % 1300;
-        let mut child = bin()
-            .args(["run", pb.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(ms));
-        if child.try_wait().unwrap().is_none() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            kills += 1;
-        }
-        let _ = child.wait();
-    }
+    let kills = kill_at_random_moments(
+        &["run", pb.to_str().unwrap()],
+        12,
+        0x2545f4914f6cdd1d,
+        200,
+        1300,
+    );
     eprintln!("{kills} kills");
     assert!(
         kills >= 10,

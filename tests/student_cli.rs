@@ -433,7 +433,7 @@ fn qlora_run_survives_sigkill_byte_identical() {
                  [generate]\nsamples = 64\nmax_tokens = 48\nshard_size = 16\nseed = 3\n\
                  [quantize]\nformat = \"nf4\"\n\
                  [student]\nmethod = \"qlora\"\nlora_rank = 8\n\
-                 [train]\nsteps = 150\nbatch = 4\nseq_len = 48\nlr = 2e-3\nschedule = \"cosine\"\n\
+                 [train]\nsteps = 300\nbatch = 4\nseq_len = 48\nlr = 2e-3\nschedule = \"cosine\"\n\
                  warmup_steps = 5\nlog_every = 10\ncheckpoint_every = 3\nkeep_checkpoints = 2\n\
                  [eval]\ntext = \"{}\"\nmax_tokens = 1000\n",
                 dir.join("run").display(),
@@ -446,26 +446,13 @@ fn qlora_run_survives_sigkill_byte_identical() {
     };
     let (pa, pb) = (write("a"), write("b"));
     run_ok(&["run", pa.to_str().unwrap()]);
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    let mut kills = 0;
-    for _ in 0..10 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let ms = 150 + x % 1200;
-        let mut child = bin()
-            .args(["run", pb.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-        if child.try_wait().unwrap().is_none() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            kills += 1;
-        }
-        let _ = child.wait();
-    }
+    let kills = kill_at_random_moments(
+        &["run", pb.to_str().unwrap()],
+        10,
+        0x9e3779b97f4a7c15,
+        150,
+        1200,
+    );
     eprintln!("{kills} kills");
     assert!(kills >= 7, "only {kills} runs were still going when killed");
     run_ok(&["run", pb.to_str().unwrap()]);
