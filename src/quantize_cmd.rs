@@ -31,6 +31,19 @@ pub struct QuantizeArgs {
     /// Modules kept in full precision, comma-separated (e.g. lm_head,embed_tokens,down_proj).
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_SKIP.map(String::from))]
     pub skip: Vec<String>,
+    /// LoftQ: choose the base together with rank-r LoRA adapters (written beside it as
+    /// loftq_adapters.safetensors, the initial adapters of a `loftq` student).
+    #[arg(long)]
+    pub loftq_rank: Option<usize>,
+    /// LoftQ's alternating steps T.
+    #[arg(long, default_value_t = 5, requires = "loftq_rank")]
+    pub loftq_iters: u32,
+    /// LoRA's alpha (adapters applied as alpha / r * B A); default: the rank.
+    #[arg(long, requires = "loftq_rank")]
+    pub lora_alpha: Option<f64>,
+    /// Projections that get LoftQ adapters, comma-separated; default all 7.
+    #[arg(long, value_delimiter = ',', requires = "loftq_rank")]
+    pub lora_targets: Option<Vec<String>>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -44,6 +57,18 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         a.double_quant,
         a.skip.clone(),
     )?;
+    let s = match a.loftq_rank {
+        None => s,
+        Some(rank) => s.with_loftq(quantize::LoftqSettings {
+            rank,
+            iters: a.loftq_iters,
+            alpha: a.lora_alpha.unwrap_or(rank as f64),
+            targets: a
+                .lora_targets
+                .clone()
+                .unwrap_or_else(|| quantize::settings::PROJECTIONS.map(String::from).to_vec()),
+        })?,
+    };
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     if let Ok(style) = ProgressStyle::with_template(
         "quantize {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} tensor {msg}",
@@ -92,6 +117,18 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             report.quantize_gb_per_s,
             report.seconds
         );
+        if let Some(l) = &report.loftq {
+            println!(
+                "LoftQ r = {} T = {} on {} matrices: rel. error {:.4} (plain {:.4}, ratio {:.3}), {:.1} s",
+                l.rank,
+                l.iters,
+                l.matrices,
+                l.mean_loftq_rel_error,
+                l.mean_plain_rel_error,
+                l.error_ratio,
+                l.seconds
+            );
+        }
     }
     Ok(())
 }

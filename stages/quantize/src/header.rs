@@ -11,6 +11,8 @@ use std::path::Path;
 
 pub const HEADER_FILE: &str = "quantize.json";
 pub const REPORT_FILE: &str = "quantize_report.json";
+/// LoftQ's initial adapters, beside the base they were chosen with.
+pub const LOFTQ_FILE: &str = "loftq_adapters.safetensors";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WeightInfo {

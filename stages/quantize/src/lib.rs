@@ -8,6 +8,7 @@
 //!   numbers, which match bitsandbytes bit for bit);
 //! - [`layout`]: the tensor names of each layout and bitsandbytes' quant-state JSON;
 //! - [`stage`]: the folder-to-folder run; [`header`] / [`report`]: its JSON outputs;
+//! - [`loftq`]: LoftQ, the base and its initial LoRA adapters chosen together (SVD by faer);
 //! - [`load`]: dequantizing a quantized folder on load (eval, train, generate use it);
 //! - [`bandwidth`]: the memcpy yardstick for the throughput.
 
@@ -17,12 +18,14 @@ pub mod input;
 pub mod kernel;
 pub mod layout;
 pub mod load;
+pub mod loftq;
 pub mod report;
 pub mod settings;
 pub mod stage;
 pub mod writer;
 
-pub use header::{QuantizeHeader, HEADER_FILE, REPORT_FILE};
+pub use header::{QuantizeHeader, HEADER_FILE, LOFTQ_FILE, REPORT_FILE};
+pub use loftq::LoftqSettings;
 pub use load::{is_quantized_folder, load_blockwise, load_dequantized, LoadedTensor};
 pub use report::QuantizeReport;
 pub use settings::{check_block_size, Format, Layout, QuantizeSettings, DEFAULT_SKIP};

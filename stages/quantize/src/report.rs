@@ -17,6 +17,12 @@ pub struct TensorReport {
     pub bits_per_param: f64,
     /// ||W - dequant(Q)||_F / ||W||_F, with the scales as stored.
     pub rel_error: f64,
+    /// With LoftQ: plain block quantization's error ||W - dequant(Q_plain)||_F / ||W||_F ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_rel_error: Option<f64>,
+    /// ... and LoftQ's, ||W - (dequant(Q) + (alpha / r) B A)||_F / ||W||_F.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loftq_rel_error: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,7 +49,51 @@ pub struct QuantizeReport {
     /// quantize, pack), and of the whole model per second end to end (writing included).
     pub quantize_gb_per_s: f64,
     pub end_to_end_gb_per_s: f64,
+    /// LoftQ's summary, when the base was made with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loftq: Option<LoftqReport>,
     pub tensors: Vec<TensorReport>,
+}
+
+/// LoftQ's summary: the settings and the parameter-weighted mean errors over its matrices.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoftqReport {
+    pub rank: usize,
+    pub iters: u32,
+    pub alpha: f64,
+    pub matrices: usize,
+    pub mean_plain_rel_error: f64,
+    pub mean_loftq_rel_error: f64,
+    /// mean_loftq_rel_error / mean_plain_rel_error.
+    pub error_ratio: f64,
+    pub max_plain_rel_error: f64,
+    pub max_loftq_rel_error: f64,
+    /// Seconds spent in LoftQ's alternating quantize / SVD steps (all threads together).
+    pub seconds: f64,
+}
+
+impl LoftqReport {
+    pub fn new(s: &crate::loftq::LoftqSettings, tensors: &[TensorReport], seconds: f64) -> Self {
+        let pairs: Vec<(f64, f64, f64)> = tensors
+            .iter()
+            .filter_map(|t| Some((t.plain_rel_error?, t.loftq_rel_error?, t.params as f64)))
+            .collect();
+        let n: f64 = pairs.iter().map(|p| p.2).sum::<f64>().max(1.0);
+        let plain = pairs.iter().map(|p| p.0 * p.2).sum::<f64>() / n;
+        let loftq = pairs.iter().map(|p| p.1 * p.2).sum::<f64>() / n;
+        LoftqReport {
+            rank: s.rank,
+            iters: s.iters,
+            alpha: s.alpha,
+            matrices: pairs.len(),
+            mean_plain_rel_error: plain,
+            mean_loftq_rel_error: loftq,
+            error_ratio: loftq / plain.max(f64::MIN_POSITIVE),
+            max_plain_rel_error: pairs.iter().map(|p| p.0).fold(0.0, f64::max),
+            max_loftq_rel_error: pairs.iter().map(|p| p.1).fold(0.0, f64::max),
+            seconds,
+        }
+    }
 }
 
 impl QuantizeReport {
@@ -80,6 +130,7 @@ impl QuantizeReport {
             seconds,
             quantize_gb_per_s: quantized_input_bytes as f64 / quantize_seconds.max(1e-9) / 1e9,
             end_to_end_gb_per_s: input_file_bytes as f64 / seconds.max(1e-9) / 1e9,
+            loftq: None,
             tensors,
         }
     }

@@ -2,6 +2,7 @@
 //! (`Format`), the on-disk layout (`Layout`) and the block settings. Every invalid value
 //! fails here with the field name and the allowed values.
 
+use crate::loftq::LoftqSettings;
 use anyhow::{bail, Result};
 use quant::CodeBook;
 use serde::{Deserialize, Serialize};
@@ -111,7 +112,7 @@ pub const PROJECTIONS: [&str; 7] = [
 pub const DEFAULT_SKIP: [&str; 2] = ["lm_head", "embed_tokens"];
 
 /// Everything that decides the bytes of a quantized folder.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantizeSettings {
     pub format: Format,
     pub layout: Layout,
@@ -119,6 +120,10 @@ pub struct QuantizeSettings {
     pub double_quant: bool,
     /// Module names (a path component such as `down_proj` or `layers.3`) kept unquantized.
     pub skip: Vec<String>,
+    /// LoftQ: the base chosen together with initial LoRA adapters (absent: plain block
+    /// quantization; left out of quantize.json then, so older folders read the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loftq: Option<LoftqSettings>,
 }
 
 impl QuantizeSettings {
@@ -154,7 +159,15 @@ impl QuantizeSettings {
             block_size,
             double_quant,
             skip,
+            loftq: None,
         })
+    }
+
+    /// The same settings with LoftQ initialisation (validated).
+    pub fn with_loftq(mut self, loftq: LoftqSettings) -> Result<QuantizeSettings> {
+        loftq.validate()?;
+        self.loftq = Some(loftq);
+        Ok(self)
     }
 
     /// Is `name` (a checkpoint tensor) one of the projection weights this run quantizes?

@@ -5,17 +5,19 @@
 //! and the output folder inspected before anything is written; files are replaced
 //! atomically and `quantize.json` comes last.
 
-use crate::header::{QuantizeHeader, WeightInfo, HEADER_FILE, REPORT_FILE};
+use crate::header::{QuantizeHeader, WeightInfo, HEADER_FILE, LOFTQ_FILE, REPORT_FILE};
 use crate::input::{Dtype, SafetensorsFile};
-use crate::kernel::quantize_pack;
+use crate::kernel::{quantize_pack, PackedTensor};
+use crate::loftq::{loftq, LoftqWeight, Quantizer};
 use crate::layout::{bnb_quant_state_json, planned_tensors, tail_tensor};
-use crate::report::{QuantizeReport, TensorReport};
+use crate::report::{LoftqReport, QuantizeReport, TensorReport};
 use crate::settings::{Layout, QuantizeSettings};
 use crate::writer::{OutTensor, StreamingWriter};
 use anyhow::{bail, Context, Result};
 use quant::blockwise::NESTED_BLOCK;
 use quant::BlockScales;
-use std::collections::BTreeMap;
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -63,6 +65,19 @@ pub fn quantize_folder(
                         t.dtype.name()
                     );
                 }
+                if let Some(l) = s.loftq.as_ref().filter(|l| l.targets_weight(&t.name)) {
+                    let small = t.shape.iter().copied().min().unwrap_or(0);
+                    if t.shape.len() != 2 || l.rank > small {
+                        bail!(
+                            "{}: tensor {} has shape {:?}; LoftQ with lora_rank = {} needs a matrix with both sides >= {}",
+                            src.path.display(),
+                            t.name,
+                            t.shape,
+                            l.rank,
+                            l.rank
+                        );
+                    }
+                }
                 weights.insert(
                     t.name.clone(),
                     WeightInfo {
@@ -102,6 +117,15 @@ pub fn quantize_folder(
         .flat_map(|c| c.to_le_bytes())
         .collect();
 
+    let quantizer = Quantizer {
+        block: s.block_size,
+        codebook: s.format.codebook(),
+        double_quant: s.double_quant,
+    };
+    // LoftQ's adapters (name, shape, values), written after the base; and its time.
+    let mut adapters: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut loftq_seconds = 0f64;
+
     for src in &sources {
         in_bytes += std::fs::metadata(&src.path)?.len();
         let fname = file_name(&src.path);
@@ -121,7 +145,9 @@ pub fn quantize_folder(
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         let mut w = StreamingWriter::create(&out.join(&fname), planned, tails, meta)?;
-        for t in &src.tensors {
+        // LoftQ results computed ahead, a window of matrices in parallel (one per thread).
+        let mut ready: HashMap<String, Result<LoftqWeight>> = HashMap::new();
+        for (i, t) in src.tensors.iter().enumerate() {
             progress(Progress {
                 tensor: &t.name,
                 tensors_done,
@@ -133,9 +159,45 @@ pub fn quantize_folder(
                 w.write(&t.name, src.bytes(t))?;
             } else {
                 let t0 = Instant::now();
-                let x = src.f32_values(t)?;
-                let q = quantize_pack(&x, s.block_size, s.format.codebook(), s.double_quant);
-                drop(x);
+                let mut errors = (None, None);
+                let q = match s.loftq.as_ref().filter(|l| l.targets_weight(&t.name)) {
+                    None => {
+                        let x = src.f32_values(t)?;
+                        quantize_pack(&x, s.block_size, s.format.codebook(), s.double_quant)
+                    }
+                    Some(l) => {
+                        if !ready.contains_key(&t.name) {
+                            let window: Vec<_> = src.tensors[i..]
+                                .iter()
+                                .filter(|u| s.quantizes(&u.name) && l.targets_weight(&u.name))
+                                .take(rayon::current_num_threads())
+                                .collect();
+                            let done: Vec<Result<LoftqWeight>> = window
+                                .par_iter()
+                                .map(|u| {
+                                    let x = src.f32_values(u)?;
+                                    loftq(&x, u.shape[0], u.shape[1], l, &quantizer).with_context(
+                                        || format!("{}: LoftQ of {}", src.path.display(), u.name),
+                                    )
+                                })
+                                .collect();
+                            for (u, r) in window.iter().zip(done) {
+                                ready.insert(u.name.clone(), r);
+                            }
+                            loftq_seconds += t0.elapsed().as_secs_f64();
+                        }
+                        let lw = ready.remove(&t.name).expect("computed above")?;
+                        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+                        let (rows, cols) = (t.shape[0], t.shape[1]);
+                        adapters.push((format!("{module}.lora_A.weight"), vec![l.rank, cols], lw.a));
+                        adapters.push((format!("{module}.lora_B.weight"), vec![rows, l.rank], lw.b));
+                        errors = (Some(lw.plain_rel_error), Some(lw.loftq_rel_error));
+                        PackedTensor {
+                            rel_error: lw.rel_error,
+                            ..lw.q
+                        }
+                    }
+                };
                 quantize_seconds += t0.elapsed().as_secs_f64();
                 quantized_input_bytes += (t.end - t.begin) as u64;
                 let name = &t.name;
@@ -191,6 +253,8 @@ pub fn quantize_folder(
                     stored_bytes: stored,
                     bits_per_param: stored as f64 * 8.0 / t.numel().max(1) as f64,
                     rel_error: q.rel_error,
+                    plain_rel_error: errors.0,
+                    loftq_rel_error: errors.1,
                 });
             }
             src.release(t);
@@ -207,6 +271,9 @@ pub fn quantize_folder(
         bytes_total,
     });
 
+    if !adapters.is_empty() {
+        write_adapters(&out.join(LOFTQ_FILE), &adapters)?;
+    }
     copy_companions(input, out, s, &weight_map, files.len() > 1)?;
     let header = QuantizeHeader {
         version: 1,
@@ -216,7 +283,7 @@ pub fn quantize_folder(
         source: source_name(input),
         weights,
     };
-    let report = QuantizeReport::new(
+    let mut report = QuantizeReport::new(
         input,
         out,
         s,
@@ -227,6 +294,9 @@ pub fn quantize_folder(
         quantize_seconds,
         quantized_input_bytes,
     );
+    if let Some(l) = &s.loftq {
+        report.loftq = Some(LoftqReport::new(l, &report.tensors, loftq_seconds));
+    }
     corpus::fsio::write_atomic(
         &out.join(REPORT_FILE),
         serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -237,6 +307,24 @@ pub fn quantize_folder(
         serde_json::to_string_pretty(&header)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// LoftQ's initial adapters, f32, named `<module>.lora_A.weight` / `.lora_B.weight` (the
+/// names a LoRA student trains under), scaled so that (alpha / r) B A is LoftQ's product.
+fn write_adapters(path: &Path, adapters: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    let planned = adapters
+        .iter()
+        .map(|(n, shape, _)| OutTensor::new(n, Dtype::F32, shape.clone()))
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let mut w = StreamingWriter::create(path, planned, vec![], meta)?;
+    for (n, _, v) in adapters {
+        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write(n, &b)?;
+    }
+    w.finish()?;
+    Ok(())
 }
 
 /// The input folder as recorded in quantize.json (absolute, so reruns from elsewhere match).
@@ -341,6 +429,7 @@ fn check_output(input: &Path, out: &Path, s: &QuantizeSettings) -> Result<()> {
                 s.double_quant.to_string(),
             )?;
             differs("skip", format!("{:?}", hs.skip), format!("{:?}", s.skip))?;
+            differs("loftq", format!("{:?}", hs.loftq), format!("{:?}", s.loftq))?;
             differs("source", h.source.clone(), source_name(input))?;
             Ok(())
         }
@@ -382,6 +471,7 @@ fn copy_companions(
             || name == "model.safetensors.index.json"
             || name == HEADER_FILE
             || name == REPORT_FILE
+            || name == LOFTQ_FILE
         {
             continue;
         }
