@@ -182,8 +182,19 @@ fn stays_inside(p: &Path) -> bool {
 impl PipelineFile {
     /// The frozen base's quantization: the `[quantize]` table, or its defaults (NF4, blocks
     /// of 64, double quantization), as `pipeline quantize` makes it.
+    /// A `loftq` student adds its LoftQ settings (rank, alpha, targets, iterations), so the
+    /// stage writes its initial adapters beside the base.
     pub fn quantize_settings(&self) -> Result<quantize::QuantizeSettings> {
-        self.quantize.clone().unwrap_or_default().settings()
+        let s = self.quantize.clone().unwrap_or_default().settings()?;
+        match (&self.student.method, &self.student.lora) {
+            (train::Method::Loftq, Some(l)) => s.with_loftq(quantize::LoftqSettings {
+                rank: l.lora_rank,
+                iters: l.loftq_iters.unwrap_or(5),
+                alpha: l.lora_alpha,
+                targets: l.lora_targets.clone(),
+            }),
+            _ => Ok(s),
+        }
     }
 
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {

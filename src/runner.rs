@@ -355,6 +355,12 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                     settings.format.name(),
                     r.bits_per_param
                 );
+                if let Some(l) = &r.loftq {
+                    eprintln!(
+                        "quantize: LoftQ r = {} T = {}: relative error {:.4} with the adapters, {:.4} for plain quantization",
+                        l.rank, l.iters, l.mean_loftq_rel_error, l.mean_plain_rel_error
+                    );
+                }
             }
             "train" => {
                 let mut student = p.student.clone();
@@ -422,9 +428,15 @@ fn evaluate(
     // A student on a frozen base (qlora) starts from that base: it is the baseline, not RTN.
     let (rtn, rtn_label) = if p.student.method.needs_base() {
         let base = model::ModelFolder::open(&stage_dir(run, "quantize"))?;
+        let settings = p.quantize_settings()?;
         let label = format!(
-            "{} base ({})",
-            p.quantize_settings()?.format.name(),
+            "{} {}base ({})",
+            settings.format.name(),
+            if settings.loftq.is_some() {
+                "LoftQ "
+            } else {
+                ""
+            },
             plain.label()
         );
         (model::Llama::load(&base, plain.clone(), &dev)?, label)

@@ -75,10 +75,11 @@ pub struct TrainArgs {
     /// none (default) or hadamard.
     #[arg(long)]
     pub kv_rotation: Option<KvRotation>,
-    /// qat (default) or qlora.
+    /// qat (default), qlora or loftq.
     #[arg(long)]
     pub method: Option<train::Method>,
-    /// The block-quantized base of a qlora student (a `pipeline quantize` output folder).
+    /// The block-quantized base of a qlora / loftq student (a `pipeline quantize` output
+    /// folder; for loftq made with --loftq-rank).
     #[arg(long)]
     pub base: Option<PathBuf>,
     /// LoRA rank r (qlora; default 16).
@@ -90,6 +91,9 @@ pub struct TrainArgs {
     /// Projections with adapters, comma separated (qlora; default all seven).
     #[arg(long, value_delimiter = ',')]
     pub lora_targets: Option<Vec<String>>,
+    /// LoftQ's alternating steps (loftq; default 5; must be the base's).
+    #[arg(long)]
+    pub loftq_iters: Option<u32>,
 }
 
 /// Sets `key` in `table` when the flag was given.
@@ -153,6 +157,7 @@ impl TrainArgs {
         set(&mut s, "lora_rank", self.lora_rank)?;
         set(&mut s, "lora_alpha", self.lora_alpha)?;
         set(&mut s, "lora_targets", self.lora_targets.clone())?;
+        set(&mut s, "loftq_iters", self.loftq_iters)?;
         let train: TrainConfig = toml::Value::Table(t).try_into().with_context(|| {
             format!("[train] settings from {src} (steps, batch and seq_len are required)")
         })?;

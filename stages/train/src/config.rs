@@ -280,6 +280,9 @@ pub enum Method {
     /// QLoRA: a frozen block-quantized base (the `[quantize]` stage's output) with LoRA
     /// adapters, the only trainable weights.
     Qlora,
+    /// LoftQ: as `qlora`, but the base and the adapters' start are chosen together (the
+    /// quantize stage's LoftQ, `loftq_iters` alternating steps).
+    Loftq,
 }
 
 impl std::str::FromStr for Method {
@@ -288,7 +291,8 @@ impl std::str::FromStr for Method {
         match s {
             "qat" => Ok(Method::Qat),
             "qlora" => Ok(Method::Qlora),
-            other => bail!("student.method = {other:?}: allowed values are \"qat\", \"qlora\""),
+            "loftq" => Ok(Method::Loftq),
+            other => bail!("student.method = {other:?}: allowed values are \"qat\", \"qlora\", \"loftq\""),
         }
     }
 }
@@ -302,12 +306,13 @@ impl Method {
         match self {
             Method::Qat => "qat",
             Method::Qlora => "qlora",
+            Method::Loftq => "loftq",
         }
     }
 
     /// Whether the method trains adapters on a block-quantized base.
     pub fn needs_base(&self) -> bool {
-        *self == Method::Qlora
+        matches!(self, Method::Qlora | Method::Loftq)
     }
 }
 
@@ -360,6 +365,10 @@ pub struct LoraConfig {
     pub lora_alpha: f64,
     pub lora_dropout: f64,
     pub lora_targets: Vec<String>,
+    /// LoftQ's alternating steps T (`loftq` only; absent for `qlora`, whose fingerprints
+    /// then stay as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loftq_iters: Option<u32>,
 }
 
 impl LoraConfig {
@@ -387,6 +396,7 @@ struct RawStudent {
     lora_alpha: Option<f64>,
     lora_dropout: Option<f64>,
     lora_targets: Option<Vec<String>>,
+    loftq_iters: Option<u32>,
     base: Option<std::path::PathBuf>,
 }
 
@@ -416,9 +426,15 @@ impl TryFrom<RawStudent> for StudentConfig {
                         return Err(other(key, "qlora"));
                     }
                 }
+                if r.loftq_iters.is_some() {
+                    return Err(other("loftq_iters", "loftq"));
+                }
                 None
             }
-            Method::Qlora => {
+            Method::Qlora | Method::Loftq => {
+                if method == Method::Qlora && r.loftq_iters.is_some() {
+                    return Err(other("loftq_iters", "loftq"));
+                }
                 // The base's block quantization is the weight quantization.
                 if r.w_bits.is_some_and(|b| b != 16) {
                     return Err(format!("student.w_bits is a key of method \"qat\" (a {m} student's weights are quantized by its base, [quantize] format)"));
@@ -434,13 +450,14 @@ impl TryFrom<RawStudent> for StudentConfig {
                     lora_alpha: r.lora_alpha.unwrap_or(16.0),
                     lora_dropout: r.lora_dropout.unwrap_or(0.0),
                     lora_targets: targets,
+                    loftq_iters: (method == Method::Loftq).then(|| r.loftq_iters.unwrap_or(5)),
                 })
             }
         };
         // QLoRA is weight-only unless activation / K/V quantization is asked for.
         let (w, a, kv) = match method {
             Method::Qat => (d_w_bits(), d_a_bits(), d_kv_bits()),
-            Method::Qlora => (16, 16, 16),
+            Method::Qlora | Method::Loftq => (16, 16, 16),
         };
         Ok(StudentConfig {
             method,
@@ -496,6 +513,9 @@ impl StudentConfig {
                     "student.lora_targets is empty: allowed values are a list of {}",
                     PROJECTIONS.join(", ")
                 );
+            }
+            if l.loftq_iters == Some(0) {
+                bail!("student.loftq_iters = 0: allowed values are integers >= 1");
             }
             for t in &l.lora_targets {
                 if !PROJECTIONS.contains(&t.as_str()) {

@@ -355,6 +355,13 @@ pub fn train_until_on(
     if let Some(sha) = &base_sha {
         fp["base_weights_sha256"] = json!(sha);
     }
+    // A LoftQ base's initial adapters are part of what the student starts from.
+    if let Some(f) = base_folder.as_ref().filter(|_| student.method == Method::Loftq) {
+        let p = f.dir.join(quantize::LOFTQ_FILE);
+        if p.exists() {
+            fp["loftq_adapters_sha256"] = json!(fsio::sha256_file(&p)?);
+        }
+    }
 
     // Find where to start: the newest checkpoint that verifies, if its settings match ours.
     let ckpt_root = out.join(CHECKPOINT_DIR);

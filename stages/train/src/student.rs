@@ -17,10 +17,18 @@ pub struct Student {
     method: Method,
 }
 
-/// A block-quantized base (`qlora`): its quantized projections and its other tensors.
+/// A block-quantized base (`qlora`, `loftq`): its quantized projections and its other
+/// tensors, and for a LoftQ base the initial adapters chosen with it.
 pub struct Base {
     pub dense: HashMap<String, Tensor>,
     pub blockwise: HashMap<String, BlockwiseWeight>,
+    pub loftq: Option<LoftqStart>,
+}
+
+/// LoftQ's initial adapters (`loftq_adapters.safetensors`) and how they were made.
+pub struct LoftqStart {
+    pub settings: quantize::LoftqSettings,
+    pub adapters: HashMap<String, Tensor>,
 }
 
 impl Base {
@@ -50,7 +58,44 @@ impl Base {
                 );
             }
         }
-        Ok(Self { dense, blockwise })
+        let header = quantize::QuantizeHeader::read(dir)?;
+        let loftq = match header.and_then(|h| h.settings.loftq) {
+            None => None,
+            Some(settings) => {
+                let path = dir.join(quantize::LOFTQ_FILE);
+                let adapters = candle_core::safetensors::load(&path, device)
+                    .with_context(|| format!("{}: LoftQ's initial adapters", path.display()))?;
+                Some(LoftqStart { settings, adapters })
+            }
+        };
+        Ok(Self {
+            dense,
+            blockwise,
+            loftq,
+        })
+    }
+
+    /// The initial adapters of a `loftq` student; its settings must be the base's.
+    fn loftq_start(&self, lora: &LoraConfig, dir: &str) -> Result<&HashMap<String, Tensor>> {
+        let Some(start) = &self.loftq else {
+            bail!("student.method = \"loftq\" needs a base made with LoftQ (`pipeline quantize --loftq-rank R`, or `pipeline run` with [student] method = \"loftq\"); {dir} was quantized plainly");
+        };
+        let l = &start.settings;
+        let mut mine = lora.lora_targets.clone();
+        let mut theirs = l.targets.clone();
+        mine.sort();
+        theirs.sort();
+        for (key, a, b) in [
+            ("lora_rank", lora.lora_rank.to_string(), l.rank.to_string()),
+            ("lora_alpha", lora.lora_alpha.to_string(), l.alpha.to_string()),
+            ("lora_targets", format!("{mine:?}"), format!("{theirs:?}")),
+            ("loftq_iters", lora.loftq_iters.unwrap_or(0).to_string(), l.iters.to_string()),
+        ] {
+            if a != b {
+                bail!("student.{key} = {a}, but the base {dir} was made by LoftQ with {key} = {b} (quantize.json `loftq`); quantize again with these settings or change student.{key}");
+            }
+        }
+        Ok(&start.adapters)
     }
 }
 
@@ -112,9 +157,25 @@ impl Student {
     ) -> Result<Self> {
         match (&spec.method, &spec.lora, base) {
             (Method::Qat, _, _) => Self::qat(mcfg, quant, init, cfg, source, device),
-            (Method::Qlora, Some(lora), Some(base)) => {
-                let adapters = if resuming { Some(init) } else { None };
-                Self::lora(mcfg, quant, lora, base, adapters, cfg, source, device)
+            (Method::Qlora | Method::Loftq, Some(lora), Some(base)) => {
+                let dir = spec
+                    .base
+                    .as_ref()
+                    .map_or("student.base".into(), |d| d.display().to_string());
+                let (adapters, from) = if resuming {
+                    (Some(init), source.to_string())
+                } else if spec.method == Method::Loftq {
+                    let start = base.loftq_start(lora, &dir)?;
+                    (Some(start), format!("{dir}/{}", quantize::LOFTQ_FILE))
+                } else {
+                    if base.loftq.is_some() {
+                        bail!("student.base = {dir} was made with LoftQ: train it with student.method = \"loftq\" (a qlora student starts from a plainly quantized base)");
+                    }
+                    (None, source.to_string())
+                };
+                let mut s = Self::lora(mcfg, quant, lora, base, adapters, cfg, &from, device)?;
+                s.method = spec.method;
+                Ok(s)
             }
             (m, _, _) => bail!(
                 "student.method = \"{}\" needs a base (student.base)",
@@ -251,7 +312,7 @@ impl Student {
     pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
         match self.method {
             Method::Qat => self.model.named_tensors(),
-            Method::Qlora => self
+            Method::Qlora | Method::Loftq => self
                 .params
                 .iter()
                 .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
@@ -264,7 +325,7 @@ impl Student {
     pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(match self.method {
             Method::Qat => self.model.named_tensors(),
-            Method::Qlora => self.model.merged_named_tensors()?,
+            Method::Qlora | Method::Loftq => self.model.merged_named_tensors()?,
         })
     }
 
