@@ -25,8 +25,8 @@ pub mod stage;
 pub mod writer;
 
 pub use header::{QuantizeHeader, HEADER_FILE, LOFTQ_FILE, REPORT_FILE};
-pub use loftq::LoftqSettings;
 pub use load::{is_quantized_folder, load_blockwise, load_dequantized, LoadedTensor};
+pub use loftq::LoftqSettings;
 pub use report::QuantizeReport;
 pub use settings::{check_block_size, Format, Layout, QuantizeSettings, DEFAULT_SKIP};
 pub use stage::{quantize_folder, Progress};

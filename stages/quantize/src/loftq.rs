@@ -49,7 +49,10 @@ impl LoftqSettings {
             );
         }
         if self.targets.is_empty() {
-            bail!("lora_targets is empty; allowed: one or more of {:?}", crate::settings::PROJECTIONS);
+            bail!(
+                "lora_targets is empty; allowed: one or more of {:?}",
+                crate::settings::PROJECTIONS
+            );
         }
         for t in &self.targets {
             if !crate::settings::PROJECTIONS.contains(&t.as_str()) {
@@ -125,7 +128,10 @@ pub fn loftq(
         bail!("loftq: {} values for a {rows} x {cols} matrix", w.len());
     }
     if r > rows.min(cols) {
-        bail!("lora_rank = {r} is larger than a {rows} x {cols} matrix allows (at most {})", rows.min(cols));
+        bail!(
+            "lora_rank = {r} is larger than a {rows} x {cols} matrix allows (at most {})",
+            rows.min(cols)
+        );
     }
     let norm_w = frobenius(w.iter().map(|&v| v as f64));
     let mut target = w.to_vec();
@@ -134,7 +140,8 @@ pub fn loftq(
     for t in 0..s.iters {
         let (q, deq) = quantizer.quantize(&target);
         if t == 0 {
-            plain = frobenius(w.iter().zip(&deq).map(|(&a, &b)| a as f64 - b as f64)) / norm_w.max(f64::MIN_POSITIVE);
+            plain = frobenius(w.iter().zip(&deq).map(|(&a, &b)| a as f64 - b as f64))
+                / norm_w.max(f64::MIN_POSITIVE);
         }
         let residual = Mat::<f32>::from_fn(rows, cols, |i, j| w[i * cols + j] - deq[i * cols + j]);
         let (l, rr) = low_rank(&residual, r)?;
@@ -151,7 +158,9 @@ pub fn loftq(
     let base = frobenius(w.iter().zip(&deq).map(|(&a, &b)| a as f64 - b as f64));
     let err = frobenius((0..rows * cols).map(|k| w[k] as f64 - deq[k] as f64 - lr[k] as f64));
     let unscale = (1.0 / s.scale().sqrt()) as f32;
-    let a = (0..r * cols).map(|k| rr[(k / cols, k % cols)] * unscale).collect();
+    let a = (0..r * cols)
+        .map(|k| rr[(k / cols, k % cols)] * unscale)
+        .collect();
     let b = (0..rows * r).map(|k| l[(k / r, k % r)] * unscale).collect();
     Ok(LoftqWeight {
         q,
@@ -166,9 +175,9 @@ pub fn loftq(
 /// L = U_r sqrt(S_r) (rows x r) and R = sqrt(S_r) V_r^T (r x cols) of the exact thin SVD,
 /// computed sequentially (the caller runs matrices in parallel).
 fn low_rank(m: &Mat<f32>, r: usize) -> Result<(Mat<f32>, Mat<f32>)> {
-    use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
     use dyn_stack::{MemBuffer, MemStack};
     use faer::diag::Diag;
+    use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
     let (rows, cols) = m.shape();
     let size = rows.min(cols);
     let (mut u, mut v, mut sv) = (
@@ -177,7 +186,14 @@ fn low_rank(m: &Mat<f32>, r: usize) -> Result<(Mat<f32>, Mat<f32>)> {
         Diag::<f32>::zeros(size),
     );
     let thin = ComputeSvdVectors::Thin;
-    let mut buf = MemBuffer::new(svd_scratch::<f32>(rows, cols, thin, thin, Par::Seq, Default::default()));
+    let mut buf = MemBuffer::new(svd_scratch::<f32>(
+        rows,
+        cols,
+        thin,
+        thin,
+        Par::Seq,
+        Default::default(),
+    ));
     svd(
         m.as_ref(),
         sv.as_mut(),
@@ -198,7 +214,9 @@ fn low_rank(m: &Mat<f32>, r: usize) -> Result<(Mat<f32>, Mat<f32>)> {
 /// L R, row-major, in a fixed summation order.
 fn product(l: &Mat<f32>, rr: &Mat<f32>) -> Vec<f32> {
     let (rows, r, cols) = (l.nrows(), l.ncols(), rr.ncols());
-    let rrow: Vec<Vec<f32>> = (0..r).map(|k| (0..cols).map(|j| rr[(k, j)]).collect()).collect();
+    let rrow: Vec<Vec<f32>> = (0..r)
+        .map(|k| (0..cols).map(|j| rr[(k, j)]).collect())
+        .collect();
     let mut out = vec![0f32; rows * cols];
     for (i, o) in out.chunks_mut(cols).enumerate() {
         for (k, row) in rrow.iter().enumerate() {
@@ -273,7 +291,10 @@ mod tests {
         assert!((a.loftq_rel_error - b.loftq_rel_error).abs() < 1e-6);
         // B A scaled by alpha / r is the same product.
         let prod = |x: &LoftqWeight, scale: f32, i: usize, j: usize| -> f32 {
-            (0..4).map(|k| x.b[i * 4 + k] * x.a[k * cols + j]).sum::<f32>() * scale
+            (0..4)
+                .map(|k| x.b[i * 4 + k] * x.a[k * cols + j])
+                .sum::<f32>()
+                * scale
         };
         for (i, j) in [(0, 0), (5, 17), (31, 63)] {
             assert!((prod(&a, 1.0, i, j) - prod(&b, 4.0, i, j)).abs() < 1e-5);

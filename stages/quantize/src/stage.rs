@@ -8,8 +8,8 @@
 use crate::header::{QuantizeHeader, WeightInfo, HEADER_FILE, LOFTQ_FILE, REPORT_FILE};
 use crate::input::{Dtype, SafetensorsFile};
 use crate::kernel::{quantize_pack, PackedTensor};
-use crate::loftq::{loftq, LoftqWeight, Quantizer};
 use crate::layout::{bnb_quant_state_json, planned_tensors, tail_tensor};
+use crate::loftq::{loftq, LoftqWeight, Quantizer};
 use crate::report::{LoftqReport, QuantizeReport, TensorReport};
 use crate::settings::{Layout, QuantizeSettings};
 use crate::writer::{OutTensor, StreamingWriter};
@@ -189,8 +189,16 @@ pub fn quantize_folder(
                         let lw = ready.remove(&t.name).expect("computed above")?;
                         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
                         let (rows, cols) = (t.shape[0], t.shape[1]);
-                        adapters.push((format!("{module}.lora_A.weight"), vec![l.rank, cols], lw.a));
-                        adapters.push((format!("{module}.lora_B.weight"), vec![rows, l.rank], lw.b));
+                        adapters.push((
+                            format!("{module}.lora_A.weight"),
+                            vec![l.rank, cols],
+                            lw.a,
+                        ));
+                        adapters.push((
+                            format!("{module}.lora_B.weight"),
+                            vec![rows, l.rank],
+                            lw.b,
+                        ));
                         errors = (Some(lw.plain_rel_error), Some(lw.loftq_rel_error));
                         PackedTensor {
                             rel_error: lw.rel_error,

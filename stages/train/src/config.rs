@@ -292,7 +292,9 @@ impl std::str::FromStr for Method {
             "qat" => Ok(Method::Qat),
             "qlora" => Ok(Method::Qlora),
             "loftq" => Ok(Method::Loftq),
-            other => bail!("student.method = {other:?}: allowed values are \"qat\", \"qlora\", \"loftq\""),
+            other => bail!(
+                "student.method = {other:?}: allowed values are \"qat\", \"qlora\", \"loftq\""
+            ),
         }
     }
 }

@@ -356,7 +356,10 @@ pub fn train_until_on(
         fp["base_weights_sha256"] = json!(sha);
     }
     // A LoftQ base's initial adapters are part of what the student starts from.
-    if let Some(f) = base_folder.as_ref().filter(|_| student.method == Method::Loftq) {
+    if let Some(f) = base_folder
+        .as_ref()
+        .filter(|_| student.method == Method::Loftq)
+    {
         let p = f.dir.join(quantize::LOFTQ_FILE);
         if p.exists() {
             fp["loftq_adapters_sha256"] = json!(fsio::sha256_file(&p)?);

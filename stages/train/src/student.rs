@@ -87,9 +87,17 @@ impl Base {
         theirs.sort();
         for (key, a, b) in [
             ("lora_rank", lora.lora_rank.to_string(), l.rank.to_string()),
-            ("lora_alpha", lora.lora_alpha.to_string(), l.alpha.to_string()),
+            (
+                "lora_alpha",
+                lora.lora_alpha.to_string(),
+                l.alpha.to_string(),
+            ),
             ("lora_targets", format!("{mine:?}"), format!("{theirs:?}")),
-            ("loftq_iters", lora.loftq_iters.unwrap_or(0).to_string(), l.iters.to_string()),
+            (
+                "loftq_iters",
+                lora.loftq_iters.unwrap_or(0).to_string(),
+                l.iters.to_string(),
+            ),
         ] {
             if a != b {
                 bail!("student.{key} = {a}, but the base {dir} was made by LoftQ with {key} = {b} (quantize.json `loftq`); quantize again with these settings or change student.{key}");
