@@ -453,8 +453,17 @@ fn evaluate(
         Some(model::Llama::load(&folder, q.clone(), &dev)?.cast(compute.dtype)?)
     };
     let sdir = stage_dir(run, "train").join(train::STUDENT_DIR);
-    let student = model::Llama::load(&model::ModelFolder::open(&sdir)?, q.clone(), &dev)?
-        .cast(compute.dtype)?;
+    // An lrqat student's folder holds its merged integers times scales: no weight quantizer.
+    let sq = match p.student.method {
+        train::Method::Lrqat => model::QuantConfig {
+            w_bits: None,
+            w_group: None,
+            ..q.clone()
+        },
+        _ => q.clone(),
+    };
+    let student =
+        model::Llama::load(&model::ModelFolder::open(&sdir)?, sq, &dev)?.cast(compute.dtype)?;
     let mut models = vec![&rtn];
     models.extend(rtn_rotated.as_ref());
     models.push(&student);

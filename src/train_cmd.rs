@@ -75,7 +75,7 @@ pub struct TrainArgs {
     /// none (default) or hadamard.
     #[arg(long)]
     pub kv_rotation: Option<KvRotation>,
-    /// qat (default), qlora or loftq.
+    /// qat (default), qlora, loftq or lrqat.
     #[arg(long)]
     pub method: Option<train::Method>,
     /// The block-quantized base of a qlora / loftq student (a `pipeline quantize` output
@@ -94,6 +94,9 @@ pub struct TrainArgs {
     /// LoftQ's alternating steps (loftq; default 5; must be the base's).
     #[arg(long)]
     pub loftq_iters: Option<u32>,
+    /// How an lrqat student stores Phi0 = W0 / s0: int8 (default; fixed point) or bf16.
+    #[arg(long)]
+    pub phi_dtype: Option<train::PhiStorage>,
 }
 
 /// Sets `key` in `table` when the flag was given.
@@ -158,6 +161,7 @@ impl TrainArgs {
         set(&mut s, "lora_alpha", self.lora_alpha)?;
         set(&mut s, "lora_targets", self.lora_targets.clone())?;
         set(&mut s, "loftq_iters", self.loftq_iters)?;
+        set(&mut s, "phi_dtype", self.phi_dtype)?;
         let train: TrainConfig = toml::Value::Table(t).try_into().with_context(|| {
             format!("[train] settings from {src} (steps, batch and seq_len are required)")
         })?;

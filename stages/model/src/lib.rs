@@ -18,6 +18,7 @@ pub mod hub;
 pub mod kv_rotation;
 pub mod llama;
 pub mod lora;
+pub mod lowrank_q;
 pub mod qconfig;
 pub mod rowmatmul;
 pub mod synth;
@@ -30,6 +31,7 @@ pub use grad_sink::{GradSink, GradSinks};
 pub use hub::HubSource;
 pub use llama::{Linear, Llama, Weight};
 pub use lora::{BlockwiseWeight, LoraWeight};
+pub use lowrank_q::{LowRankQWeight, PhiDtype};
 pub use qconfig::{parse_bits, KvPoint, KvRotation, QuantConfig};
 
 /// The largest |a - b| over all elements, in f64 whatever the dtypes (for tests and checks).

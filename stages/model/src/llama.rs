@@ -17,8 +17,11 @@ pub enum Weight {
     /// A dense weight as stored by Hugging Face: the teacher's, or the `qat` student's f32
     /// master, fake-quantized per `QuantConfig::w_bits` in the forward pass.
     Dense(Tensor),
-    /// A frozen block-quantized base with a low-rank adapter (`qlora`).
+    /// A frozen block-quantized base with a low-rank adapter (`qlora`, `loftq`).
     Lora(crate::lora::LoraWeight),
+    /// Low-rank weights inside the quantizer (`lrqat`): quantizes itself, whatever
+    /// `QuantConfig::w_bits` says.
+    LowRankQ(crate::lowrank_q::LowRankQWeight),
 }
 
 /// A projection `y = x Wᵀ (+ b)`.
@@ -40,7 +43,7 @@ impl Linear {
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             Weight::Dense(w) => Some(w),
-            Weight::Lora(_) => None,
+            Weight::Lora(_) | Weight::LowRankQ(_) => None,
         }
     }
 
@@ -51,6 +54,17 @@ impl Linear {
             (Weight::Dense(w), Some(b)) => quant::fake_quant_ste(w, b, q.w_group),
             (Weight::Dense(w), None) => Ok(w.clone()),
             (Weight::Lora(l), _) => l.effective(),
+            (Weight::LowRankQ(l), _) => l.effective(),
+        }
+    }
+
+    /// The weight a plain checkpoint stores: dense as is, a LoRA weight merged into its base,
+    /// an LR-QAT weight as its integers times its scales (exactly the forward's values).
+    pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Lora(l) => Ok(l.effective()?.detach()),
+            Weight::LowRankQ(l) => l.merged(),
         }
     }
 
@@ -388,6 +402,18 @@ impl Llama {
                     );
                 }
             }
+            if let Weight::LowRankQ(l) = w {
+                let (o, i) = l.shape()?;
+                let r = l.rank()?;
+                if [o, i] != shape[..] || l.b.dims() != [r, i] || l.s0.dims() != l.m.dims() {
+                    bail!(
+                        "{source}: `{prefix}`: A {:?}, B {:?}, scales {:?} do not fit {shape:?}",
+                        l.a.dims(),
+                        l.b.dims(),
+                        l.m.dims()
+                    );
+                }
+            }
         }
         for (name, shape) in expected {
             if name
@@ -492,6 +518,7 @@ impl Llama {
                     Weight::Dense(w) => Weight::Dense(c(w)?),
                     // The base is dequantized to f32 where used; the adapter stays f32.
                     Weight::Lora(lw) => Weight::Lora(lw.clone()),
+                    Weight::LowRankQ(lw) => Weight::LowRankQ(lw.clone()),
                 },
                 bias: l.bias.as_ref().map(c).transpose()?,
             })
@@ -581,6 +608,12 @@ impl Llama {
                         v.push((format!("{p}.{n}.lora_A.weight"), l.a.clone()));
                         v.push((format!("{p}.{n}.lora_B.weight"), l.b.clone()));
                     }
+                    Weight::LowRankQ(l) => {
+                        v.push((format!("{p}.{n}.lrqat_A.weight"), l.a.clone()));
+                        v.push((format!("{p}.{n}.lrqat_B.weight"), l.b.clone()));
+                        v.push((format!("{p}.{n}.lrqat_s0"), l.s0.clone()));
+                        v.push((format!("{p}.{n}.lrqat_m"), l.m.clone()));
+                    }
                 }
                 if let Some(bias) = &lin.bias {
                     v.push((format!("{p}.{n}.bias"), bias.clone()));
@@ -603,33 +636,42 @@ impl Llama {
         v
     }
 
-    /// `named_tensors` with every LoRA projection merged into a dense weight
-    /// dequant(base) + scale B A: a plain Hugging Face checkpoint of the same function.
+    /// `named_tensors` with every non-dense projection merged into a dense weight (LoRA:
+    /// dequant(base) + scale B A; LR-QAT: integers times scales): a plain Hugging Face
+    /// checkpoint of the same function.
     pub fn merged_named_tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (name, t) in self.named_tensors() {
-            if name.ends_with(".lora_B.weight") {
+            // A non-dense projection appears under its parameter names; its first one stands
+            // for the merged `<prefix>.weight`, the others are dropped.
+            let Some((prefix, first)) = [
+                (".lora_A.weight", true),
+                (".lora_B.weight", false),
+                (".lrqat_A.weight", true),
+                (".lrqat_B.weight", false),
+                (".lrqat_s0", false),
+                (".lrqat_m", false),
+            ]
+            .iter()
+            .find_map(|(suffix, first)| name.strip_suffix(suffix).map(|p| (p.to_string(), *first))) else {
+                out.push((name, t));
+                continue;
+            };
+            if !first {
                 continue;
             }
-            if let Some(prefix) = name.strip_suffix(".lora_A.weight") {
-                let (l, proj) = prefix
-                    .strip_prefix("model.layers.")
-                    .and_then(|r| r.split_once('.'))
-                    .and_then(|(l, p)| Some((l.parse::<usize>().ok()?, p)))
-                    .ok_or_else(|| candle_core::Error::Msg(format!("bad LoRA name {name}")))?;
-                let lin = self.blocks[l]
-                    .projections()
-                    .into_iter()
-                    .find(|(n, _)| *n == proj)
-                    .map(|(_, lin)| lin)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("bad LoRA name {name}")))?;
-                out.push((
-                    format!("{prefix}.weight"),
-                    lin.effective_weight(&QuantConfig::none())?,
-                ));
-                continue;
-            }
-            out.push((name, t));
+            let (l, proj) = prefix
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(l, p)| Some((l.parse::<usize>().ok()?, p)))
+                .ok_or_else(|| candle_core::Error::Msg(format!("bad projection name {name}")))?;
+            let lin = self.blocks[l]
+                .projections()
+                .into_iter()
+                .find(|(n, _)| *n == proj)
+                .map(|(_, lin)| lin)
+                .ok_or_else(|| candle_core::Error::Msg(format!("bad projection name {name}")))?;
+            out.push((format!("{prefix}.weight"), lin.merged_weight()?));
         }
         Ok(out)
     }

@@ -205,6 +205,15 @@ pub fn fake_quant_tensor_ops(
         .to_dtype(x.dtype())
 }
 
+/// Rounds every value of `x` half to even (values, no gradient): `|x| < 2^22`, as the grids
+/// of the quantizers are.
+pub fn round_half_even(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.detach();
+    let magic = Tensor::new(ROUND_MAGIC, x.device())?.to_dtype(x.dtype())?;
+    let r_abs = x.abs()?.broadcast_add(&magic)?.broadcast_sub(&magic)?;
+    x.lt(0f64)?.where_cond(&r_abs.neg()?, &r_abs)
+}
+
 /// The kernel: on the CPU contiguous f32 rows, rayon over rows; on a GPU gpu-kernels'
 /// cuda/fake_quant.cu.
 struct FakeQuantOp {

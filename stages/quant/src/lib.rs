@@ -18,7 +18,7 @@ pub use blockwise::{
     double_quantize, pack_bits, quantize_blockwise, unpack_bits, BlockQuantized, BlockScales,
 };
 pub use codebook::{dynamic8, normal_map, CodeBook, DYNAMIC8_CODE, NF2_CODE, NF3_CODE, NF4_CODE};
-pub use fake::{fake_quant, fake_quant_ste, parse_bits, FakeQuant, Granularity};
+pub use fake::{fake_quant, fake_quant_ste, parse_bits, round_half_even, FakeQuant, Granularity};
 
 /// Errors from invalid quantizer settings or inputs; each names the field and what is allowed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

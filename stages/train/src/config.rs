@@ -283,6 +283,39 @@ pub enum Method {
     /// LoftQ: as `qlora`, but the base and the adapters' start are chosen together (the
     /// quantize stage's LoftQ, `loftq_iters` alternating steps).
     Loftq,
+    /// LR-QAT: low-rank weights inside the quantizer (`lora_rank`, `lora_alpha`, `w_bits`,
+    /// `w_group`, `phi_dtype`), merged into integers and scales after training.
+    Lrqat,
+}
+
+/// How an `lrqat` student stores Phi0 = W0 / s0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhiStorage {
+    /// One byte: b integer bits and 8 - b fraction bits (Q4.4 for 4 bits).
+    #[default]
+    Int8,
+    Bf16,
+}
+
+impl std::str::FromStr for PhiStorage {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "int8" => Ok(PhiStorage::Int8),
+            "bf16" => Ok(PhiStorage::Bf16),
+            other => bail!("student.phi_dtype = {other:?}: allowed values are \"int8\", \"bf16\""),
+        }
+    }
+}
+
+impl PhiStorage {
+    pub fn model(&self) -> model::PhiDtype {
+        match self {
+            PhiStorage::Int8 => model::PhiDtype::Int8,
+            PhiStorage::Bf16 => model::PhiDtype::Bf16,
+        }
+    }
 }
 
 impl std::str::FromStr for Method {
@@ -292,8 +325,9 @@ impl std::str::FromStr for Method {
             "qat" => Ok(Method::Qat),
             "qlora" => Ok(Method::Qlora),
             "loftq" => Ok(Method::Loftq),
+            "lrqat" => Ok(Method::Lrqat),
             other => bail!(
-                "student.method = {other:?}: allowed values are \"qat\", \"qlora\", \"loftq\""
+                "student.method = {other:?}: allowed values are \"qat\", \"qlora\", \"loftq\", \"lrqat\""
             ),
         }
     }
@@ -309,6 +343,7 @@ impl Method {
             Method::Qat => "qat",
             Method::Qlora => "qlora",
             Method::Loftq => "loftq",
+            Method::Lrqat => "lrqat",
         }
     }
 
@@ -349,9 +384,12 @@ pub struct StudentConfig {
     /// Left out of the JSON when "none", so older runs keep their fingerprints.
     #[serde(skip_serializing_if = "KvRotation::is_none")]
     pub kv_rotation: KvRotation,
-    /// LoRA settings (`qlora`).
+    /// LoRA settings (`qlora`, `loftq`; rank and alpha of `lrqat`).
     #[serde(skip_serializing_if = "Option::is_none", flatten)]
     pub lora: Option<LoraConfig>,
+    /// Phi0's storage (`lrqat` only; absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phi_dtype: Option<PhiStorage>,
     /// The block-quantized base folder (`qlora`): given by `pipeline train --base` or
     /// `[student] base`, or the `[quantize]` stage's output in `pipeline run`. Its content
     /// hash, not its path, is part of the training fingerprint.
@@ -399,6 +437,7 @@ struct RawStudent {
     lora_dropout: Option<f64>,
     lora_targets: Option<Vec<String>>,
     loftq_iters: Option<u32>,
+    phi_dtype: Option<PhiStorage>,
     base: Option<std::path::PathBuf>,
 }
 
@@ -431,11 +470,37 @@ impl TryFrom<RawStudent> for StudentConfig {
                 if r.loftq_iters.is_some() {
                     return Err(other("loftq_iters", "loftq"));
                 }
+                if r.phi_dtype.is_some() {
+                    return Err(other("phi_dtype", "lrqat"));
+                }
                 None
+            }
+            Method::Lrqat => {
+                for (key, set, owner) in [
+                    ("lora_dropout", r.lora_dropout.is_some(), "qlora"),
+                    ("lora_targets", r.lora_targets.is_some(), "qlora"),
+                    ("base", r.base.is_some(), "qlora"),
+                    ("loftq_iters", r.loftq_iters.is_some(), "loftq"),
+                ] {
+                    if set {
+                        return Err(other(key, owner));
+                    }
+                }
+                // Every projection: the student is integers + scales after the merge.
+                Some(LoraConfig {
+                    lora_rank: r.lora_rank.unwrap_or(16),
+                    lora_alpha: r.lora_alpha.unwrap_or(16.0),
+                    lora_dropout: 0.0,
+                    lora_targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+                    loftq_iters: None,
+                })
             }
             Method::Qlora | Method::Loftq => {
                 if method == Method::Qlora && r.loftq_iters.is_some() {
                     return Err(other("loftq_iters", "loftq"));
+                }
+                if r.phi_dtype.is_some() {
+                    return Err(other("phi_dtype", "lrqat"));
                 }
                 // The base's block quantization is the weight quantization.
                 if r.w_bits.is_some_and(|b| b != 16) {
@@ -460,6 +525,8 @@ impl TryFrom<RawStudent> for StudentConfig {
         let (w, a, kv) = match method {
             Method::Qat => (d_w_bits(), d_a_bits(), d_kv_bits()),
             Method::Qlora | Method::Loftq => (16, 16, 16),
+            // Weight-only unless a_bits / kv_bits are set, as LR-QAT is published.
+            Method::Lrqat => (d_w_bits(), 16, 16),
         };
         Ok(StudentConfig {
             method,
@@ -470,6 +537,7 @@ impl TryFrom<RawStudent> for StudentConfig {
             kv_point: r.kv_point.unwrap_or_default(),
             kv_rotation: r.kv_rotation.unwrap_or_default(),
             lora,
+            phi_dtype: (method == Method::Lrqat).then(|| r.phi_dtype.unwrap_or_default()),
             base: r.base,
         })
     }
@@ -486,6 +554,7 @@ impl Default for StudentConfig {
             kv_point: KvPoint::default(),
             kv_rotation: KvRotation::None,
             lora: None,
+            phi_dtype: None,
             base: None,
         }
     }
@@ -494,6 +563,14 @@ impl Default for StudentConfig {
 impl StudentConfig {
     pub fn validate(&self) -> Result<()> {
         self.quant_config()?;
+        if self.method == Method::Lrqat {
+            if !(2..=8).contains(&self.w_bits) {
+                bail!(
+                    "student.w_bits = {}: an lrqat student's weights are integers of 2 to 8 bits",
+                    self.w_bits
+                );
+            }
+        }
         if let Some(l) = &self.lora {
             if l.lora_rank == 0 {
                 bail!("student.lora_rank = 0: allowed values are integers >= 1 (at most the smaller dimension of each target projection)");

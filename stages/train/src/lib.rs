@@ -17,7 +17,7 @@ pub mod loss;
 pub mod optim;
 pub mod student;
 
-pub use config::{LoraConfig, Method, Packing, Schedule, StudentConfig, TrainConfig};
+pub use config::{LoraConfig, Method, Packing, PhiStorage, Schedule, StudentConfig, TrainConfig};
 pub use student::{Base, Student};
 
 use anyhow::{bail, Context, Result};
@@ -116,6 +116,7 @@ pub fn build_student(
         &StudentConfig::default(),
         mcfg,
         quant,
+        init,
         init,
         false,
         None,
@@ -330,7 +331,7 @@ pub fn train_until_on(
             teacher_dir.display()
         );
     }
-    if student.method.needs_base() && cfg.kv_equalize > 0.0 {
+    if (student.method.needs_base() || student.method == Method::Lrqat) && cfg.kv_equalize > 0.0 {
         bail!(
             "train.kv_equalize = {}: not supported with student.method = \"{}\" (it would rescale the frozen base); set it to 0",
             cfg.kv_equalize,
@@ -434,7 +435,7 @@ pub fn train_until_on(
             )
         }
         None => {
-            let mut init = teacher_tensors;
+            let mut init = teacher_tensors.clone();
             if cfg.kv_equalize > 0.0 {
                 // Calibration: the first batches of the corpus, from a loader of its own, so the
                 // training order is untouched.
@@ -460,6 +461,7 @@ pub fn train_until_on(
         &mcfg,
         &quant,
         &init,
+        &teacher_tensors,
         resume.is_some(),
         base.as_ref(),
         cfg,
@@ -478,6 +480,7 @@ pub fn train_until_on(
     let sinks = stu.model.attach_grad_sinks()?;
     let sink_of: Vec<_> = stu.params.iter().map(|p| sinks.get(&p.name)).collect();
     drop(init);
+    drop(teacher_tensors);
     let mut opt = AdamW::new(cfg, &stu.params)?;
     if let Some((dir, _)) = &resume {
         let p = dir.join(checkpoint::OPTIMIZER_FILE);
@@ -647,7 +650,14 @@ pub fn train_until_on(
                 &base.dir,
             )?;
         }
-        checkpoint::export_student(&folder.dir, &dst, &tensors, &serde_json::to_value(&quant)?)?;
+        // The student's own quantizers: an lrqat student's weights are merged onto its grid,
+        // so its folder says w_bits none.
+        checkpoint::export_student(
+            &folder.dir,
+            &dst,
+            &tensors,
+            &serde_json::to_value(&stu.model.quant)?,
+        )?;
         Some(dst)
     } else {
         None

@@ -150,13 +150,15 @@ fn initial_a(rank: usize, inputs: usize, seed: u64, key: &str, device: &Device) 
 
 impl Student {
     /// Builds the student. `init` holds the teacher's tensors (fresh start) or, when resuming,
-    /// the checkpoint's (`checkpoint_tensors`); `base` is required by methods that need one.
+    /// the checkpoint's (`checkpoint_tensors`); `teacher` the teacher's (the frozen start of
+    /// `lrqat`); `base` is required by methods that need one.
     #[allow(clippy::too_many_arguments)]
     pub fn build(
         spec: &StudentConfig,
         mcfg: &LlamaConfig,
         quant: &QuantConfig,
         init: &HashMap<String, Tensor>,
+        teacher: &HashMap<String, Tensor>,
         resuming: bool,
         base: Option<&Base>,
         cfg: &TrainConfig,
@@ -165,6 +167,10 @@ impl Student {
     ) -> Result<Self> {
         match (&spec.method, &spec.lora, base) {
             (Method::Qat, _, _) => Self::qat(mcfg, quant, init, cfg, source, device),
+            (Method::Lrqat, Some(lora), _) => {
+                let ckpt = if resuming { Some(init) } else { None };
+                Self::lrqat(spec, mcfg, quant, lora, teacher, ckpt, cfg, source, device)
+            }
             (Method::Qlora | Method::Loftq, Some(lora), Some(base)) => {
                 let dir = spec
                     .base
@@ -315,12 +321,118 @@ impl Student {
         })
     }
 
+    /// LR-QAT on every projection: Phi0 and s0 from the teacher's weight (recomputed on
+    /// resume: they depend only on it), A, B and the scale multipliers from `ckpt` or fresh
+    /// (A random, B zero, multipliers 1). Embeddings, norms and the LM head stay the
+    /// teacher's, frozen.
+    #[allow(clippy::too_many_arguments)]
+    fn lrqat(
+        spec: &StudentConfig,
+        mcfg: &LlamaConfig,
+        quant: &QuantConfig,
+        lora: &LoraConfig,
+        teacher: &HashMap<String, Tensor>,
+        ckpt: Option<&HashMap<String, Tensor>>,
+        cfg: &TrainConfig,
+        source: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let r = lora.lora_rank;
+        let phi = spec.phi_dtype.unwrap_or_default().model();
+        let mut projections = HashMap::new();
+        let mut params = Vec::new();
+        let mut dense = teacher.clone();
+        for l in 0..mcfg.num_hidden_layers {
+            for n in PROJECTIONS {
+                let group = match n {
+                    "gate_proj" | "up_proj" | "down_proj" => "mlp",
+                    _ => "self_attn",
+                };
+                let prefix = format!("model.layers.{l}.{group}.{n}");
+                let w0 = dense
+                    .remove(&format!("{prefix}.weight"))
+                    .with_context(|| format!("teacher: missing tensor `{prefix}.weight`"))?;
+                let (out, inp) = w0.dims2()?;
+                if r > out.min(inp) {
+                    bail!(
+                        "student.lora_rank = {r}: larger than `{prefix}` allows ({out} x {inp}: at most {})",
+                        out.min(inp)
+                    );
+                }
+                if let Some(g) = spec.w_group.filter(|g| !inp.is_multiple_of(*g)) {
+                    bail!("student.w_group = {g}: an lrqat student needs groups that divide every projection's input dimension, and `{prefix}` has {inp}");
+                }
+                let (ka, kb, km) = (
+                    format!("{prefix}.lrqat_A.weight"),
+                    format!("{prefix}.lrqat_B.weight"),
+                    format!("{prefix}.lrqat_m"),
+                );
+                let groups = inp / spec.w_group.unwrap_or(inp);
+                let get = |k: &str, shape: [usize; 2]| -> Result<Option<Tensor>> {
+                    let Some(t) = ckpt else { return Ok(None) };
+                    let x = t
+                        .get(k)
+                        .with_context(|| format!("{source}: missing tensor `{k}`"))?;
+                    if x.dims() != shape {
+                        bail!(
+                            "{source}: tensor `{k}` has shape {:?}, expected {shape:?}",
+                            x.dims()
+                        );
+                    }
+                    Ok(Some(x.clone()))
+                };
+                let a = match get(&ka, [out, r])? {
+                    Some(a) => a,
+                    // Random A of LR-QAT's orientation (out x r): bound 1 / sqrt(r).
+                    None => initial_a(out, r, cfg.seed, &ka, device)?,
+                };
+                let b = match get(&kb, [r, inp])? {
+                    Some(b) => b,
+                    None => Tensor::zeros((r, inp), candle_core::DType::F32, device)?,
+                };
+                let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+                let mut w = model::LowRankQWeight::init(
+                    &w0,
+                    spec.w_bits,
+                    spec.w_group,
+                    phi,
+                    a.as_tensor().clone(),
+                    b.as_tensor().clone(),
+                    lora.scale(),
+                )?;
+                let m = Var::from_tensor(&match get(&km, [out, groups])? {
+                    Some(m) => m,
+                    None => w.m.clone(),
+                })?;
+                w.m = m.as_tensor().clone();
+                projections.insert(prefix, Weight::LowRankQ(w));
+                params.push(Param { name: ka, var: a });
+                params.push(Param { name: kb, var: b });
+                params.push(Param { name: km, var: m });
+            }
+        }
+        // The projections quantize themselves; activations and K/V as configured.
+        let quant = QuantConfig {
+            w_bits: None,
+            w_group: None,
+            ..quant.clone()
+        };
+        let model =
+            Llama::with_projections(mcfg.clone(), quant, dense, projections, source, device)?;
+        Ok(Self {
+            model,
+            params,
+            method: Method::Lrqat,
+        })
+    }
+
     /// What a checkpoint stores of the student: every tensor for `qat` (as before), only the
-    /// adapters for `qlora` (the base is the base folder's, named by its hash).
+    /// trainable tensors for the others (a base is the base folder's, named by its hash; an
+    /// LR-QAT student's Phi0 and s0 are the teacher's weights, recomputed).
     pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
         match self.method {
             Method::Qat => self.model.named_tensors(),
-            Method::Qlora | Method::Loftq => self
+            Method::Qlora | Method::Loftq | Method::Lrqat => self
                 .params
                 .iter()
                 .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
@@ -333,7 +445,7 @@ impl Student {
     pub fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(match self.method {
             Method::Qat => self.model.named_tensors(),
-            Method::Qlora | Method::Loftq => self.model.merged_named_tensors()?,
+            Method::Qlora | Method::Loftq | Method::Lrqat => self.model.merged_named_tensors()?,
         })
     }
 

@@ -626,3 +626,96 @@ fn sigkill_at_any_moment_resumes_bit_identically() -> Result<()> {
     assert_eq!(losses(&straight)?, losses(&run.out)?);
     Ok(())
 }
+
+/// An `lrqat` student (keys as a user writes them): stopped and resumed it ends byte-identical
+/// to an uninterrupted run; its checkpoints hold only A, B and the scale multipliers; the
+/// merged student folder is integers times per-channel scales and gives bit-identical logits
+/// to the trained (unmerged) student rebuilt from its last checkpoint.
+#[test]
+fn lrqat_resumes_bit_identically_and_merges_exactly() -> Result<()> {
+    let run = Run::new("lrqat")?;
+    let cfg = small_cfg(6);
+    let student: StudentConfig = serde_json::from_str(
+        r#"{"method": "lrqat", "w_bits": 4, "lora_rank": 4, "lora_alpha": 4, "phi_dtype": "int8"}"#,
+    )?;
+    student.validate()?;
+    let straight = run.other_out("straight");
+    train(
+        &teacher_dir(),
+        &run.corpus,
+        &straight,
+        &student,
+        &cfg,
+        |_| {},
+    )?;
+    let first = train_until(
+        &teacher_dir(),
+        &run.corpus,
+        &run.out,
+        &student,
+        &cfg,
+        Some(3),
+        |_| {},
+    )?;
+    assert_eq!(first.steps_done, 3);
+    let second = train(
+        &teacher_dir(),
+        &run.corpus,
+        &run.out,
+        &student,
+        &cfg,
+        |_| {},
+    )?;
+    assert_eq!((second.resumed_from, second.steps_done), (Some(3), 6));
+    let model_bytes =
+        |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
+    assert!(
+        model_bytes(&straight)? == model_bytes(&run.out)?,
+        "resumed lrqat student differs"
+    );
+
+    let dev = Device::Cpu;
+    let ck = train::checkpoint::read_safetensors(
+        &straight
+            .join(train::CHECKPOINT_DIR)
+            .join("step-00000006")
+            .join(train::checkpoint::STUDENT_FILE),
+        &dev,
+    )?;
+    // 5 layers x 7 projections x (A, B, m).
+    assert_eq!(ck.len(), 105);
+    assert!(ck.keys().all(|k| k.contains(".lrqat_")), "{:?}", ck.keys());
+    let folder = ModelFolder::open(&teacher_dir())?;
+    let teacher = folder.load_tensors(&dev)?;
+    let q = student.quant_config()?;
+    let trained = train::Student::build(
+        &student,
+        &folder.config,
+        &q,
+        &ck,
+        &teacher,
+        true,
+        None,
+        &cfg,
+        "checkpoint",
+        &dev,
+    )?;
+    let merged_dir = straight.join(train::STUDENT_DIR);
+    let merged = Llama::load(&ModelFolder::open(&merged_dir)?, QuantConfig::none(), &dev)?;
+    let ids = Tensor::new(&[[1u32, 403, 27, 95, 300, 12, 7, 250, 44, 2]], &dev)?;
+    let (a, b) = (trained.model.forward(&ids)?, merged.forward(&ids)?);
+    assert_eq!(
+        a.flatten_all()?.to_vec1::<f32>()?,
+        b.flatten_all()?.to_vec1::<f32>()?,
+        "merged logits differ from the trained student's"
+    );
+    // The merged weights are integers in [-8, 7] times one scale per output channel.
+    let w = candle_core::safetensors::load(merged_dir.join("model.safetensors"), &dev)?;
+    let up = w["model.layers.0.mlp.up_proj.weight"].to_vec2::<f32>()?;
+    for row in &up {
+        let levels: std::collections::BTreeSet<u32> =
+            row.iter().map(|v| (v + 0.0).to_bits()).collect();
+        assert!(levels.len() <= 16, "{} values in a row", levels.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! A projection as LR-QAT (Bondarenko et al., 2024) parameterises it: low-rank weights inside
+//! the quantizer,
+//!
+//!     W_hat = s * clamp(round(Phi0 + (alpha / r) A B), -2^(b-1), 2^(b-1) - 1)
+//!
+//! with A: out x r (random at start), B: r x in (zero at start), Phi0 = W0 / s0 frozen and
+//! stored downcast (int8 fixed point with b integer and 8 - b fraction bits, Q4.4 for b = 4,
+//! or bf16), and s per output channel or per group, initialised from MinMax (s0 = max |W0| /
+//! (2^(b-1) - 1)) and trained. Rounding is half to even with a straight-through gradient;
+//! the clamp passes no gradient outside its range. After training the integers
+//! clamp(round(Phi0 + (alpha / r) A B)) and s are the whole student ([`LowRankQWeight::merged`]
+//! is the same f32 values the forward uses).
+//!
+//! s is trained as a multiplier m of s0 (s = s0 * m, m = 1 at start): Adam's steps are about
+//! the learning rate in size whatever the parameter's scale, and s0 is ~1e-2, so a step on s
+//! itself would be a 10% change at lr 1e-3.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// How Phi0 = W0 / s0 is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PhiDtype {
+    /// Fixed point in one byte: b integer bits (sign included) and 8 - b fraction bits.
+    Int8,
+    Bf16,
+}
+
+#[derive(Clone, Debug)]
+pub enum Phi0 {
+    /// u8 codes c: Phi0 = (c - 128) / 2^frac_bits.
+    Int8 {
+        codes: Tensor,
+        frac_bits: u32,
+    },
+    Bf16(Tensor),
+}
+
+#[derive(Clone, Debug)]
+pub struct LowRankQWeight {
+    pub phi0: Phi0,
+    /// [out, r]
+    pub a: Tensor,
+    /// [r, in]
+    pub b: Tensor,
+    /// s0, [out, groups] (f32, frozen).
+    pub s0: Tensor,
+    /// The trained multiplier of s0, [out, groups] (1 at start).
+    pub m: Tensor,
+    /// alpha / r
+    pub scale: f64,
+    pub bits: u32,
+    /// Values per scale along the input dimension; None = the whole row.
+    pub group: Option<usize>,
+}
+
+impl LowRankQWeight {
+    /// The start from a dense weight w0 [out, in]: s0 from MinMax, Phi0 = w0 / s0 stored as
+    /// `phi`, the multiplier at 1; `a` [out, r] and `b` [r, in] as given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn init(
+        w0: &Tensor,
+        bits: u32,
+        group: Option<usize>,
+        phi: PhiDtype,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+    ) -> Result<Self> {
+        let (out, inp) = w0.dims2()?;
+        let g = group.unwrap_or(inp);
+        if g == 0 || !inp.is_multiple_of(g) {
+            candle_core::bail!("group of {g} values does not divide the input dimension {inp}");
+        }
+        if !(2..=8).contains(&bits) {
+            candle_core::bail!("bits = {bits}: allowed 2 to 8");
+        }
+        let dev = w0.device();
+        let w = w0.to_dtype(DType::F32)?.detach();
+        let wg = w.reshape((out, inp / g, g))?;
+        let qmax = ((1u32 << (bits - 1)) - 1) as f32;
+        // True division, as the MinMax quantizer computes alpha.
+        let s0 = wg
+            .abs()?
+            .max_keepdim(2)?
+            .broadcast_div(&Tensor::new(qmax, dev)?)?;
+        let safe = s0.eq(0f32)?.where_cond(&s0.ones_like()?, &s0)?;
+        let phi_f = wg.broadcast_div(&safe)?.reshape((out, inp))?;
+        let phi0 = match phi {
+            PhiDtype::Bf16 => Phi0::Bf16(phi_f.to_dtype(DType::BF16)?),
+            PhiDtype::Int8 => {
+                let frac_bits = 8 - bits;
+                let c = quant::round_half_even(&(phi_f * f64::from(1u32 << frac_bits))?)?
+                    .clamp(-128f32, 127f32)?;
+                Phi0::Int8 {
+                    codes: (c + 128.0)?.to_dtype(DType::U8)?,
+                    frac_bits,
+                }
+            }
+        };
+        let s0 = s0.reshape((out, inp / g))?;
+        Ok(Self {
+            phi0,
+            m: s0.ones_like()?,
+            s0,
+            a,
+            b,
+            scale,
+            bits,
+            group,
+        })
+    }
+
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        Ok((self.a.dim(0)?, self.b.dim(1)?))
+    }
+
+    pub fn rank(&self) -> Result<usize> {
+        self.a.dim(1)
+    }
+
+    /// Phi0 as f32 [out, in].
+    pub fn phi(&self) -> Result<Tensor> {
+        match &self.phi0 {
+            Phi0::Bf16(p) => p.to_dtype(DType::F32),
+            Phi0::Int8 { codes, frac_bits } => {
+                (codes.to_dtype(DType::F32)? - 128.0)? / f64::from(1u32 << frac_bits)
+            }
+        }
+    }
+
+    fn bounds(&self) -> (f32, f32) {
+        let h = (1u32 << (self.bits - 1)) as f32;
+        (-h, h - 1.0)
+    }
+
+    /// s = s0 * m, [out, groups].
+    pub fn scales(&self) -> Result<Tensor> {
+        self.s0.mul(&self.m)
+    }
+
+    /// (integers as f32) * s, broadcast over each group.
+    fn times_scales(&self, q: &Tensor) -> Result<Tensor> {
+        let (out, inp) = q.dims2()?;
+        let s = self.scales()?;
+        let groups = s.dim(1)?;
+        q.reshape((out, groups, inp / groups))?
+            .broadcast_mul(&s.unsqueeze(2)?)?
+            .reshape((out, inp))
+    }
+
+    /// The trained integers clamp(round(Phi0 + scale A B)) as f32 [out, in] (values only).
+    pub fn integers(&self) -> Result<Tensor> {
+        let z = (self.phi()? + (self.a.matmul(&self.b)? * self.scale)?)?.detach();
+        let (lo, hi) = self.bounds();
+        quant::round_half_even(&z)?.clamp(lo, hi)
+    }
+
+    /// W_hat for the forward pass, with gradients to A, B and m.
+    pub fn effective(&self) -> Result<Tensor> {
+        let z = (self.phi()? + (self.a.matmul(&self.b)? * self.scale)?)?;
+        let zd = z.detach();
+        let (lo, hi) = self.bounds();
+        let r = quant::round_half_even(&zd)?;
+        let q = r.clamp(lo, hi)?;
+        // Straight-through inside the grid, nothing outside: (zd - z) is exactly 0 forward
+        // with gradient -1; masked by `inside`, and q minus it keeps q's exact values.
+        let inside = r.ge(lo)?.mul(&r.le(hi)?)?.to_dtype(DType::F32)?;
+        let q = q.sub(&zd.sub(&z)?.mul(&inside)?)?;
+        self.times_scales(&q)
+    }
+
+    /// The merged weight: integers times scales, the same f32 values as [`Self::effective`].
+    pub fn merged(&self) -> Result<Tensor> {
+        self.times_scales(&self.integers()?)?
+            .detach()
+            .to_dtype(DType::F32)
+    }
+
+    /// Bytes the frozen part holds (Phi0 and s0).
+    pub fn frozen_bytes(&self) -> usize {
+        let phi = match &self.phi0 {
+            Phi0::Int8 { codes, .. } => codes.elem_count(),
+            Phi0::Bf16(p) => 2 * p.elem_count(),
+        };
+        phi + 4 * self.s0.elem_count()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.a.device()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn w0(dev: &Device) -> Tensor {
+        let v: Vec<f32> = (0..6 * 8)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 40.0)
+            .collect();
+        Tensor::from_vec(v, (6, 8), dev).unwrap()
+    }
+
+    #[test]
+    fn start_is_minmax_rounding_and_merge_equals_forward() {
+        let dev = Device::Cpu;
+        let w = w0(&dev);
+        let a = Tensor::ones((6, 2), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
+        for phi in [PhiDtype::Int8, PhiDtype::Bf16] {
+            let l = LowRankQWeight::init(&w, 4, None, phi, a.clone(), b.clone(), 1.0).unwrap();
+            let rtn = quant::fake_quant(&w, 4, None)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let got = l.effective().unwrap().to_vec2::<f32>().unwrap();
+            // Each value is s0 * clamp(round(Phi0 as stored)): MinMax's rounding except where
+            // Phi0's storage moves a value across a tie.
+            let mut same = 0;
+            let (phi, s0) = (
+                l.phi().unwrap().to_vec2::<f32>().unwrap(),
+                l.s0.to_vec2::<f32>().unwrap(),
+            );
+            for i in 0..6 {
+                for j in 0..8 {
+                    let want = phi[i][j].round_ties_even().clamp(-8.0, 7.0) * s0[i][0];
+                    assert_eq!(got[i][j], want, "{phi:?}");
+                    // Exact ties (this data has some: 0.125 / (0.25 / 7) = 3.5) may go the
+                    // other way, one grid step.
+                    assert!(
+                        (got[i][j] - rtn[i][j]).abs() <= s0[i][0] * 1.0001,
+                        "{i} {j}"
+                    );
+                    same += usize::from(got[i][j] == rtn[i][j]);
+                }
+            }
+            assert!(same >= 44, "{same} of 48 as MinMax rounds");
+            let got = l.effective().unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                l.merged().unwrap().to_vec2::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_reach_a_b_and_the_scales_and_stop_outside_the_grid() {
+        let dev = Device::Cpu;
+        let w = w0(&dev);
+        let a = Var::from_tensor(&Tensor::ones((6, 1), DType::F32, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::zeros((1, 8), DType::F32, &dev).unwrap()).unwrap();
+        let mut l = LowRankQWeight::init(
+            &w,
+            3,
+            Some(4),
+            PhiDtype::Int8,
+            a.as_tensor().clone(),
+            b.as_tensor().clone(),
+            1.0,
+        )
+        .unwrap();
+        let m = Var::from_tensor(&l.m).unwrap();
+        l.m = m.as_tensor().clone();
+        assert_eq!(l.s0.dims(), [6, 2]);
+        let g = l
+            .effective()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb: Vec<f32> = g
+            .get(b.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // dL/dB[0, j] = sum_i A[i, 0] * s[i, group(j)] * inside(i, j); values at the edge of
+        // the 3-bit grid (-4 and 3 both inside) keep their gradient.
+        let s = l.scales().unwrap().to_vec2::<f32>().unwrap();
+        for (j, &v) in gb.iter().enumerate() {
+            let want: f32 = (0..6).map(|i| s[i][j / 4]).sum();
+            assert!((v - want).abs() < 1e-5, "{j}: {v} vs {want}");
+        }
+        assert!(g.get(m.as_tensor()).is_some() && g.get(a.as_tensor()).is_some());
+        // Pushed far outside the grid, no gradient flows back to B.
+        let far =
+            Var::from_tensor(&(Tensor::ones((1, 8), DType::F32, &dev).unwrap() * 100.0).unwrap())
+                .unwrap();
+        l.b = far.as_tensor().clone();
+        let g = l
+            .effective()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = g
+            .get(far.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(gb.to_scalar::<f32>().unwrap(), 0.0);
+    }
+}
