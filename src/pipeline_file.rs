@@ -276,7 +276,10 @@ impl PipelineFile {
         }
         with_place(self.generate.validate(), "generate")?;
         with_place(
-            self.student.quant_config().and_then(|q| q.validate()),
+            self.student
+                .validate()
+                .and_then(|_| self.student.quant_config())
+                .and_then(|q| q.validate()),
             "student",
         )?;
         with_place(self.train.validate(), "train")?;

@@ -293,6 +293,7 @@ pub fn train_until_on(
 ) -> Result<TrainReport> {
     let started = Instant::now();
     cfg.validate()?;
+    student.validate()?;
     let quant = student.quant_config()?;
     let device = compute.device.clone();
 
