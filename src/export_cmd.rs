@@ -82,7 +82,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             let cfg_path = adapter.join("adapter_config.json");
             if !cfg_path.is_file() {
                 bail!(
-                    "--format peft: {} has no adapter ({} is missing): only LoRA students (student.method = \"qlora\") have one; use --format hf",
+                    "--format peft: {} has no adapter ({} is missing): only LoRA students (student.method = \"qlora\" or \"loftq\") have one; use --format hf",
                     a.student.display(),
                     cfg_path.display()
                 );
@@ -120,6 +120,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     cfg_path.display(),
                     base.display()
                 );
+            }
+            // transformers reads bitsandbytes' layout (NF4) only; other bases are ours.
+            if let Some(h) = quantize::QuantizeHeader::read(&base)? {
+                if h.settings.layout != quantize::Layout::Bnb {
+                    bail!(
+                        "--format peft: the base {} is {} in the {} layout, which transformers and bitsandbytes cannot load (only nf4 in the bnb layout); use --format hf for the merged student",
+                        base.display(),
+                        h.settings.format.name(),
+                        h.settings.layout.name()
+                    );
+                }
             }
             let base_files = folder_files(&base)?;
             write(&a.out.join("base"), &base_files)?;

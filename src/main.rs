@@ -12,7 +12,6 @@ mod generate_cmd;
 mod pipeline_file;
 mod progress;
 mod quantize_cmd;
-mod report;
 mod runner;
 mod train_cmd;
 

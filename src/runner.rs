@@ -4,7 +4,7 @@
 //! resumes, a changed one is refused unless `--force STAGE`. No numerics live here.
 
 use crate::pipeline_file::PipelineFile;
-use crate::report::{ModelScore, ReportInput};
+use eval::report::{ModelScore, ReportInput};
 use anyhow::{bail, Context, Result};
 use corpus::fsio;
 use serde_json::{json, Value};
@@ -508,7 +508,7 @@ fn evaluate(
         train_steps: p.train.steps,
         timings: timings.to_vec(),
     };
-    crate::report::write_report(&stage_dir(run, "eval"), &input)?;
+    eval::report::write_report(&stage_dir(run, "eval"), &input)?;
     Ok(())
 }
 
