@@ -4,9 +4,9 @@
 //! resumes, a changed one is refused unless `--force STAGE`. No numerics live here.
 
 use crate::pipeline_file::PipelineFile;
-use eval::report::{ModelScore, ReportInput};
 use anyhow::{bail, Context, Result};
 use corpus::fsio;
+use eval::report::{ModelScore, ReportInput};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

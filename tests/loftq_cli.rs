@@ -221,6 +221,31 @@ fn loftq_student_starts_from_its_adapters_and_bad_settings_fail() {
     eprintln!("first-step loss: LoftQ {lq:.4}, QLoRA {ql:.4}");
     assert!(lq < ql, "LoftQ {lq} >= QLoRA {ql}");
 
+    // An NF2 base is ours (packed): a PEFT export would not load, the merged one does.
+    let lq = d.join("loftq");
+    let e = run_err(&[
+        "export",
+        "--student",
+        lq.to_str().unwrap(),
+        "--out",
+        d.join("ex").to_str().unwrap(),
+        "--format",
+        "peft",
+    ]);
+    assert!(
+        e.contains("cannot load (only nf4 in the bnb layout)"),
+        "{e}"
+    );
+    run_ok(&[
+        "export",
+        "--student",
+        lq.to_str().unwrap(),
+        "--out",
+        d.join("ex-hf").to_str().unwrap(),
+        "--format",
+        "hf",
+    ]);
+
     let err = |name: &str, method: &str, base: &Path, extra: &[&str], want: &str| {
         let o = train(&d.join(name), method, base, extra);
         assert!(!o.status.success(), "{name} should have failed");
