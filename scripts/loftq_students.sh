@@ -37,7 +37,7 @@ for f in nf2 nf3 nf4; do
             d="$W/train-$f-$m-$lr"
             [ -d "$d/student" ] || "$B" train --teacher $T --corpus "$W/corpus" --out "$d" \
                 --config "$W/$m-$f.toml" --base "$base" --steps "$STEPS" --lr "$lr" --log-every 100 >/dev/null 2>"$d.log" || { cat "$d.log"; exit 1; }
-            echo "{\"format\": \"$f\", \"method\": \"$m\", \"lr\": $lr, \"base\": $(ppl "$base" $X), \"ppl_64k\": $(ppl "$d/student" $X), \"dir\": \"$d\"}" >> "$out"
+            echo "{\"format\": \"$f\", \"method\": \"$m\", \"lr\": $lr, \"base\": $(ppl "$base" $X), \"ppl_64k\": $(ppl "$d/student" $X), \"dir\": \"$d/student\"}" >> "$out"
             tail -1 "$out"
         done
     done

@@ -43,7 +43,7 @@ for bits in 4 3; do
                 # The qat folder holds f32 masters (quantized on load); the lrqat folder holds its merged grid.
                 eflags=("${aflags[@]}")
                 [ $m = qat ] && eflags+=(--w-bits $bits)
-                echo "{\"w_bits\": $bits, \"act\": \"$act\", \"method\": \"$m\", \"lr\": $lr, \"ppl_64k\": $(ppl "$d/student" $X "${eflags[@]}"), \"dir\": \"$d\", \"eval_flags\": \"${eflags[*]}\"}" >> "$out"
+                echo "{\"w_bits\": $bits, \"act\": \"$act\", \"method\": \"$m\", \"lr\": $lr, \"ppl_64k\": $(ppl "$d/student" $X "${eflags[@]}"), \"dir\": \"$d/student\", \"eval_flags\": \"${eflags[*]}\"}" >> "$out"
                 tail -1 "$out"
             done
         done

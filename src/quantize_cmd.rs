@@ -80,8 +80,16 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let report = quantize_folder(&input, &a.out, &s, &mut |p| {
         bar.set_length(p.bytes_total);
         bar.set_position(p.bytes_done);
+        let loftq = if p.loftq_steps_total > 0 {
+            format!(
+                " LoftQ {}/{} steps",
+                p.loftq_steps_done, p.loftq_steps_total
+            )
+        } else {
+            String::new()
+        };
         bar.set_message(format!(
-            "{}/{} {}",
+            "{}/{} {}{loftq}",
             p.tensors_done, p.tensors_total, p.tensor
         ));
     })?;

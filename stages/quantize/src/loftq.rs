@@ -115,13 +115,15 @@ impl Quantizer {
     }
 }
 
-/// LoftQ of the row-major `rows x cols` weight `w` (rows = outputs).
+/// LoftQ of the row-major `rows x cols` weight `w` (rows = outputs); `step` is called after
+/// each alternating step (for a progress bar).
 pub fn loftq(
     w: &[f32],
     rows: usize,
     cols: usize,
     s: &LoftqSettings,
     quantizer: &Quantizer,
+    step: &(dyn Fn() + Sync),
 ) -> Result<LoftqWeight> {
     let r = s.rank;
     if w.len() != rows * cols {
@@ -152,6 +154,7 @@ pub fn loftq(
             }
         }
         last = Some((q, deq, l, rr));
+        step();
     }
     let (q, deq, l, rr) = last.expect("iters >= 1");
     let lr = product(&l, &rr);
@@ -272,12 +275,12 @@ mod tests {
     fn first_step_is_plain_quantization_and_adapters_reduce_the_error() {
         let (rows, cols) = (48, 96);
         let w = sample(rows * cols, 3);
-        let one = loftq(&w, rows, cols, &settings(8, 1, 8.0), &NF2).unwrap();
+        let one = loftq(&w, rows, cols, &settings(8, 1, 8.0), &NF2, &|| {}).unwrap();
         let plain = quantize_pack(&w, 64, CodeBook::Nf2, false);
         assert_eq!(one.q.packed, plain.packed);
         assert!((one.plain_rel_error - plain.rel_error).abs() < 1e-9);
         assert!(one.loftq_rel_error < one.plain_rel_error);
-        let five = loftq(&w, rows, cols, &settings(8, 5, 8.0), &NF2).unwrap();
+        let five = loftq(&w, rows, cols, &settings(8, 5, 8.0), &NF2, &|| {}).unwrap();
         assert!(five.loftq_rel_error < one.loftq_rel_error);
     }
 
@@ -285,8 +288,8 @@ mod tests {
     fn adapters_reconstruct_the_residual_whatever_alpha() {
         let (rows, cols) = (32, 64);
         let w = sample(rows * cols, 5);
-        let a = loftq(&w, rows, cols, &settings(4, 2, 4.0), &NF2).unwrap();
-        let b = loftq(&w, rows, cols, &settings(4, 2, 16.0), &NF2).unwrap();
+        let a = loftq(&w, rows, cols, &settings(4, 2, 4.0), &NF2, &|| {}).unwrap();
+        let b = loftq(&w, rows, cols, &settings(4, 2, 16.0), &NF2, &|| {}).unwrap();
         assert_eq!(a.q.packed, b.q.packed);
         assert!((a.loftq_rel_error - b.loftq_rel_error).abs() < 1e-6);
         // B A scaled by alpha / r is the same product.
@@ -304,7 +307,9 @@ mod tests {
     #[test]
     fn rank_larger_than_the_matrix_is_refused() {
         let w = sample(8 * 64, 1);
-        let e = loftq(&w, 8, 64, &settings(9, 1, 9.0), &NF2).err().unwrap();
+        let e = loftq(&w, 8, 64, &settings(9, 1, 9.0), &NF2, &|| {})
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("lora_rank = 9"), "{e}");
     }
 }

@@ -19,6 +19,7 @@ use quant::BlockScales;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Where the stage stands, for a progress bar.
@@ -28,6 +29,9 @@ pub struct Progress<'a> {
     pub tensors_total: usize,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// LoftQ's alternating steps done over all its matrices (matrices x iterations in all).
+    pub loftq_steps_done: usize,
+    pub loftq_steps_total: usize,
 }
 
 /// Quantizes the model folder `input` into `out` and returns the report (also written to
@@ -125,6 +129,10 @@ pub fn quantize_folder(
     // LoftQ's adapters (name, shape, values), written after the base; and its time.
     let mut adapters: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut loftq_seconds = 0f64;
+    let loftq_steps_total = s.loftq.as_ref().map_or(0, |l| {
+        weights.keys().filter(|n| l.targets_weight(n)).count() * l.iters as usize
+    });
+    let mut loftq_steps_done = 0usize;
 
     for src in &sources {
         in_bytes += std::fs::metadata(&src.path)?.len();
@@ -154,6 +162,8 @@ pub fn quantize_folder(
                 tensors_total,
                 bytes_done,
                 bytes_total,
+                loftq_steps_done,
+                loftq_steps_total,
             });
             if !s.quantizes(&t.name) {
                 w.write(&t.name, src.bytes(t))?;
@@ -172,15 +182,45 @@ pub fn quantize_folder(
                                 .filter(|u| s.quantizes(&u.name) && l.targets_weight(&u.name))
                                 .take(rayon::current_num_threads())
                                 .collect();
-                            let done: Vec<Result<LoftqWeight>> = window
-                                .par_iter()
-                                .map(|u| {
-                                    let x = src.f32_values(u)?;
-                                    loftq(&x, u.shape[0], u.shape[1], l, &quantizer).with_context(
-                                        || format!("{}: LoftQ of {}", src.path.display(), u.name),
-                                    )
-                                })
-                                .collect();
+                            // The window runs on rayon's threads; this one reports each
+                            // alternating step as it completes.
+                            let steps = AtomicUsize::new(0);
+                            let done: Vec<Result<LoftqWeight>> = std::thread::scope(|scope| {
+                                let work = scope.spawn(|| {
+                                    window
+                                        .par_iter()
+                                        .map(|u| {
+                                            let x = src.f32_values(u)?;
+                                            let step = || {
+                                                steps.fetch_add(1, Ordering::Relaxed);
+                                            };
+                                            loftq(&x, u.shape[0], u.shape[1], l, &quantizer, &step)
+                                                .with_context(|| {
+                                                    format!(
+                                                        "{}: LoftQ of {}",
+                                                        src.path.display(),
+                                                        u.name
+                                                    )
+                                                })
+                                        })
+                                        .collect()
+                                });
+                                while !work.is_finished() {
+                                    progress(Progress {
+                                        tensor: &t.name,
+                                        tensors_done,
+                                        tensors_total,
+                                        bytes_done,
+                                        bytes_total,
+                                        loftq_steps_done: loftq_steps_done
+                                            + steps.load(Ordering::Relaxed),
+                                        loftq_steps_total,
+                                    });
+                                    std::thread::sleep(std::time::Duration::from_millis(100));
+                                }
+                                work.join().expect("a LoftQ worker panicked")
+                            });
+                            loftq_steps_done += window.len() * l.iters as usize;
                             for (u, r) in window.iter().zip(done) {
                                 ready.insert(u.name.clone(), r);
                             }
@@ -277,6 +317,8 @@ pub fn quantize_folder(
         tensors_total,
         bytes_done,
         bytes_total,
+        loftq_steps_done,
+        loftq_steps_total,
     });
 
     if !adapters.is_empty() {
