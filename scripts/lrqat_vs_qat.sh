@@ -5,7 +5,9 @@
 # each at the learning rates LRS. ppl on ../shared/data/tinystories-valid-64k.txt for every
 # run; the best learning rate of each (bits, activations, method) also on the full
 # ../shared/data/tinystories-valid.txt. Writes benchmarks/lrqat-vs-qat-stories260k.json.
-#   scripts/lrqat_vs_qat.sh [WORK_DIR] [STEPS] ["LR LR ..."]
+#   [BITS="4 3"] [ACTS="none a8kv4"] scripts/lrqat_vs_qat.sh [WORK_DIR] [STEPS] ["LR LR ..."]
+# Rows accumulate in WORK_DIR/rows.jsonl over invocations (a finished run is not retrained),
+# so a grid can be run in parts; the table takes the last row of each setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/lrqat-vs-qat}
@@ -30,14 +32,15 @@ with open(sys.argv[1], "w") as f:
 PY
 ppl() { "$B" eval --model "$1" --text "$2" "${@:3}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['ppl'])"; }
 out="$W/rows.jsonl"
-: > "$out"
-for bits in 4 3; do
-    for act in none a8kv4; do
+touch "$out"
+for bits in ${BITS:-4 3}; do
+    for act in ${ACTS:-none a8kv4}; do
         aflags=(--a-bits none --kv-bits none)
         [ $act = a8kv4 ] && aflags=(--a-bits 8 --kv-bits 4)
         for m in qat lrqat; do
             for lr in $LRS; do
                 d="$W/train-w$bits-$act-$m-$lr"
+                grep -q "\"dir\": \"$d/student\"" "$out" && continue
                 [ -d "$d/student" ] || "$B" train --teacher $T --corpus "$W/corpus" --out "$d" --config "$W/train.toml" \
                     --method $m --w-bits $bits "${aflags[@]}" --steps "$STEPS" --lr "$lr" --log-every 50 >/dev/null 2>"$d.log" || { cat "$d.log"; exit 1; }
                 # The qat folder holds f32 masters (quantized on load); the lrqat folder holds its merged grid.
@@ -52,7 +55,7 @@ done
 python3 - "$out" "$B" "$FULL" "$W" "$STEPS" "$LRS" "$X" "$T" <<'PY'
 import json, subprocess, sys
 rows_path, B, full, W, steps, lrs, x64, teacher = sys.argv[1:]
-rows = [json.loads(l) for l in open(rows_path)]
+rows = list({(r["w_bits"], r["act"], r["method"], r["lr"]): r for r in map(json.loads, open(rows_path))}.values())
 def ppl(d, text, flags):
     o = subprocess.run([B, "eval", "--model", d, "--text", text, "--json", *flags.split()], capture_output=True, text=True, check=True)
     return json.loads(o.stdout)["ppl"]
@@ -67,7 +70,7 @@ for (bits, act, m), r in sorted(best.items()):
     table.append({"w_bits": bits, "act": act, "method": m, "best_lr": r["lr"], "ppl_64k": r["ppl_64k"],
                   "ppl_full_valid": ppl(r["dir"], full, r["eval_flags"]),
                   "rtn_ppl_64k": ppl(teacher, x64, rtn_flags)})
-res = {"command": f"scripts/lrqat_vs_qat.sh {W} {steps} \"{lrs}\"", "model": "stories260k", "steps": int(steps),
+res = {"command": f"scripts/lrqat_vs_qat.sh {W} {steps} \"{lrs}\" (BITS and ACTS: see grid)", "grid": sorted({(r["w_bits"], r["act"], r["lr"]) for r in rows}), "model": "stories260k", "steps": int(steps),
        "lrqat": {"lora_rank": 16, "lora_alpha": 16, "phi_dtype": "int8"},
        "teacher_ppl_64k": ppl(teacher, x64, ""), "best": table,
        "all_runs": [{k: v for k, v in r.items() if k not in ("dir", "eval_flags")} for r in rows]}
