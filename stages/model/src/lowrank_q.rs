@@ -1,7 +1,9 @@
 //! A projection as LR-QAT (Bondarenko et al., 2024) parameterises it: low-rank weights inside
 //! the quantizer,
 //!
-//!     W_hat = s * clamp(round(Phi0 + (alpha / r) A B), -2^(b-1), 2^(b-1) - 1)
+//! ```text
+//! W_hat = s * clamp(round(Phi0 + (alpha / r) A B), -2^(b-1), 2^(b-1) - 1)
+//! ```
 //!
 //! with A: out x r (random at start), B: r x in (zero at start), Phi0 = W0 / s0 frozen and
 //! stored downcast (int8 fixed point with b integer and 8 - b fraction bits, Q4.4 for b = 4,
