@@ -563,13 +563,11 @@ impl Default for StudentConfig {
 impl StudentConfig {
     pub fn validate(&self) -> Result<()> {
         self.quant_config()?;
-        if self.method == Method::Lrqat {
-            if !(2..=8).contains(&self.w_bits) {
-                bail!(
-                    "student.w_bits = {}: an lrqat student's weights are integers of 2 to 8 bits",
-                    self.w_bits
-                );
-            }
+        if self.method == Method::Lrqat && !(2..=8).contains(&self.w_bits) {
+            bail!(
+                "student.w_bits = {}: an lrqat student's weights are integers of 2 to 8 bits",
+                self.w_bits
+            );
         }
         if let Some(l) = &self.lora {
             if l.lora_rank == 0 {
