@@ -148,6 +148,40 @@ fn initial_a(rank: usize, inputs: usize, seed: u64, key: &str, device: &Device) 
     Ok(Tensor::from_vec(v, (rank, inputs), device)?)
 }
 
+/// `model.layers.{l}.self_attn.{n}` or `model.layers.{l}.mlp.{n}` for projection `n`.
+fn projection_prefix(l: usize, n: &str) -> String {
+    let group = match n {
+        "gate_proj" | "up_proj" | "down_proj" => "mlp",
+        _ => "self_attn",
+    };
+    format!("model.layers.{l}.{group}.{n}")
+}
+
+/// A low-rank factor of rank `r` fits an `out x inp` projection only if r <= min(out, inp).
+fn check_rank(r: usize, out: usize, inp: usize, prefix: &str) -> Result<()> {
+    if r > out.min(inp) {
+        bail!(
+            "student.lora_rank = {r}: larger than `{prefix}` allows ({out} x {inp}: at most {})",
+            out.min(inp)
+        );
+    }
+    Ok(())
+}
+
+/// Tensor `k` of a saved set (checkpoint or LoftQ start), which must have `shape`.
+fn saved(t: &HashMap<String, Tensor>, k: &str, shape: [usize; 2], source: &str) -> Result<Tensor> {
+    let x = t
+        .get(k)
+        .with_context(|| format!("{source}: missing tensor `{k}`"))?;
+    if x.dims() != shape {
+        bail!(
+            "{source}: tensor `{k}` has shape {:?}, expected {shape:?}",
+            x.dims()
+        );
+    }
+    Ok(x.clone())
+}
+
 impl Student {
     /// Builds the student. `init` holds the teacher's tensors (fresh start) or, when resuming,
     /// the checkpoint's (`checkpoint_tensors`); `teacher` the teacher's (the frozen start of
@@ -247,11 +281,7 @@ impl Student {
         let mut params = Vec::new();
         for l in 0..mcfg.num_hidden_layers {
             for n in PROJECTIONS {
-                let group = match n {
-                    "gate_proj" | "up_proj" | "down_proj" => "mlp",
-                    _ => "self_attn",
-                };
-                let prefix = format!("model.layers.{l}.{group}.{n}");
+                let prefix = projection_prefix(l, n);
                 let q = base.blockwise.get(&format!("{prefix}.weight")).with_context(|| {
                     format!("student.base: `{prefix}.weight` is not block-quantized in the base (see [quantize] skip)")
                 })?;
@@ -261,32 +291,16 @@ impl Student {
                     projections.insert(prefix, Weight::Dense(q.dequantize()?));
                     continue;
                 }
-                if r > out.min(inp) {
-                    bail!(
-                        "student.lora_rank = {r}: larger than `{prefix}` allows ({out} x {inp}: at most {})",
-                        out.min(inp)
-                    );
-                }
+                check_rank(r, out, inp, &prefix)?;
                 let (ka, kb) = (
                     format!("{prefix}.lora_A.weight"),
                     format!("{prefix}.lora_B.weight"),
                 );
                 let (a, b) = match adapters {
-                    Some(t) => {
-                        let get = |k: &str, shape: [usize; 2]| -> Result<Tensor> {
-                            let x = t
-                                .get(k)
-                                .with_context(|| format!("{source}: missing tensor `{k}`"))?;
-                            if x.dims() != shape {
-                                bail!(
-                                    "{source}: tensor `{k}` has shape {:?}, expected {shape:?}",
-                                    x.dims()
-                                );
-                            }
-                            Ok(x.clone())
-                        };
-                        (get(&ka, [r, inp])?, get(&kb, [out, r])?)
-                    }
+                    Some(t) => (
+                        saved(t, &ka, [r, inp], source)?,
+                        saved(t, &kb, [out, r], source)?,
+                    ),
                     None => (
                         initial_a(r, inp, cfg.seed, &ka, device)?,
                         Tensor::zeros((out, r), candle_core::DType::F32, device)?,
@@ -344,21 +358,12 @@ impl Student {
         let mut dense = teacher.clone();
         for l in 0..mcfg.num_hidden_layers {
             for n in PROJECTIONS {
-                let group = match n {
-                    "gate_proj" | "up_proj" | "down_proj" => "mlp",
-                    _ => "self_attn",
-                };
-                let prefix = format!("model.layers.{l}.{group}.{n}");
+                let prefix = projection_prefix(l, n);
                 let w0 = dense
                     .remove(&format!("{prefix}.weight"))
                     .with_context(|| format!("teacher: missing tensor `{prefix}.weight`"))?;
                 let (out, inp) = w0.dims2()?;
-                if r > out.min(inp) {
-                    bail!(
-                        "student.lora_rank = {r}: larger than `{prefix}` allows ({out} x {inp}: at most {})",
-                        out.min(inp)
-                    );
-                }
+                check_rank(r, out, inp, &prefix)?;
                 if let Some(g) = spec.w_group.filter(|g| !inp.is_multiple_of(*g)) {
                     bail!("student.w_group = {g}: an lrqat student needs groups that divide every projection's input dimension, and `{prefix}` has {inp}");
                 }
@@ -369,17 +374,7 @@ impl Student {
                 );
                 let groups = inp / spec.w_group.unwrap_or(inp);
                 let get = |k: &str, shape: [usize; 2]| -> Result<Option<Tensor>> {
-                    let Some(t) = ckpt else { return Ok(None) };
-                    let x = t
-                        .get(k)
-                        .with_context(|| format!("{source}: missing tensor `{k}`"))?;
-                    if x.dims() != shape {
-                        bail!(
-                            "{source}: tensor `{k}` has shape {:?}, expected {shape:?}",
-                            x.dims()
-                        );
-                    }
-                    Ok(Some(x.clone()))
+                    ckpt.map(|t| saved(t, k, shape, source)).transpose()
                 };
                 let a = match get(&ka, [out, r])? {
                     Some(a) => a,
