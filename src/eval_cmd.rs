@@ -36,6 +36,14 @@ pub struct QuantArgs {
     /// none, or hadamard: round K/V in each head's Hadamard basis.
     #[arg(long, default_value = "none")]
     pub kv_rotation: KvRotation,
+    /// The type weight scales are rounded to before codes are chosen: f32, f16 or bf16 (as
+    /// `[student] scale_dtype` trained the student).
+    #[arg(long, value_parser = scale_dtype_arg, default_value = "f32")]
+    pub scale_dtype: quant::ScaleDtype,
+}
+
+fn scale_dtype_arg(s: &str) -> Result<quant::ScaleDtype, String> {
+    quant::ScaleDtype::parse(s).ok_or_else(|| format!("{s:?}: allowed values are f32, f16, bf16"))
 }
 
 impl QuantArgs {
@@ -50,6 +58,7 @@ impl QuantArgs {
             kv_bits: parse_bits("--kv-bits", self.kv_bits)?,
             kv_point: self.kv_point,
             kv_rotation: self.kv_rotation,
+            w_scale: self.scale_dtype,
         };
         q.validate()?;
         Ok(q)

@@ -1,6 +1,7 @@
-//! `pipeline export`: a trained student in the form another tool loads. `peft`: a LoRA
-//! student's base folder (bitsandbytes layout for NF4) and its PEFT adapter folder; `hf`: the
-//! student as a plain Hugging Face folder (a LoRA student merged: dequant(base) + scale B A).
+//! `pipeline export`: a trained student in the form another tool loads. The low-bit formats
+//! (`gguf`, `compressed-tensors`, `packed`) and `hf` are the export stage's (`stages/export`);
+//! `peft`: a LoRA student's base folder (bitsandbytes layout for NF4) and its PEFT adapter
+//! folder.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -14,9 +15,19 @@ pub struct ExportArgs {
     /// A new folder for the export.
     #[arg(long)]
     pub out: PathBuf,
-    /// peft (a LoRA student: base/ + adapter/) or hf (a Hugging Face folder).
+    /// gguf (llama.cpp), compressed-tensors (vLLM, transformers), packed (ours), hf (floats),
+    /// or peft (a LoRA student: base/ + adapter/).
     #[arg(long)]
     pub format: String,
+    /// hf only: the float type of the weights (f32, f16, bf16).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Score the student and the export as loaded back on this text (export.json `ppl`).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// With --text: score only the first N tokens.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// Print one JSON object describing the export.
     #[arg(long)]
     pub json: bool,
@@ -49,6 +60,32 @@ fn write(dst: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
+    if let Some(format) = export::Format::parse(&a.format) {
+        let spec = export::ExportSpec {
+            format,
+            dtype: a.dtype.clone(),
+            text: a.text.clone(),
+            max_tokens: a.max_tokens,
+        };
+        let r = export::export(&a.student, &a.out, &spec)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "exported {} to {}: {:.2} MB, {:.3} bits per weight, largest weight change {:e}{}",
+                format.name(),
+                r.model,
+                r.file_size_bytes as f64 / 1e6,
+                r.bits_per_weight,
+                r.max_weight_change,
+                r.ppl
+                    .as_ref()
+                    .map(|p| format!(", ppl {:.4} (student {:.4})", p.export, p.student))
+                    .unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
     let student_dir = a.student.join(train::STUDENT_DIR);
     if !student_dir.join("model.safetensors").is_file() {
         bail!(
@@ -70,13 +107,6 @@ pub fn run(a: ExportArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let summary = match a.format.as_str() {
-        "hf" => {
-            let mut files = folder_files(&student_dir)?;
-            // quantization.json describes how the student was trained, not a format transformers reads.
-            files.retain(|(n, _)| n != "quantization.json");
-            write(&a.out.join("model"), &files)?;
-            serde_json::json!({"format": "hf", "model": a.out.join("model")})
-        }
         "peft" => {
             let adapter = a.student.join(train::ADAPTER_DIR);
             let cfg_path = adapter.join("adapter_config.json");
@@ -152,7 +182,9 @@ pub fn run(a: ExportArgs) -> Result<()> {
                 "target_modules": cfg["target_modules"],
             })
         }
-        other => bail!("--format {other:?}: allowed values are \"peft\", \"hf\""),
+        other => bail!(
+            "--format {other:?}: allowed values are gguf, compressed-tensors, packed, hf, peft"
+        ),
     };
     if a.json {
         println!("{summary}");

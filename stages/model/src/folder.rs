@@ -172,7 +172,8 @@ impl ModelFolder {
 
     /// Every tensor of the checkpoint, converted to f32 on `device`. A folder written by
     /// `pipeline quantize` (or a bitsandbytes 4-bit checkpoint) is dequantized on load, and so
-    /// is a GGUF file.
+    /// are a GGUF file, a `pipeline export --format packed` folder and a compressed-tensors
+    /// `pack-quantized` folder (code * scale, exactly the stored grid).
     pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         if let Some(g) = &self.gguf {
             return g.load_tensors(&self.config, device);
@@ -180,13 +181,33 @@ impl ModelFolder {
         if quantize::is_quantized_folder(&self.dir) {
             return self.load_dequantized(device);
         }
+        let packed = quant::packed::PackedHeader::read(&self.dir)?;
+        let compressed = crate::compressed::Scheme::read(&self.dir.join("config.json"))?;
         let mut out = HashMap::new();
         for f in &self.weight_files {
             let bytes = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
             let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
                 anyhow::anyhow!("{}: not a valid safetensors file: {e}", f.display())
             })?;
+            let mut skip: Box<dyn Fn(&str) -> bool> = Box::new(|_| false);
+            if let Some(h) = &packed {
+                for (name, g) in quant::packed::read_grids(h, f)? {
+                    let t = Tensor::from_vec(g.values(), (g.rows, g.cols), device)?;
+                    out.insert(name, t);
+                }
+                let h = h.clone();
+                skip = Box::new(move |n| quant::packed::is_grid_tensor(&h, n));
+            }
+            if let Some(scheme) = &compressed {
+                for (name, shape, values) in scheme.dequantize(&st, f)? {
+                    out.insert(name, Tensor::from_vec(values, shape, device)?);
+                }
+                skip = Box::new(crate::compressed::is_packed_tensor);
+            }
             for (name, view) in st.tensors() {
+                if skip(&name) {
+                    continue;
+                }
                 let dtype = match view.dtype() {
                     safetensors::Dtype::F32 => DType::F32,
                     safetensors::Dtype::F16 => DType::F16,
@@ -201,6 +222,15 @@ impl ModelFolder {
                     .to_dtype(DType::F32)?
                     .to_device(device)?;
                 out.insert(name.to_string(), t);
+            }
+        }
+        if let Some(h) = &packed {
+            if let Some(missing) = h.weights.keys().find(|n| !out.contains_key(*n)) {
+                bail!(
+                    "{}: weight {missing} is named in {} but not stored",
+                    self.dir.display(),
+                    quant::packed::HEADER_FILE
+                );
             }
         }
         Ok(out)

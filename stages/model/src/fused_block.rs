@@ -32,6 +32,7 @@ pub fn supported(
         && !cfg.attention_bias
         && !cfg.qk_norm
         && quant.kv_rotation == KvRotation::None
+        && quant.w_scale.is_f32()
         && imp::head_dim_ok(cfg.head_dim)
 }
 

@@ -6,6 +6,7 @@
 
 pub mod attention_softmax;
 pub mod causal_attention;
+pub mod compressed;
 pub mod compute;
 pub mod config;
 pub mod decode;

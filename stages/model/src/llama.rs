@@ -51,7 +51,7 @@ impl Linear {
     /// per group; a LoRA weight as dequant(base) + scale B A (its base is the quantization).
     pub fn effective_weight(&self, q: &QuantConfig) -> candle_core::Result<Tensor> {
         match (&self.weight, q.w_bits) {
-            (Weight::Dense(w), Some(b)) => quant::fake_quant_ste(w, b, q.w_group),
+            (Weight::Dense(w), Some(b)) => quant::fake_quant_scaled_ste(w, b, q.w_group, q.w_scale),
             (Weight::Dense(w), None) => Ok(w.clone()),
             (Weight::Lora(l), _) => l.effective(),
             (Weight::LowRankQ(l), _) => l.effective(),
@@ -72,7 +72,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, q: &QuantConfig) -> candle_core::Result<Tensor> {
         let fused_dense = self
             .dense_weight()
-            .filter(|w| crate::fused_ops::available(x) && (x.track_op() || w.track_op()));
+            .filter(|w| crate::fused_ops::available(x) && (x.track_op() || w.track_op()))
+            // The fused kernels keep f32 scales.
+            .filter(|_| q.w_scale.is_f32());
         if let Some(w) = fused_dense {
             // Training on a GPU: quantizers, cast and product as one graph node.
             let y = crate::fused_ops::quant_linear(x, w, q.a_bits, q.w_bits, q.w_group)?;

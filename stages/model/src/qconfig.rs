@@ -67,6 +67,10 @@ pub struct QuantConfig {
     /// Left out of the JSON when off, so fingerprints of runs made before it existed hold.
     #[serde(default, skip_serializing_if = "KvRotation::is_none")]
     pub kv_rotation: KvRotation,
+    /// The type weight scales are rounded to before codes are chosen (f16 makes a GGUF
+    /// export exact); left out of the JSON when f32, as before it existed.
+    #[serde(default, skip_serializing_if = "quant::ScaleDtype::is_f32")]
+    pub w_scale: quant::ScaleDtype,
 }
 
 /// Parses a user's bit width: 2..=8 quantize, 16 or 32 mean "off".

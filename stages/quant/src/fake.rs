@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Error, Layout, Shape, Te
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::grid::ScaleDtype;
 use crate::QuantError;
 
 /// 1.5 * 2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to an integer,
@@ -108,12 +109,15 @@ pub fn check_args(bits: u32, group: Option<usize>) -> candle_core::Result<f32> {
 }
 
 /// Whether the one-pass kernel runs: on the CPU for any float dtype (through f32), and with
-/// the `cuda` feature on a GPU for f32/bf16/f16 (in place of some fifteen tensor-op passes).
-fn fast_path(x: &Tensor) -> bool {
+/// the `cuda` feature on a GPU for f32/bf16/f16 (in place of some fifteen tensor-op passes)
+/// when scales stay f32 (the GPU kernel does not round them).
+fn fast_path(x: &Tensor, scale: ScaleDtype) -> bool {
     match x.device() {
         Device::Cpu => x.dtype().is_float(),
         Device::Cuda(_) => {
-            cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            cfg!(feature = "cuda")
+                && scale.is_f32()
+                && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         }
         _ => false,
     }
@@ -132,30 +136,51 @@ fn kernel_input(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Fake-quantizes `x` (forward values only, no gradient) with `bits` bits, groups of `group`
 /// values along the last dimension (`None` = the whole row).
 pub fn fake_quant(x: &Tensor, bits: u32, group: Option<usize>) -> candle_core::Result<Tensor> {
-    let qmax = check_args(bits, group)?;
-    if fast_path(x) {
-        let op = FakeQuantOp { qmax, group };
-        kernel_input(&x.detach())?
-            .apply_op1_no_bwd(&op)?
-            .to_dtype(x.dtype())
-    } else {
-        fake_quant_tensor_ops(&x.detach(), bits, group)
-    }
+    fake_quant_scaled(x, bits, group, ScaleDtype::F32)
 }
 
 /// Like [`fake_quant`], with a straight-through estimator: the gradient w.r.t. `x` is the
 /// identity. The forward values are exactly those of [`fake_quant`].
 pub fn fake_quant_ste(x: &Tensor, bits: u32, group: Option<usize>) -> candle_core::Result<Tensor> {
+    fake_quant_scaled_ste(x, bits, group, ScaleDtype::F32)
+}
+
+/// [`fake_quant`] with each scale rounded to `scale` before the codes are chosen (so that a
+/// format storing f16 or bf16 scales holds the grid exactly).
+pub fn fake_quant_scaled(
+    x: &Tensor,
+    bits: u32,
+    group: Option<usize>,
+    scale: ScaleDtype,
+) -> candle_core::Result<Tensor> {
     let qmax = check_args(bits, group)?;
-    if fast_path(x) {
+    if fast_path(x, scale) {
+        let op = FakeQuantOp { qmax, group, scale };
+        kernel_input(&x.detach())?
+            .apply_op1_no_bwd(&op)?
+            .to_dtype(x.dtype())
+    } else {
+        tensor_ops(&x.detach(), bits, group, scale)
+    }
+}
+
+/// [`fake_quant_ste`] with scales rounded to `scale`.
+pub fn fake_quant_scaled_ste(
+    x: &Tensor,
+    bits: u32,
+    group: Option<usize>,
+    scale: ScaleDtype,
+) -> candle_core::Result<Tensor> {
+    let qmax = check_args(bits, group)?;
+    if fast_path(x, scale) {
         // One pass: the custom op's backward passes the gradient through unchanged.
-        let op = FakeQuantOp { qmax, group };
+        let op = FakeQuantOp { qmax, group, scale };
         kernel_input(x)?.apply_op1(op)?.to_dtype(x.dtype())
     } else {
         // (detach(x) - x) is exactly +0 forward and has gradient -1, so q(x) minus it gives
         // the exact quantized values, -0.0 included, with an identity gradient
         // (x + (q - x).detach() would round twice).
-        let q = fake_quant_tensor_ops(&x.detach(), bits, group)?;
+        let q = tensor_ops(&x.detach(), bits, group, scale)?;
         q.sub(&x.detach().sub(x)?)
     }
 }
@@ -166,6 +191,15 @@ pub fn fake_quant_tensor_ops(
     x: &Tensor,
     bits: u32,
     group: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    tensor_ops(x, bits, group, ScaleDtype::F32)
+}
+
+fn tensor_ops(
+    x: &Tensor,
+    bits: u32,
+    group: Option<usize>,
+    scale: ScaleDtype,
 ) -> candle_core::Result<Tensor> {
     let qmax = check_args(bits, group)?;
     let dims = x.dims().to_vec();
@@ -191,6 +225,12 @@ pub fn fake_quant_tensor_ops(
     let amax = xg.abs()?.max_keepdim(2)?;
     // True division (candle's `tensor / f64` multiplies by the reciprocal).
     let alpha = amax.broadcast_div(&Tensor::new(qmax, dev)?)?;
+    // Rounded to nearest even in the scale's type (candle's casts round so, as `half` does).
+    let alpha = match scale {
+        ScaleDtype::F32 => alpha,
+        ScaleDtype::F16 => alpha.to_dtype(DType::F16)?.to_dtype(DType::F32)?,
+        ScaleDtype::Bf16 => alpha.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+    };
     // alpha = 0 only when the group is all zeros: divide by 1 instead, the result is 0 * 0.
     let safe = alpha.eq(0f32)?.where_cond(&alpha.ones_like()?, &alpha)?;
     let v = xg.broadcast_div(&safe)?.clamp(-qmax, qmax)?;
@@ -219,6 +259,7 @@ pub fn round_half_even(x: &Tensor) -> candle_core::Result<Tensor> {
 struct FakeQuantOp {
     qmax: f32,
     group: Option<usize>,
+    scale: ScaleDtype,
 }
 
 impl CustomOp1 for FakeQuantOp {
@@ -240,7 +281,7 @@ impl CustomOp1 for FakeQuantOp {
         let row = shape.dims().last().copied().unwrap_or(1);
         let mut out = vec![0f32; x.len()];
         if !x.is_empty() {
-            quantize_rows(x, &mut out, row, self.qmax, self.group);
+            quantize_rows(x, &mut out, row, self.qmax, self.group, self.scale);
         }
         Ok((CpuStorage::F32(out), shape))
     }
@@ -265,7 +306,14 @@ impl CustomOp1 for FakeQuantOp {
     }
 }
 
-fn quantize_rows(x: &[f32], out: &mut [f32], row: usize, qmax: f32, group: Option<usize>) {
+fn quantize_rows(
+    x: &[f32],
+    out: &mut [f32],
+    row: usize,
+    qmax: f32,
+    group: Option<usize>,
+    scale: ScaleDtype,
+) {
     let g = group.unwrap_or(row).min(row);
     // Enough rows per rayon task that small rows do not drown in scheduling.
     let min_rows = (16 * 1024 / row).max(1);
@@ -274,14 +322,14 @@ fn quantize_rows(x: &[f32], out: &mut [f32], row: usize, qmax: f32, group: Optio
         .with_min_len(min_rows)
         .for_each(|(o, xr)| {
             for (oc, xc) in o.chunks_mut(g).zip(xr.chunks(g)) {
-                quantize_group(xc, oc, qmax);
+                quantize_group(xc, oc, qmax, scale);
             }
         });
 }
 
-fn quantize_group(x: &[f32], out: &mut [f32], qmax: f32) {
+fn quantize_group(x: &[f32], out: &mut [f32], qmax: f32, scale: ScaleDtype) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let alpha = amax / qmax;
+    let alpha = crate::grid::group_scale(amax, qmax, scale);
     if alpha == 0.0 {
         out.fill(0.0);
         return;

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 use model::{parse_bits, KvPoint, KvRotation, QuantConfig};
+use quant::ScaleDtype;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// How the learning rate moves after the linear warmup.
@@ -384,6 +385,10 @@ pub struct StudentConfig {
     /// Left out of the JSON when "none", so older runs keep their fingerprints.
     #[serde(skip_serializing_if = "KvRotation::is_none")]
     pub kv_rotation: KvRotation,
+    /// The type weight scales are rounded to in training (`qat`): "f16" makes a GGUF export
+    /// exact. Left out of the JSON when "f32", so older runs keep their fingerprints.
+    #[serde(default, skip_serializing_if = "ScaleDtype::is_f32")]
+    pub scale_dtype: ScaleDtype,
     /// LoRA settings (`qlora`, `loftq`; rank and alpha of `lrqat`).
     #[serde(skip_serializing_if = "Option::is_none", flatten)]
     pub lora: Option<LoraConfig>,
@@ -432,6 +437,7 @@ struct RawStudent {
     kv_bits: Option<u32>,
     kv_point: Option<KvPoint>,
     kv_rotation: Option<KvRotation>,
+    scale_dtype: Option<ScaleDtype>,
     lora_rank: Option<usize>,
     lora_alpha: Option<f64>,
     lora_dropout: Option<f64>,
@@ -454,6 +460,9 @@ impl TryFrom<RawStudent> for StudentConfig {
         let other = |key: &str, owner: &str| {
             format!("student.{key} is a key of method \"{owner}\", but student.method = \"{m}\"")
         };
+        if r.scale_dtype.is_some() && method != Method::Qat {
+            return Err(other("scale_dtype", "qat"));
+        }
         let lora = match method {
             Method::Qat => {
                 for (key, set) in [
@@ -536,6 +545,7 @@ impl TryFrom<RawStudent> for StudentConfig {
             kv_bits: r.kv_bits.unwrap_or(kv),
             kv_point: r.kv_point.unwrap_or_default(),
             kv_rotation: r.kv_rotation.unwrap_or_default(),
+            scale_dtype: r.scale_dtype.unwrap_or_default(),
             lora,
             phi_dtype: (method == Method::Lrqat).then(|| r.phi_dtype.unwrap_or_default()),
             base: r.base,
@@ -553,6 +563,7 @@ impl Default for StudentConfig {
             kv_bits: d_kv_bits(),
             kv_point: KvPoint::default(),
             kv_rotation: KvRotation::None,
+            scale_dtype: ScaleDtype::F32,
             lora: None,
             phi_dtype: None,
             base: None,
@@ -618,6 +629,7 @@ impl StudentConfig {
             kv_bits: parse_bits("student.kv_bits", self.kv_bits)?,
             kv_point: self.kv_point,
             kv_rotation: self.kv_rotation,
+            w_scale: self.scale_dtype,
         };
         q.validate()?;
         Ok(q)
