@@ -110,9 +110,14 @@ fn default_true() -> bool {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExportTable {
-    /// `safetensors`: the student as a Hugging Face folder of f32 weights plus quantization.json.
+    /// `safetensors`: no export stage (the student folder, f32 latent weights plus
+    /// quantization.json, is the output); `gguf`, `compressed-tensors`, `packed` or `hf`: an
+    /// export stage writes RUN/export (see `pipeline export`), and eval scores it.
     #[serde(default = "default_export")]
     pub format: String,
+    /// hf only: f32, f16 or bf16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
 }
 
 fn default_export() -> String {
@@ -180,6 +185,11 @@ fn stays_inside(p: &Path) -> bool {
 }
 
 impl PipelineFile {
+    /// The export stage's format, when `[export]` asks for one (not `safetensors`).
+    pub fn export_format(&self) -> Option<export::Format> {
+        self.export.as_ref().and_then(|e| export::Format::parse(&e.format))
+    }
+
     /// The frozen base's quantization: the `[quantize]` table, or its defaults (NF4, blocks
     /// of 64, double quantization), as `pipeline quantize` makes it.
     /// A `loftq` student adds its LoftQ settings (rank, alpha, targets, iterations), so the
@@ -310,12 +320,20 @@ impl PipelineFile {
             }
         }
         if let Some(e) = &self.export {
-            if e.format != "safetensors" {
+            if e.format != "safetensors" && export::Format::parse(&e.format).is_none() {
                 bail!(
-                    "{}: [export] format = {:?}: allowed values are \"safetensors\"",
+                    "{}: [export] format = {:?}: allowed values are \"safetensors\", \"gguf\", \"compressed-tensors\", \"packed\", \"hf\"",
                     at("export", "format"),
                     e.format
                 );
+            }
+            if let Some(d) = &e.dtype {
+                if e.format != "hf" || !["f32", "f16", "bf16"].contains(&d.as_str()) {
+                    bail!(
+                        "{}: [export] dtype = {d:?}: allowed only with format = \"hf\", as \"f32\", \"f16\" or \"bf16\"",
+                        at("export", "dtype")
+                    );
+                }
             }
         }
         if !self.teacher.model.exists() && model::hub::hub_spec_of(&self.teacher.model).is_none() {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub const STAGES: [&str; 4] = ["generate", "quantize", "train", "eval"];
+pub const STAGES: [&str; 5] = ["generate", "quantize", "train", "export", "eval"];
 const STAGE_FILE: &str = "stage.json";
 
 fn stage_dir(run: &Path, stage: &str) -> PathBuf {
@@ -62,12 +62,21 @@ impl Plan {
         if p.run.dtype != model::ComputeDtype::F32 {
             tr["dtype"] = json!(p.run.dtype);
         }
-        let ev = json!({ "input": sha(&tr), "eval": p.eval });
+        let mut ev = json!({ "input": sha(&tr), "eval": p.eval });
+        // An export stage (a low-bit format in [export]) sits between train and eval, which
+        // then also scores the export; runs without one keep their fingerprints.
+        let ex = p.export_format().map(|_| json!({ "input": sha(&tr), "export": p.export }));
+        if let Some(ex) = &ex {
+            ev["export"] = json!(sha(ex));
+        }
         let mut configs = vec![("generate".into(), gen)];
         if let Some(q) = quant {
             configs.push(("quantize".into(), q));
         }
         configs.push(("train".into(), tr));
+        if let Some(ex) = ex {
+            configs.push(("export".into(), ex));
+        }
         configs.push(("eval".into(), ev));
         Ok(Plan { configs })
     }
@@ -381,6 +390,25 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                     eprintln!("train: resumed from step {from}");
                 }
             }
+            "export" => {
+                // What an interrupted export left is rewritten (exporting is deterministic).
+                clear_stage_outputs(&stage_dir(&run, s))?;
+                let format = p.export_format().expect("an export stage has a format");
+                let spec = export::ExportSpec {
+                    format,
+                    dtype: p.export.as_ref().and_then(|e| e.dtype.clone()).unwrap_or_else(|| "f32".into()),
+                    text: None,
+                    max_tokens: None,
+                };
+                let r = export::export(&stage_dir(&run, "train"), &stage_dir(&run, s), &spec)?;
+                eprintln!(
+                    "export: {} {:.3} bits per weight, {} bytes, largest weight change {:e}",
+                    format.name(),
+                    r.bits_per_weight,
+                    r.file_size_bytes,
+                    r.max_weight_change
+                );
+            }
             "eval" => evaluate(&compute, &run, &p, &timings)?,
             _ => unreachable!(),
         }
@@ -463,10 +491,29 @@ fn evaluate(
         _ => q.clone(),
     };
     let student =
-        model::Llama::load(&model::ModelFolder::open(&sdir)?, sq, &dev)?.cast(compute.dtype)?;
+        model::Llama::load(&model::ModelFolder::open(&sdir)?, sq.clone(), &dev)?.cast(compute.dtype)?;
+    // The export as loaded back: its stored weights with the student's activation and K/V
+    // quantizers (its weights are on their grid already).
+    let exported = match p.export_format() {
+        Some(f) => {
+            let runtime = model::QuantConfig {
+                w_bits: None,
+                w_group: None,
+                w_scale: Default::default(),
+                ..sq.clone()
+            };
+            let folder = model::ModelFolder::open(&f.model_path(&stage_dir(run, "export")))?;
+            Some((
+                format!("{} export", f.name()),
+                model::Llama::load(&folder, runtime, &dev)?.cast(compute.dtype)?,
+            ))
+        }
+        None => None,
+    };
     let mut models = vec![&rtn];
     models.extend(rtn_rotated.as_ref());
     models.push(&student);
+    models.extend(exported.as_ref().map(|e| &e.1));
     let ctx = p.eval.ctx.unwrap_or(folder.config.usable_context());
     let mut bar = crate::progress::LazyBar::new(
         (ids.len() - 1) as u64,
@@ -501,9 +548,13 @@ fn evaluate(
             .as_ref()
             .map(|_| score(&scores[1].0, Some(&scores[1].1))),
         student: {
-            let s = scores.last().context("no student score")?;
-            score(&s.0, Some(&s.1))
+            let i = scores.len() - 1 - exported.is_some() as usize;
+            score(&scores[i].0, Some(&scores[i].1))
         },
+        exported: exported.as_ref().map(|(label, _)| {
+            let s = scores.last().expect("the export's score");
+            (label.clone(), score(&s.0, Some(&s.1)))
+        }),
         train_log: &stage_dir(run, "train").join(train::LOG_FILE),
         train_steps: p.train.steps,
         timings: timings.to_vec(),

@@ -48,6 +48,9 @@ pub struct ReportInput<'a> {
     pub rtn_rotated: Option<ModelScore>,
     /// The trained QAT student.
     pub student: ModelScore,
+    /// The export stage's model as loaded back (label, e.g. "gguf export"), when the run
+    /// exports one.
+    pub exported: Option<(String, ModelScore)>,
     /// JSON lines written by the trainer; may be missing or empty.
     pub train_log: &'a Path,
     pub train_steps: u64,
@@ -225,6 +228,11 @@ fn report_json(input: &ReportInput, log: &TrainLog, gap: Option<f64>) -> Value {
         "rtn": score_json(&input.rtn),
         "rtn_rotated": input.rtn_rotated.as_ref().map(score_json).unwrap_or(Value::Null),
         "student": score_json(&input.student),
+        "export": input.exported.as_ref().map(|(label, sc)| {
+            let mut v = score_json(sc);
+            v["label"] = json!(label);
+            v
+        }).unwrap_or(Value::Null),
         "gap_recovered": jopt(gap),
         "timings": timings,
         "total_seconds": jnum(total),
@@ -273,6 +281,9 @@ fn score_table(input: &ReportInput, gap: Option<f64>) -> String {
         rows.push((format!("RTN {q} (rotation, no training)"), r));
     }
     rows.push((format!("{} {q}", input.student_label), &input.student));
+    if let Some((label, e)) = &input.exported {
+        rows.push((format!("{} (as loaded back)", md_cell(label)), e));
+    }
     let mut t = String::from(
         "| model | perplexity | NLL | top-1 agreement | KL to teacher |\n\
          |---|---:|---:|---:|---:|\n",
@@ -764,6 +775,7 @@ mod tests {
             rtn_label: "w4a8kv4",
             student_label: "QAT student",
             rtn_rotated: None,
+            exported: None,
             student: score(12.0, Some(0.81), Some(0.21)),
             train_log: log,
             train_steps: 30,

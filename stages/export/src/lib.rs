@@ -217,7 +217,8 @@ fn check_out(out: &Path, spec: &ExportSpec, sha: &str) -> Result<Option<ExportRe
             &r.student_sha256[..12.min(r.student_sha256.len())]
         );
     }
-    let ours = [GGUF_FILE, MODEL_DIR];
+    // stage.json: `pipeline run`'s marker of its export stage folder.
+    let ours = [GGUF_FILE, MODEL_DIR, "stage.json"];
     for e in std::fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))? {
         let n = e?.file_name().to_string_lossy().into_owned();
         if !ours.contains(&n.as_str()) && !n.starts_with('.') {
