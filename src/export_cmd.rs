@@ -86,6 +86,12 @@ pub fn run(a: ExportArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if a.format != "peft" {
+        bail!(
+            "--format {:?}: allowed values are gguf, compressed-tensors, packed, hf, peft",
+            a.format
+        );
+    }
     let student_dir = a.student.join(train::STUDENT_DIR);
     if !student_dir.join("model.safetensors").is_file() {
         bail!(
