@@ -111,18 +111,22 @@ pub struct DecodeArgs {
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// tinyllama-1.1b, llama-7b-2layers or llama-7b.
+    /// tinyllama-1.1b, llama-7b-2layers, llama-7b or tiny-hd64.
     #[arg(long)]
     pub shape: model::synth::SynthShape,
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A model folder whose tokenizer (and vocabulary size) the synthetic model takes, in
+    /// place of a word-level one.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
     let t0 = Instant::now();
-    model::synth::write_synthetic_model(a.shape, &a.out, a.seed)?;
+    model::synth::write_synthetic_model(a.shape, &a.out, a.seed, a.tokenizer.as_deref())?;
     let folder = ModelFolder::open(&a.out)?;
     folder.tokenizer()?;
     let params: usize = model::llama::expected_tensors(&folder.config)

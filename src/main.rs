@@ -8,6 +8,7 @@ mod bench_grads;
 mod compute_args;
 mod eval_cmd;
 mod export_cmd;
+mod sample_cmd;
 mod generate_cmd;
 mod pipeline_file;
 mod progress;
@@ -58,8 +59,10 @@ enum Command {
     SynthModel(bench_cmd::SynthArgs),
     /// Block-wise NF4/NF3/NF2/int-k quantization of a model folder (bitsandbytes or packed layout).
     Quantize(quantize_cmd::QuantizeArgs),
-    /// A trained student as another tool loads it: `peft` (base + adapter) or `hf`.
+    /// A trained student as another tool loads it: gguf, compressed-tensors, packed, hf, peft.
     Export(export_cmd::ExportArgs),
+    /// Continuations of a prompt from a model (and its teacher beside it), with tokens/s.
+    Sample(sample_cmd::SampleArgs),
     /// Memory bandwidth of a large copy (the yardstick for `quantize` throughput), as JSON.
     BenchMemcpy(quantize_cmd::MemcpyArgs),
     /// Where a run stands: each stage's state and what the next `run` would do.
@@ -86,6 +89,7 @@ fn main() {
         Command::Status { target, sets } => runner::status(&target, &sets),
         Command::Quantize(a) => quantize_cmd::run(a),
         Command::Export(a) => export_cmd::run(a),
+        Command::Sample(a) => sample_cmd::run(a),
         Command::BenchMemcpy(a) => quantize_cmd::bench_memcpy(a),
         Command::Bench(c) => bench_cmd::run(c),
         Command::SynthModel(a) => bench_cmd::synth(a),

@@ -75,6 +75,10 @@ pub struct TrainArgs {
     /// none (default) or hadamard.
     #[arg(long)]
     pub kv_rotation: Option<KvRotation>,
+    /// The type weight scales are rounded to (f32, f16, bf16; `qat`): f16 makes a GGUF export
+    /// exact.
+    #[arg(long)]
+    pub scale_dtype: Option<String>,
     /// qat (default), qlora, loftq or lrqat.
     #[arg(long)]
     pub method: Option<train::Method>,
@@ -155,6 +159,7 @@ impl TrainArgs {
         set(&mut s, "kv_bits", self.kv_bits)?;
         set(&mut s, "kv_point", self.kv_point)?;
         set(&mut s, "kv_rotation", self.kv_rotation)?;
+        set(&mut s, "scale_dtype", self.scale_dtype.clone())?;
         set(&mut s, "method", self.method)?;
         set(&mut s, "base", self.base.clone())?;
         set(&mut s, "lora_rank", self.lora_rank)?;

@@ -16,9 +16,13 @@ pub enum SynthShape {
     Llama7b2Layers,
     /// Llama 2 7B: 32 layers.
     Llama7b,
+    /// A small model with llama.cpp-friendly sizes: hidden 256, 2 layers, 4 heads of 64
+    /// (a quantized llama.cpp K/V cache needs head_dim a multiple of 32), 2 KV heads, FFN 768
+    /// (rows of 256 and 768 tile into Q3_K / Q2_K super-blocks), vocab 2048.
+    TinyHd64,
 }
 
-pub const SHAPE_NAMES: &[&str] = &["tinyllama-1.1b", "llama-7b-2layers", "llama-7b"];
+pub const SHAPE_NAMES: &[&str] = &["tinyllama-1.1b", "llama-7b-2layers", "llama-7b", "tiny-hd64"];
 
 impl std::str::FromStr for SynthShape {
     type Err = anyhow::Error;
@@ -27,6 +31,7 @@ impl std::str::FromStr for SynthShape {
             "tinyllama-1.1b" => Ok(SynthShape::TinyLlama1_1b),
             "llama-7b-2layers" => Ok(SynthShape::Llama7b2Layers),
             "llama-7b" => Ok(SynthShape::Llama7b),
+            "tiny-hd64" => Ok(SynthShape::TinyHd64),
             o => bail!(
                 "--shape {o:?}: allowed values are {}",
                 SHAPE_NAMES.join(", ")
@@ -43,6 +48,7 @@ impl SynthShape {
             SynthShape::TinyLlama1_1b => (2048, 22, 32, 4, 5632, 32000, 2048),
             SynthShape::Llama7b2Layers => (4096, 2, 32, 32, 11008, 32000, 4096),
             SynthShape::Llama7b => (4096, 32, 32, 32, 11008, 32000, 4096),
+            SynthShape::TinyHd64 => (256, 2, 4, 2, 768, 2048, 512),
         };
         json!({
             "architectures": ["LlamaForCausalLM"],
@@ -134,9 +140,42 @@ fn tokenizer_json(vocab: usize) -> serde_json::Value {
     })
 }
 
+/// The vocabulary size of a tokenizer.json (largest id + 1, added tokens included).
+fn tokenizer_vocab(path: &Path) -> Result<usize> {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let ids = v["model"]["vocab"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values().filter_map(|x| x.as_u64()))
+        .chain(v["added_tokens"].as_array().into_iter().flatten().filter_map(|a| a["id"].as_u64()));
+    ids.max()
+        .map(|m| m as usize + 1)
+        .with_context(|| format!("{}: model.vocab is missing or empty", path.display()))
+}
+
 /// Writes `config.json`, `model.safetensors` (bf16) and `tokenizer.json` of `shape` to `out`.
-pub fn write_synthetic_model(shape: SynthShape, out: &Path, seed: u64) -> Result<()> {
-    let cfg_json = shape.config_json();
+/// With `tokenizer` (a model folder), its tokenizer files are copied and the vocabulary is
+/// theirs (so that text, GGUF tokenizers and evaluations work as on a real model).
+pub fn write_synthetic_model(
+    shape: SynthShape,
+    out: &Path,
+    seed: u64,
+    tokenizer: Option<&Path>,
+) -> Result<()> {
+    let mut cfg_json = shape.config_json();
+    if let Some(t) = tokenizer {
+        cfg_json["vocab_size"] = json!(tokenizer_vocab(&t.join("tokenizer.json"))?);
+        if let Ok(text) = std::fs::read_to_string(t.join("config.json")) {
+            let src: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", t.join("config.json").display()))?;
+            for k in ["bos_token_id", "eos_token_id"] {
+                cfg_json[k] = src[k].clone();
+            }
+        }
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let cfg_path = out.join("config.json");
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg_json)?)
@@ -171,8 +210,18 @@ pub fn write_synthetic_model(shape: SynthShape, out: &Path, seed: u64) -> Result
     safetensors::serialize_to_file(views, None, &st)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", st.display()))?;
     let tok = out.join("tokenizer.json");
-    std::fs::write(&tok, serde_json::to_vec(&tokenizer_json(cfg.vocab_size))?)
-        .with_context(|| format!("writing {}", tok.display()))?;
+    match tokenizer {
+        Some(t) => {
+            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+                if t.join(f).is_file() {
+                    std::fs::copy(t.join(f), out.join(f))
+                        .with_context(|| format!("copying {}", t.join(f).display()))?;
+                }
+            }
+        }
+        None => std::fs::write(&tok, serde_json::to_vec(&tokenizer_json(cfg.vocab_size))?)
+            .with_context(|| format!("writing {}", tok.display()))?,
+    }
     Ok(())
 }
 
