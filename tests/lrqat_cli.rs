@@ -64,6 +64,24 @@ fn lrqat_run_reports_the_merged_student() {
         (ppl - student_ppl).abs() <= 1e-6 * student_ppl,
         "the folder ({ppl}) is the student the report scored ({student_ppl})"
     );
+    // Its integers export unchanged: packed exactly, GGUF as Q4_0 blocks (its trained f32
+    // scales rounded to f16, and the change reported).
+    let student = d.join("run/train");
+    for format in ["packed", "gguf"] {
+        let o = run(&[
+            "export", "--student", student.to_str().unwrap(), "--out",
+            d.join(format).to_str().unwrap(), "--format", format, "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        if format == "packed" {
+            assert_eq!(r["max_weight_change"], 0.0, "{r}");
+        } else {
+            assert_eq!(r["types"]["Q4_0"], 30, "{r}");
+            let change = r["max_weight_change"].as_f64().unwrap();
+            assert!(change < 1e-3, "f16 rounding of the scales only: {change}");
+        }
+    }
 }
 
 #[test]

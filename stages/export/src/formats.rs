@@ -111,7 +111,7 @@ pub fn compressed_tensors(s: &Student, written: &mut Written) -> Result<Vec<(Str
             (safetensors::Dtype::I64, vec![2], [g.rows as i64, g.cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect()),
         );
     }
-    let per_channel = s.quant.w_group.is_none();
+    let per_channel = s.grids.values().all(|g| g.group == g.cols);
     let weights = json!({
         "num_bits": bits,
         "type": "int",

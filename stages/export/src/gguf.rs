@@ -331,7 +331,7 @@ fn file_type(t: Option<BlockType>) -> u32 {
 
 /// Writes `s` as GGUF bytes; `written` records every projection's stored values.
 pub fn write(s: &Student, written: &mut Written) -> Result<Vec<u8>> {
-    let bits = s.quant.w_bits.context("checked by the caller")?;
+    let bits = s.require_grid("gguf")?;
     let btype = BlockType::for_bits(bits).with_context(|| {
         format!(
             "--format gguf: {}: w_bits = {bits} has no llama.cpp block type (Q2_K, Q3_K, Q4_0 and Q8_0 hold 2, 3, 4 and 8 bits)",
@@ -384,9 +384,9 @@ pub fn write(s: &Student, written: &mut Written) -> Result<Vec<u8>> {
                 } else {
                     btype.check_grid(&g).map_err(|e| {
                         anyhow::anyhow!(
-                            "--format gguf cannot hold the grid of {name} as {}: {e} (student.w_group = {:?}); use --format compressed-tensors or packed",
+                            "--format gguf cannot hold the grid of {name} as {}: {e} (student.w_group = {}); use --format compressed-tensors or packed",
                             btype.name(),
-                            s.quant.w_group
+                            if g.group == g.cols { "none".to_string() } else { g.group.to_string() }
                         )
                     })?;
                     let bytes = ggml::encode(&g, btype).map_err(anyhow::Error::msg)?;

@@ -80,7 +80,10 @@ impl Student {
             .collect::<Result<_>>()?;
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let mut grids = BTreeMap::new();
-        if let Some(bits) = quant.w_bits {
+        // A student stored on its grid (an LR-QAT student: packed integers and scales).
+        if let Some(h) = quant::packed::PackedHeader::read(&dir)? {
+            grids = quant::packed::read_grids(&h, &weights_path)?;
+        } else if let Some(bits) = quant.w_bits {
             for (name, shape, v) in &tensors {
                 if is_projection(name) {
                     let [rows, cols] = shape[..] else {
@@ -127,11 +130,17 @@ impl Student {
             .map(|t| t.2.clone())
     }
 
-    /// Refuses a student with no weight grid for a low-bit format.
+    /// The grids' bit width; refuses a student with no weight grid for a low-bit format.
     pub fn require_grid(&self, format: &str) -> Result<u32> {
+        if let Some(g) = self.grids.values().next() {
+            if let Some(o) = self.grids.iter().find(|(_, o)| o.bits != g.bits) {
+                bail!("--format {format}: {} has grids of {} and {} bits; one width per model is supported", o.0, g.bits, o.1.bits);
+            }
+            return Ok(g.bits);
+        }
         self.quant.w_bits.with_context(|| {
             format!(
-                "--format {format}: {} says w_bits none: this student's weights are not on an integer grid (an lrqat student's folder holds its merged weights, a qlora student's its merged base and adapters); use --format hf",
+                "--format {format}: {} says w_bits none: this student's weights are not on an integer grid (a qlora or loftq student's folder holds its base and adapters merged); use --format hf",
                 self.quant_path.display()
             )
         })

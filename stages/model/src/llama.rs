@@ -584,6 +584,27 @@ impl Llama {
     }
 
     /// Every parameter under its Hugging Face name (tied LM head listed once, as the embedding).
+    /// The integer grids of the LR-QAT projections, under their weights' names.
+    pub fn lowrank_grids(&self) -> candle_core::Result<Vec<(String, quant::GridWeight)>> {
+        let mut v = Vec::new();
+        for (l, b) in self.blocks.iter().enumerate() {
+            for (n, lin) in [
+                ("self_attn.q_proj", &b.attn.q_proj),
+                ("self_attn.k_proj", &b.attn.k_proj),
+                ("self_attn.v_proj", &b.attn.v_proj),
+                ("self_attn.o_proj", &b.attn.o_proj),
+                ("mlp.gate_proj", &b.mlp.gate_proj),
+                ("mlp.up_proj", &b.mlp.up_proj),
+                ("mlp.down_proj", &b.mlp.down_proj),
+            ] {
+                if let Weight::LowRankQ(w) = &lin.weight {
+                    v.push((format!("model.layers.{l}.{n}.weight"), w.grid()?));
+                }
+            }
+        }
+        Ok(v)
+    }
+
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![(
             "model.embed_tokens.weight".to_string(),

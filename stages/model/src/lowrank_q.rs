@@ -178,6 +178,30 @@ impl LowRankQWeight {
             .to_dtype(DType::F32)
     }
 
+    /// The merged weight as its integer grid: codes clamp(round(Phi0 + scale A B)) and
+    /// scales s; `values()` of it is [`Self::merged`], bit for bit.
+    pub fn grid(&self) -> Result<quant::GridWeight> {
+        let (rows, cols) = self.shape()?;
+        let codes: Vec<i8> = self
+            .integers()?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|c| c as i8)
+            .collect();
+        let s = self.scales()?.to_dtype(DType::F32)?;
+        let groups = s.dim(1)?;
+        Ok(quant::GridWeight {
+            rows,
+            cols,
+            bits: self.bits,
+            group: cols / groups,
+            codes,
+            scales: s.flatten_all()?.to_vec1()?,
+        })
+    }
+
     /// Bytes the frozen part holds (Phi0 and s0).
     pub fn frozen_bytes(&self) -> usize {
         let phi = match &self.phi0 {

@@ -651,12 +651,18 @@ pub fn train_until_on(
                 &base.dir,
             )?;
         }
-        // The student's own quantizers: an lrqat student's weights are merged onto its grid,
-        // so its folder says w_bits none.
+        // The student's own quantizers: an lrqat student's weights are merged onto its grid
+        // (stored packed as integers and scales), so its folder says w_bits none.
+        let grids = stu.model.lowrank_grids()?;
+        let tensors: Vec<_> = tensors
+            .into_iter()
+            .filter(|(n, _)| !grids.iter().any(|(g, _)| g == n))
+            .collect();
         checkpoint::export_student(
             &folder.dir,
             &dst,
             &tensors,
+            &grids,
             &serde_json::to_value(&stu.model.quant)?,
         )?;
         Some(dst)

@@ -709,8 +709,10 @@ fn lrqat_resumes_bit_identically_and_merges_exactly() -> Result<()> {
         b.flatten_all()?.to_vec1::<f32>()?,
         "merged logits differ from the trained student's"
     );
-    // The merged weights are integers in [-8, 7] times one scale per output channel.
-    let w = candle_core::safetensors::load(merged_dir.join("model.safetensors"), &dev)?;
+    // The merged weights are integers in [-8, 7] times one scale per output channel, stored
+    // packed (packed.json names the grids).
+    assert!(merged_dir.join(quant::packed::HEADER_FILE).is_file());
+    let w = ModelFolder::open(&merged_dir)?.load_tensors(&dev)?;
     let up = w["model.layers.0.mlp.up_proj.weight"].to_vec2::<f32>()?;
     for row in &up {
         let levels: std::collections::BTreeSet<u32> =
