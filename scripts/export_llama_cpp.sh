@@ -3,6 +3,7 @@
 # AVX2 only: see .ci/run) against our own evaluation, on ../shared/data/tinystories-valid-64k.txt
 # with the same windows (ctx 512). Rows go to benchmarks/export-llama-cpp.json.
 #   scripts/export_llama_cpp.sh students RUN_DIR...   llmqat students (RUN_DIR/train/student)
+#   scripts/export_llama_cpp.sh rtn TEACHER_DIR...       W4A8 round-to-nearest of each teacher
 #   scripts/export_llama_cpp.sh synth                  a briefly trained W4A8KV4 student of the
 #       synthetic tiny-hd64 shape (head_dim 64): llama.cpp with its q4_0 / q8_0 K/V cache, and
 #       W3 / W2 per-channel grids as Q3_K / Q2_K (rows of 256 and 768 tile their super-blocks)
@@ -71,6 +72,18 @@ case "${1:-}" in
       row "$n" "$s" "$W/$n-gguf/model.gguf" f16 --w-bits 4 --scale-dtype "$sd"
     done
     ;;
+  rtn)
+    # Round-to-nearest W4 "students" of the teachers (the baseline the trained ones beat).
+    shift
+    for t in "$@"; do
+      n=$(basename "$t")-rtn
+      d=$W/$n/student
+      mkdir -p "$d" && cp "$t"/*.json "$t"/*.safetensors "$d"/
+      echo '{"w_bits": 4, "w_group": null, "a_bits": 8, "kv_bits": null, "w_scale": "f16"}' >"$d/quantization.json"
+      export_gguf "$d" "$W/$n-gguf"
+      row "$n" "$d" "$W/$n-gguf/model.gguf" f16 --w-bits 4 --a-bits 8 --scale-dtype f16
+    done
+    ;;
   synth)
     T=$W/tiny-hd64
     [ -f "$T/model.safetensors" ] || "$BIN" synth-model --shape tiny-hd64 --tokenizer ../shared/models/tinystories-656k --out "$T" >/dev/null
@@ -91,7 +104,7 @@ case "${1:-}" in
       row "tiny-hd64-w$b-rtn" "$d" "$W/w$b-gguf/model.gguf" f16 --w-bits $b --scale-dtype f16
     done
     ;;
-  *) echo "usage: $0 students RUN_DIR... | synth" >&2; exit 2 ;;
+  *) echo "usage: $0 students RUN_DIR... | rtn TEACHER_DIR... | synth" >&2; exit 2 ;;
 esac
 
 python3 - "$ROWS" "$OUT" "$*" <<'PY'
@@ -99,7 +112,8 @@ import json, sys, platform
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 json.dump({
     "what": "GGUF exports scored by llama.cpp against pipeline eval of the student, same text, same windows (ctx 512)",
-    "command": "scripts/export_llama_cpp.sh students runs/llmqat-short/stories260k runs/llmqat-short/tinystories-656k; scripts/export_llama_cpp.sh synth",
+    "command": "scripts/export_llama_cpp.sh students runs/llmqat-short/stories260k runs/llmqat-short/tinystories-656k; scripts/export_llama_cpp.sh rtn ../shared/models/stories260k ../shared/models/tinystories-656k; scripts/export_llama_cpp.sh synth",
+    "students": "runs/llmqat-short/<model>: pipelines/llmqat.toml with --set generate.samples=1024 --set train.steps=400 --set student.scale_dtype=f16 --set export.format=gguf (CPU, 2 cores)",
     "consumer": "llama-cpp-python 0.3.36 from its PyPI source, CMAKE_ARGS=-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF",
     "machine": platform.processor() or platform.machine(),
     "threads": 2,

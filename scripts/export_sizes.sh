@@ -35,7 +35,7 @@ name, f, rss, r, s = sys.argv[1:6]
 r = json.load(open(r))
 print(json.dumps({
     "model": name, "format": f, "file_size_bytes": r["file_size_bytes"],
-    "f32_student_bytes": os.path.getsize(os.path.join(s, "model.safetensors")),
+    "student_weights_file_bytes": os.path.getsize(os.path.join(s, "model.safetensors")),
     "bits_per_weight_projections": r["bits_per_weight"], "bits_per_parameter": r["bits_per_parameter"],
     "parameters": r["parameters"], "types": r["types"], "max_weight_change": r["max_weight_change"],
     "export_seconds": r["seconds"], "peak_rss_mb": int(rss) / 1024,
@@ -51,7 +51,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 json.dump({
     "what": "pipeline export: file sizes and bits per weight of each format next to the f32 student; export time and peak RSS on 2 cores",
     "command": "scripts/export_sizes.sh runs/llmqat-short/stories260k/train/student",
-    "notes": "bits_per_weight_projections: the 7 projections as stored (codes, scales, block headers; stories260k's down_proj rows of 172 do not tile Q4_0 blocks and are F32 in the GGUF). hf is f32. The TinyLlama-1.1B shape has random weights and the 2048-piece vocabulary of tinystories-656k (GGUF needs a BPE tokenizer).",
+    "notes": "student_weights_file_bytes: the student folder's model.safetensors (f32 for stories260k, bf16 for the synthetic shape). bits_per_weight_projections: the 7 projections as stored (codes, scales, block headers; stories260k's down_proj rows of 172 do not tile Q4_0 blocks and are F32 in the GGUF). hf is f32. The TinyLlama-1.1B shape has random weights and the 2048-piece vocabulary of tinystories-656k (GGUF needs a BPE tokenizer).",
     "rows": rows,
 }, open("benchmarks/export-sizes.json", "w"), indent=1)
 PY
