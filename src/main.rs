@@ -8,12 +8,12 @@ mod bench_grads;
 mod compute_args;
 mod eval_cmd;
 mod export_cmd;
-mod sample_cmd;
 mod generate_cmd;
 mod pipeline_file;
 mod progress;
 mod quantize_cmd;
 mod runner;
+mod sample_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};

@@ -187,7 +187,9 @@ fn stays_inside(p: &Path) -> bool {
 impl PipelineFile {
     /// The export stage's format, when `[export]` asks for one (not `safetensors`).
     pub fn export_format(&self) -> Option<export::Format> {
-        self.export.as_ref().and_then(|e| export::Format::parse(&e.format))
+        self.export
+            .as_ref()
+            .and_then(|e| export::Format::parse(&e.format))
     }
 
     /// The frozen base's quantization: the `[quantize]` table, or its defaults (NF4, blocks

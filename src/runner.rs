@@ -65,7 +65,9 @@ impl Plan {
         let mut ev = json!({ "input": sha(&tr), "eval": p.eval });
         // An export stage (a low-bit format in [export]) sits between train and eval, which
         // then also scores the export; runs without one keep their fingerprints.
-        let ex = p.export_format().map(|_| json!({ "input": sha(&tr), "export": p.export }));
+        let ex = p
+            .export_format()
+            .map(|_| json!({ "input": sha(&tr), "export": p.export }));
         if let Some(ex) = &ex {
             ev["export"] = json!(sha(ex));
         }
@@ -396,7 +398,11 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                 let format = p.export_format().expect("an export stage has a format");
                 let spec = export::ExportSpec {
                     format,
-                    dtype: p.export.as_ref().and_then(|e| e.dtype.clone()).unwrap_or_else(|| "f32".into()),
+                    dtype: p
+                        .export
+                        .as_ref()
+                        .and_then(|e| e.dtype.clone())
+                        .unwrap_or_else(|| "f32".into()),
                     text: None,
                     max_tokens: None,
                 };
@@ -490,8 +496,8 @@ fn evaluate(
         },
         _ => q.clone(),
     };
-    let student =
-        model::Llama::load(&model::ModelFolder::open(&sdir)?, sq.clone(), &dev)?.cast(compute.dtype)?;
+    let student = model::Llama::load(&model::ModelFolder::open(&sdir)?, sq.clone(), &dev)?
+        .cast(compute.dtype)?;
     // The export as loaded back: its stored weights with the student's activation and K/V
     // quantizers (its weights are on their grid already).
     let exported = match p.export_format() {

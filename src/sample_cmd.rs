@@ -65,7 +65,11 @@ fn continue_prompt(
         );
     }
     let mut cache = model::decode::SeqCache::new(&model, total)?;
-    let params = generate::sampler::SamplingParams { temperature: a.temperature, top_k: None, top_p: None };
+    let params = generate::sampler::SamplingParams {
+        temperature: a.temperature,
+        top_k: None,
+        top_p: None,
+    };
     let mut rng = generate::sampler::SampleRng::new(a.seed);
     let t0 = Instant::now();
     let mut logits = None;
@@ -89,9 +93,16 @@ fn continue_prompt(
     }
     let secs = t0.elapsed().as_secs_f64();
     let c = &folder.config;
-    let cache_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * cache.len() * compute.dtype.size_in_bytes();
+    let cache_bytes = c.num_hidden_layers
+        * 2
+        * c.num_key_value_heads
+        * c.head_dim
+        * cache.len()
+        * compute.dtype.size_in_bytes();
     Ok(Continuation {
-        text: tok.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?,
+        text: tok
+            .decode(&ids, true)
+            .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?,
         tokens_per_second: (prompt_ids.len() + ids.len()) as f64 / secs.max(1e-9),
         prompt_ids,
         ids,
@@ -103,19 +114,30 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let quant = a.quant.to_config()?;
     let compute = a.compute.open()?;
     let folder = ModelFolder::open(&a.model)?;
-    let mut rows = vec![("model", a.model.display().to_string(), continue_prompt(&folder, quant.clone(), &a, &compute)?)];
+    let mut rows = vec![(
+        "model",
+        a.model.display().to_string(),
+        continue_prompt(&folder, quant.clone(), &a, &compute)?,
+    )];
     if let Some(t) = &a.teacher {
         let tf = ModelFolder::open(t)?;
-        rows.push(("teacher", t.display().to_string(), continue_prompt(&tf, QuantConfig::none(), &a, &compute)?));
+        rows.push((
+            "teacher",
+            t.display().to_string(),
+            continue_prompt(&tf, QuantConfig::none(), &a, &compute)?,
+        ));
     }
     if a.json {
         let v: serde_json::Map<String, serde_json::Value> = rows
             .iter()
             .map(|(role, path, c)| {
-                (role.to_string(), serde_json::json!({
-                    "path": path, "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text,
-                    "tokens_per_second": c.tokens_per_second, "kv_cache_bytes": c.cache_bytes,
-                }))
+                (
+                    role.to_string(),
+                    serde_json::json!({
+                        "path": path, "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text,
+                        "tokens_per_second": c.tokens_per_second, "kv_cache_bytes": c.cache_bytes,
+                    }),
+                )
             })
             .collect();
         let mut v = serde_json::Value::Object(v);
@@ -123,7 +145,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
         println!("{v}");
     } else {
         for (role, path, c) in &rows {
-            println!("== {role} ({path}{}) {:.1} tok/s, K/V cache {} bytes", if *role == "model" { format!(", {}", quant.label()) } else { String::new() }, c.tokens_per_second, c.cache_bytes);
+            println!(
+                "== {role} ({path}{}) {:.1} tok/s, K/V cache {} bytes",
+                if *role == "model" {
+                    format!(", {}", quant.label())
+                } else {
+                    String::new()
+                },
+                c.tokens_per_second,
+                c.cache_bytes
+            );
             println!("{}{}\n", a.prompt, c.text);
         }
     }

@@ -69,8 +69,14 @@ fn lrqat_run_reports_the_merged_student() {
     let student = d.join("run/train");
     for format in ["packed", "gguf"] {
         let o = run(&[
-            "export", "--student", student.to_str().unwrap(), "--out",
-            d.join(format).to_str().unwrap(), "--format", format, "--json",
+            "export",
+            "--student",
+            student.to_str().unwrap(),
+            "--out",
+            d.join(format).to_str().unwrap(),
+            "--format",
+            format,
+            "--json",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let r: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();

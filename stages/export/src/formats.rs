@@ -21,7 +21,10 @@ fn copied_files(s: &Student) -> Result<Vec<(String, Vec<u8>)>> {
     for f in COPIED {
         let p = s.dir.join(f);
         if p.is_file() {
-            out.push((f.to_string(), std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?));
+            out.push((
+                f.to_string(),
+                std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+            ));
         }
     }
     Ok(out)
@@ -30,7 +33,8 @@ fn copied_files(s: &Student) -> Result<Vec<(String, Vec<u8>)>> {
 fn config_json(s: &Student) -> Result<Value> {
     let text = std::fs::read_to_string(&s.config_path)
         .with_context(|| format!("cannot read {}", s.config_path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", s.config_path.display()))
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", s.config_path.display()))
 }
 
 /// One safetensors tensor: dtype, shape, little-endian bytes.
@@ -40,10 +44,18 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn safetensors_bytes(tensors: &BTreeMap<String, Entry>, meta: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
+fn safetensors_bytes(
+    tensors: &BTreeMap<String, Entry>,
+    meta: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, (d, s, b))| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .map(|(n, (d, s, b))| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     Ok(safetensors::tensor::serialize(views, meta)?)
 }
@@ -65,9 +77,16 @@ pub fn compressed_tensors(s: &Student, written: &mut Written) -> Result<Vec<(Str
     let dtype = model_dtype(&cfg).to_string();
     let (scale_dt, round): (safetensors::Dtype, fn(f32) -> Vec<u8>) = match dtype.as_str() {
         "float32" => (safetensors::Dtype::F32, |x| x.to_le_bytes().to_vec()),
-        "float16" => (safetensors::Dtype::F16, |x| half::f16::from_f32(x).to_le_bytes().to_vec()),
-        "bfloat16" => (safetensors::Dtype::BF16, |x| half::bf16::from_f32(x).to_le_bytes().to_vec()),
-        other => bail!("{}: torch_dtype = {other:?}: expected float32, float16 or bfloat16", s.config_path.display()),
+        "float16" => (safetensors::Dtype::F16, |x| {
+            half::f16::from_f32(x).to_le_bytes().to_vec()
+        }),
+        "bfloat16" => (safetensors::Dtype::BF16, |x| {
+            half::bf16::from_f32(x).to_le_bytes().to_vec()
+        }),
+        other => bail!(
+            "{}: torch_dtype = {other:?}: expected float32, float16 or bfloat16",
+            s.config_path.display()
+        ),
     };
     let mut tensors: BTreeMap<String, Entry> = BTreeMap::new();
     let mut group = None;
@@ -76,7 +95,10 @@ pub fn compressed_tensors(s: &Student, written: &mut Written) -> Result<Vec<(Str
             continue;
         }
         let Some(g) = s.grids.get(name) else {
-            tensors.insert(name.clone(), (safetensors::Dtype::F32, shape.clone(), f32_bytes(values)));
+            tensors.insert(
+                name.clone(),
+                (safetensors::Dtype::F32, shape.clone(), f32_bytes(values)),
+            );
             continue;
         };
         if g.cols % g.group != 0 {
@@ -91,16 +113,30 @@ pub fn compressed_tensors(s: &Student, written: &mut Written) -> Result<Vec<(Str
         let words = quant::compressed::pack_int32(&g.codes, g.rows, g.cols, bits);
         let scales_bytes: Vec<u8> = g.scales.iter().flat_map(|x| round(*x)).collect();
         let stored_scales: Vec<f32> = match scale_dt {
-            safetensors::Dtype::F16 => scales_bytes.chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            safetensors::Dtype::BF16 => scales_bytes.chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            safetensors::Dtype::F16 => scales_bytes
+                .chunks(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => scales_bytes
+                .chunks(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             _ => g.scales.clone(),
         };
-        let back = quant::GridWeight { scales: stored_scales, ..g.clone() }.values();
+        let back = quant::GridWeight {
+            scales: stored_scales,
+            ..g.clone()
+        }
+        .values();
         let bytes = words.len() * 4 + scales_bytes.len();
         written.grid(name, &format!("int{bits}"), &back, None, g.cols, bytes);
         tensors.insert(
             format!("{module}.weight_packed"),
-            (safetensors::Dtype::I32, vec![g.rows, (g.cols * bits as usize).div_ceil(32)], words.iter().flat_map(|w| w.to_le_bytes()).collect()),
+            (
+                safetensors::Dtype::I32,
+                vec![g.rows, (g.cols * bits as usize).div_ceil(32)],
+                words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            ),
         );
         tensors.insert(
             format!("{module}.weight_scale"),
@@ -108,7 +144,14 @@ pub fn compressed_tensors(s: &Student, written: &mut Written) -> Result<Vec<(Str
         );
         tensors.insert(
             format!("{module}.weight_shape"),
-            (safetensors::Dtype::I64, vec![2], [g.rows as i64, g.cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect()),
+            (
+                safetensors::Dtype::I64,
+                vec![2],
+                [g.rows as i64, g.cols as i64]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
         );
     }
     let per_channel = s.grids.values().all(|g| g.group == g.cols);
@@ -160,7 +203,16 @@ pub fn compressed_tensors(s: &Student, written: &mut Written) -> Result<Vec<(Str
     }
     let mut files = vec![
         ("config.json".to_string(), serde_json::to_vec_pretty(&cfg)?),
-        ("model.safetensors".to_string(), safetensors_bytes(&tensors, Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())])))?),
+        (
+            "model.safetensors".to_string(),
+            safetensors_bytes(
+                &tensors,
+                Some(std::collections::HashMap::from([(
+                    "format".to_string(),
+                    "pt".to_string(),
+                )])),
+            )?,
+        ),
     ];
     files.extend(copied_files(s)?);
     Ok(files)
@@ -178,24 +230,64 @@ pub fn packed(s: &Student, written: &mut Written) -> Result<Vec<(String, Vec<u8>
             continue;
         }
         let Some(g) = s.grids.get(name) else {
-            tensors.insert(name.clone(), (safetensors::Dtype::F32, shape.clone(), f32_bytes(values)));
+            tensors.insert(
+                name.clone(),
+                (safetensors::Dtype::F32, shape.clone(), f32_bytes(values)),
+            );
             continue;
         };
         let (q, sc) = quant::packed::pack(g);
-        written.grid(name, &format!("int{}", g.bits), &g.values(), None, g.cols, q.len() + 4 * sc.len());
-        tensors.insert(format!("{name}.qcodes"), (safetensors::Dtype::U8, vec![q.len()], q));
-        tensors.insert(format!("{name}.scales"), (safetensors::Dtype::F32, vec![g.rows, g.groups_per_row()], f32_bytes(&sc)));
+        written.grid(
+            name,
+            &format!("int{}", g.bits),
+            &g.values(),
+            None,
+            g.cols,
+            q.len() + 4 * sc.len(),
+        );
+        tensors.insert(
+            format!("{name}.qcodes"),
+            (safetensors::Dtype::U8, vec![q.len()], q),
+        );
+        tensors.insert(
+            format!("{name}.scales"),
+            (
+                safetensors::Dtype::F32,
+                vec![g.rows, g.groups_per_row()],
+                f32_bytes(&sc),
+            ),
+        );
         header.weights.insert(
             name.clone(),
-            quant::packed::PackedWeight { shape: [g.rows, g.cols], bits: g.bits, group: g.group },
+            quant::packed::PackedWeight {
+                shape: [g.rows, g.cols],
+                bits: g.bits,
+                group: g.group,
+            },
         );
     }
-    let runtime = model::QuantConfig { w_bits: None, w_group: None, ..s.quant.clone() };
+    let runtime = model::QuantConfig {
+        w_bits: None,
+        w_group: None,
+        ..s.quant.clone()
+    };
     let mut files = vec![
-        ("config.json".to_string(), serde_json::to_vec_pretty(&config_json(s)?)?),
-        ("model.safetensors".to_string(), safetensors_bytes(&tensors, None)?),
-        (quant::packed::HEADER_FILE.to_string(), serde_json::to_vec_pretty(&header)?),
-        ("quantization.json".to_string(), serde_json::to_vec_pretty(&runtime)?),
+        (
+            "config.json".to_string(),
+            serde_json::to_vec_pretty(&config_json(s)?)?,
+        ),
+        (
+            "model.safetensors".to_string(),
+            safetensors_bytes(&tensors, None)?,
+        ),
+        (
+            quant::packed::HEADER_FILE.to_string(),
+            serde_json::to_vec_pretty(&header)?,
+        ),
+        (
+            "quantization.json".to_string(),
+            serde_json::to_vec_pretty(&runtime)?,
+        ),
     ];
     files.extend(copied_files(s)?);
     Ok(files)
@@ -204,10 +296,29 @@ pub fn packed(s: &Student, written: &mut Written) -> Result<Vec<(String, Vec<u8>
 /// A plain Hugging Face folder in `dtype`: a quantized student's projections as their grid
 /// values (so the floats are the student's weights), everything else as trained.
 pub fn hf(s: &Student, dtype: &str, written: &mut Written) -> Result<Vec<(String, Vec<u8>)>> {
-    let (dt, conv, torch): (safetensors::Dtype, fn(f32) -> (Vec<u8>, f32), &str) = match dtype {
-        "f32" => (safetensors::Dtype::F32, |x| (x.to_le_bytes().to_vec(), x), "float32"),
-        "f16" => (safetensors::Dtype::F16, |x| { let h = half::f16::from_f32(x); (h.to_le_bytes().to_vec(), h.to_f32()) }, "float16"),
-        "bf16" => (safetensors::Dtype::BF16, |x| { let h = half::bf16::from_f32(x); (h.to_le_bytes().to_vec(), h.to_f32()) }, "bfloat16"),
+    type Conv = fn(f32) -> (Vec<u8>, f32);
+    let (dt, conv, torch): (safetensors::Dtype, Conv, &str) = match dtype {
+        "f32" => (
+            safetensors::Dtype::F32,
+            |x| (x.to_le_bytes().to_vec(), x),
+            "float32",
+        ),
+        "f16" => (
+            safetensors::Dtype::F16,
+            |x| {
+                let h = half::f16::from_f32(x);
+                (h.to_le_bytes().to_vec(), h.to_f32())
+            },
+            "float16",
+        ),
+        "bf16" => (
+            safetensors::Dtype::BF16,
+            |x| {
+                let h = half::bf16::from_f32(x);
+                (h.to_le_bytes().to_vec(), h.to_f32())
+            },
+            "bfloat16",
+        ),
         other => bail!("--dtype {other:?}: allowed values are f32, f16, bf16"),
     };
     let mut tensors: BTreeMap<String, Entry> = BTreeMap::new();
@@ -221,7 +332,16 @@ pub fn hf(s: &Student, dtype: &str, written: &mut Written) -> Result<Vec<(String
             back.push(y);
         }
         if s.grids.contains_key(name) {
-            written.float(name, AsFloat { reason: "the hf format stores floats".into(), dtype: torch.into() }, &back, None, shape[1]);
+            written.float(
+                name,
+                AsFloat {
+                    reason: "the hf format stores floats".into(),
+                    dtype: torch.into(),
+                },
+                &back,
+                None,
+                shape[1],
+            );
         }
         tensors.insert(name.clone(), (dt, shape.clone(), bytes));
     }
@@ -229,7 +349,16 @@ pub fn hf(s: &Student, dtype: &str, written: &mut Written) -> Result<Vec<(String
     cfg["torch_dtype"] = json!(torch);
     let mut files = vec![
         ("config.json".to_string(), serde_json::to_vec_pretty(&cfg)?),
-        ("model.safetensors".to_string(), safetensors_bytes(&tensors, Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())])))?),
+        (
+            "model.safetensors".to_string(),
+            safetensors_bytes(
+                &tensors,
+                Some(std::collections::HashMap::from([(
+                    "format".to_string(),
+                    "pt".to_string(),
+                )])),
+            )?,
+        ),
     ];
     files.extend(copied_files(s)?);
     Ok(files)

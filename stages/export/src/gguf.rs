@@ -104,12 +104,21 @@ fn arch_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
         ("llama.embedding_length".into(), u(c.hidden_size)),
         ("llama.block_count".into(), u(c.num_hidden_layers)),
         ("llama.feed_forward_length".into(), u(c.intermediate_size)),
-        ("llama.attention.head_count".into(), u(c.num_attention_heads)),
-        ("llama.attention.head_count_kv".into(), u(c.num_key_value_heads)),
+        (
+            "llama.attention.head_count".into(),
+            u(c.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u(c.num_key_value_heads),
+        ),
         ("llama.attention.key_length".into(), u(c.head_dim)),
         ("llama.attention.value_length".into(), u(c.head_dim)),
         ("llama.rope.dimension_count".into(), u(c.head_dim)),
-        ("llama.rope.freq_base".into(), Value::F32(c.rope_theta as f32)),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
         (
             "llama.attention.layer_norm_rms_epsilon".into(),
             Value::F32(c.rms_norm_eps as f32),
@@ -137,10 +146,10 @@ fn arch_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
 fn tokenizer_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
     let path = s.dir.join("tokenizer.json");
     let at = |f: &str| format!("{}: {f}", path.display());
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let t: Json =
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let t: Json = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let model = &t["model"];
     if model["type"] != "BPE" {
         bail!(
@@ -155,22 +164,33 @@ fn tokenizer_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
     let n = s.config.vocab_size;
     let mut tokens = vec![None; n];
     for (piece, id) in vocab {
-        let id = id.as_u64().with_context(|| at("model.vocab: an id is not a number"))? as usize;
+        let id = id
+            .as_u64()
+            .with_context(|| at("model.vocab: an id is not a number"))? as usize;
         if id >= n {
-            bail!("{}: id {id} of {piece:?} is beyond vocab_size {n}", at("model.vocab"));
+            bail!(
+                "{}: id {id} of {piece:?} is beyond vocab_size {n}",
+                at("model.vocab")
+            );
         }
         tokens[id] = Some(piece.clone());
     }
     let mut types = vec![NORMAL; n];
     let mut added_special = Vec::new();
     for a in t["added_tokens"].as_array().into_iter().flatten() {
-        let id = a["id"].as_u64().with_context(|| at("added_tokens: an id is missing"))? as usize;
+        let id = a["id"]
+            .as_u64()
+            .with_context(|| at("added_tokens: an id is missing"))? as usize;
         let content = a["content"].as_str().unwrap_or_default().to_string();
         if id >= n {
             bail!("{}: id {id} is beyond vocab_size {n}", at("added_tokens"));
         }
         tokens[id] = Some(content);
-        types[id] = if a["special"] == true { CONTROL } else { USER_DEFINED };
+        types[id] = if a["special"] == true {
+            CONTROL
+        } else {
+            USER_DEFINED
+        };
         if a["special"] == true {
             added_special.push(id);
         }
@@ -267,7 +287,10 @@ fn tokenizer_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
         m.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(*e)));
     }
     if let Some(u) = unk {
-        m.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(u as u32)));
+        m.push((
+            "tokenizer.ggml.unknown_token_id".into(),
+            Value::U32(u as u32),
+        ));
     }
     // Our evaluation and generation start every text with BOS when the model has one.
     m.push((
@@ -340,7 +363,10 @@ pub fn write(s: &Student, written: &mut Written) -> Result<Vec<u8>> {
     })?;
     let mut meta = arch_metadata(s)?;
     meta.extend(tokenizer_metadata(s)?);
-    meta.push(("general.file_type".into(), Value::U32(file_type(Some(btype)))));
+    meta.push((
+        "general.file_type".into(),
+        Value::U32(file_type(Some(btype))),
+    ));
 
     let c = &s.config;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -367,7 +393,7 @@ pub fn write(s: &Student, written: &mut Written) -> Result<Vec<u8>> {
                     Some(o) => g.permute_rows(o),
                     None => g.clone(),
                 };
-                if g.cols % btype.block() != 0 {
+                if !g.cols.is_multiple_of(btype.block()) {
                     // The rows do not tile into blocks: floats holding exactly the grid.
                     let v = g.values();
                     written.float(
@@ -390,8 +416,16 @@ pub fn write(s: &Student, written: &mut Written) -> Result<Vec<u8>> {
                         )
                     })?;
                     let bytes = ggml::encode(&g, btype).map_err(anyhow::Error::msg)?;
-                    let back = ggml::decode(&bytes, btype, g.rows * g.cols).map_err(anyhow::Error::msg)?;
-                    written.grid(name, btype.name(), &back, order.as_deref(), g.cols, bytes.len());
+                    let back =
+                        ggml::decode(&bytes, btype, g.rows * g.cols).map_err(anyhow::Error::msg)?;
+                    written.grid(
+                        name,
+                        btype.name(),
+                        &back,
+                        order.as_deref(),
+                        g.cols,
+                        bytes.len(),
+                    );
                     qtensor_from_ggml(block_dtype(btype), &bytes, shape.clone(), &Device::Cpu)?
                 }
             }
@@ -418,7 +452,12 @@ pub fn write(s: &Student, written: &mut Written) -> Result<Vec<u8>> {
 
 fn f32_tensor(v: &[f32], shape: &[usize]) -> Result<QTensor> {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    Ok(qtensor_from_ggml(GgmlDType::F32, &bytes, shape.to_vec(), &Device::Cpu)?)
+    Ok(qtensor_from_ggml(
+        GgmlDType::F32,
+        &bytes,
+        shape.to_vec(),
+        &Device::Cpu,
+    )?)
 }
 
 #[cfg(test)]

@@ -34,7 +34,12 @@ pub enum Format {
 }
 
 impl Format {
-    pub const ALL: [Format; 4] = [Format::Gguf, Format::CompressedTensors, Format::Packed, Format::Hf];
+    pub const ALL: [Format; 4] = [
+        Format::Gguf,
+        Format::CompressedTensors,
+        Format::Packed,
+        Format::Hf,
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -108,7 +113,15 @@ impl<'a> Written<'a> {
     }
 
     /// A projection stored on its grid as `type_name` in `bytes` bytes.
-    pub fn grid(&mut self, name: &str, type_name: &str, stored: &[f32], order: Option<&[usize]>, cols: usize, bytes: usize) {
+    pub fn grid(
+        &mut self,
+        name: &str,
+        type_name: &str,
+        stored: &[f32],
+        order: Option<&[usize]>,
+        cols: usize,
+        bytes: usize,
+    ) {
         self.compare(name, stored, order, cols);
         self.quantized_values += stored.len();
         self.quantized_bytes += bytes;
@@ -116,7 +129,14 @@ impl<'a> Written<'a> {
     }
 
     /// A projection stored as floats.
-    pub fn float(&mut self, name: &str, why: AsFloat, stored: &[f32], order: Option<&[usize]>, cols: usize) {
+    pub fn float(
+        &mut self,
+        name: &str,
+        why: AsFloat,
+        stored: &[f32],
+        order: Option<&[usize]>,
+        cols: usize,
+    ) {
         self.compare(name, stored, order, cols);
         self.quantized_values += stored.len();
         let size = match why.dtype.as_str() {
@@ -206,7 +226,10 @@ fn check_out(out: &Path, spec: &ExportSpec, sha: &str) -> Result<Option<ExportRe
     if report.is_file() {
         let r: ExportReport = serde_json::from_str(&std::fs::read_to_string(&report)?)
             .with_context(|| format!("{}: not an export report", report.display()))?;
-        if r.format == spec.format && r.student_sha256 == sha && (spec.text.is_none() || r.ppl.is_some()) {
+        if r.format == spec.format
+            && r.student_sha256 == sha
+            && (spec.text.is_none() || r.ppl.is_some())
+        {
             return Ok(Some(r));
         }
         bail!(
@@ -234,11 +257,17 @@ fn check_out(out: &Path, spec: &ExportSpec, sha: &str) -> Result<Option<ExportRe
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().context("no parent folder")?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
@@ -300,7 +329,11 @@ pub fn export(student: &Path, out: &Path, spec: &ExportSpec) -> Result<ExportRep
         scale_dtype: s.quant.w_scale.name().into(),
         model: model_path.display().to_string(),
         file_size_bytes,
-        bits_per_weight: if w.quantized_values > 0 { w.quantized_bytes as f64 * 8.0 / w.quantized_values as f64 } else { 0.0 },
+        bits_per_weight: if w.quantized_values > 0 {
+            w.quantized_bytes as f64 * 8.0 / w.quantized_values as f64
+        } else {
+            0.0
+        },
         bits_per_parameter: file_size_bytes as f64 * 8.0 / parameters.max(1) as f64,
         parameters,
         max_weight_change: w.max_change,
@@ -317,10 +350,16 @@ pub fn export(student: &Path, out: &Path, spec: &ExportSpec) -> Result<ExportRep
 
 /// Perplexity of the student (its own quantizers on its latent weights) and of the export as
 /// loaded back by our loaders (stored weights, the student's activation / K/V quantizers).
-fn score(s: &Student, model_path: &Path, text: &Path, max_tokens: Option<usize>) -> Result<ExportPpl> {
+fn score(
+    s: &Student,
+    model_path: &Path,
+    text: &Path,
+    max_tokens: Option<usize>,
+) -> Result<ExportPpl> {
     let dev = candle_core::Device::Cpu;
     let folder = model::ModelFolder::open(&s.dir)?;
-    let content = std::fs::read_to_string(text).with_context(|| format!("cannot read text file {}", text.display()))?;
+    let content = std::fs::read_to_string(text)
+        .with_context(|| format!("cannot read text file {}", text.display()))?;
     let mut ids = eval::encode_text(&folder.tokenizer()?, &content, folder.config.bos_token_id)?;
     if let Some(n) = max_tokens {
         ids.truncate(n);
@@ -329,7 +368,12 @@ fn score(s: &Student, model_path: &Path, text: &Path, max_tokens: Option<usize>)
     let student = model::Llama::load(&folder, s.quant.clone(), &dev)?;
     let p_student = eval::perplexity(&student, &ids, ctx, 4, |_| {})?;
     drop(student);
-    let runtime = model::QuantConfig { w_bits: None, w_group: None, w_scale: Default::default(), ..s.quant.clone() };
+    let runtime = model::QuantConfig {
+        w_bits: None,
+        w_group: None,
+        w_scale: Default::default(),
+        ..s.quant.clone()
+    };
     let exported = model::ModelFolder::open(model_path)?;
     let m = model::Llama::load(&exported, runtime.clone(), &dev)?;
     let p_export = eval::perplexity(&m, &ids, ctx, 4, |_| {})?;

@@ -63,8 +63,9 @@ impl Student {
                 quant_path.display()
             )
         })?;
-        let quant: QuantConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a quantization settings file", quant_path.display()))?;
+        let quant: QuantConfig = serde_json::from_str(&text).with_context(|| {
+            format!("{}: not a quantization settings file", quant_path.display())
+        })?;
         quant
             .validate()
             .with_context(|| format!("{}", quant_path.display()))?;
@@ -87,7 +88,10 @@ impl Student {
             for (name, shape, v) in &tensors {
                 if is_projection(name) {
                     let [rows, cols] = shape[..] else {
-                        bail!("{}: {name} has shape {shape:?}, expected 2 dims", weights_path.display());
+                        bail!(
+                            "{}: {name} has shape {shape:?}, expected 2 dims",
+                            weights_path.display()
+                        );
                     };
                     let g = GridWeight::minmax(v, rows, cols, bits, quant.w_group, quant.w_scale);
                     grids.insert(name.clone(), g);

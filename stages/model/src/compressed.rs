@@ -14,6 +14,9 @@ pub struct Scheme {
     pub num_bits: u32,
 }
 
+/// A dequantized weight: name, shape, values.
+pub type Dequantized = (String, Vec<usize>, Vec<f32>);
+
 const SUFFIXES: [&str; 3] = ["weight_packed", "weight_scale", "weight_shape"];
 
 /// Is `name` one of the stored forms of a packed weight?
@@ -52,10 +55,18 @@ impl Scheme {
             let w = &s["weights"];
             let f = |k: &str| at(&format!("config_groups.{g}.weights.{k}"));
             if w["type"] != "int" {
-                bail!("{} = {}: only \"int\" weights can be read", f("type"), w["type"]);
+                bail!(
+                    "{} = {}: only \"int\" weights can be read",
+                    f("type"),
+                    w["type"]
+                );
             }
             if w["symmetric"] != true {
-                bail!("{} = {}: only symmetric weights can be read", f("symmetric"), w["symmetric"]);
+                bail!(
+                    "{} = {}: only symmetric weights can be read",
+                    f("symmetric"),
+                    w["symmetric"]
+                );
             }
             if !matches!(w["strategy"].as_str(), Some("channel" | "group")) {
                 bail!(
@@ -67,10 +78,18 @@ impl Scheme {
             let b = w["num_bits"]
                 .as_u64()
                 .filter(|b| (2..=8).contains(b))
-                .with_context(|| format!("{} = {}: allowed values are 2..=8", f("num_bits"), w["num_bits"]))?
-                as u32;
+                .with_context(|| {
+                    format!(
+                        "{} = {}: allowed values are 2..=8",
+                        f("num_bits"),
+                        w["num_bits"]
+                    )
+                })? as u32;
             if bits.is_some_and(|x| x != b) {
-                bail!("{}: groups of different bit widths are not supported", at("config_groups"));
+                bail!(
+                    "{}: groups of different bit widths are not supported",
+                    at("config_groups")
+                );
             }
             bits = Some(b);
         }
@@ -84,7 +103,7 @@ impl Scheme {
         &self,
         st: &safetensors::SafeTensors,
         file: &Path,
-    ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    ) -> Result<Vec<Dequantized>> {
         let mut out = Vec::new();
         for (name, packed) in st.tensors() {
             let Some(module) = name.strip_suffix(".weight_packed") else {
@@ -112,17 +131,30 @@ impl Scheme {
                     .chunks_exact(4)
                     .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
                     .collect(),
-                d => bail!("{}: tensor {module}.weight_shape has dtype {d:?}", file.display()),
+                d => bail!(
+                    "{}: tensor {module}.weight_shape has dtype {d:?}",
+                    file.display()
+                ),
             };
             let [rows, cols] = dims[..] else {
-                bail!("{}: tensor {module}.weight_shape = {dims:?}: expected 2 dims", file.display());
+                bail!(
+                    "{}: tensor {module}.weight_shape = {dims:?}: expected 2 dims",
+                    file.display()
+                );
             };
             if rows <= 0 || cols <= 0 || rows.checked_mul(cols).is_none_or(|n| n > 1 << 40) {
-                bail!("{}: tensor {module}.weight_shape = {dims:?} is not a valid shape", file.display());
+                bail!(
+                    "{}: tensor {module}.weight_shape = {dims:?} is not a valid shape",
+                    file.display()
+                );
             }
             let (rows, cols) = (rows as usize, cols as usize);
             if packed.dtype() != safetensors::Dtype::I32 {
-                bail!("{}: tensor {name} has dtype {:?}, expected I32", file.display(), packed.dtype());
+                bail!(
+                    "{}: tensor {name} has dtype {:?}, expected I32",
+                    file.display(),
+                    packed.dtype()
+                );
             }
             let words: Vec<i32> = packed
                 .data()
@@ -156,7 +188,10 @@ impl Scheme {
                     .chunks_exact(2)
                     .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                     .collect(),
-                d => bail!("{}: tensor {module}.weight_scale has dtype {d:?}", file.display()),
+                d => bail!(
+                    "{}: tensor {module}.weight_scale has dtype {d:?}",
+                    file.display()
+                ),
             };
             let groups = match scale_t.shape() {
                 [r, g] if *r == rows && *g >= 1 && cols % g == 0 => *g,

@@ -22,7 +22,12 @@ pub enum SynthShape {
     TinyHd64,
 }
 
-pub const SHAPE_NAMES: &[&str] = &["tinyllama-1.1b", "llama-7b-2layers", "llama-7b", "tiny-hd64"];
+pub const SHAPE_NAMES: &[&str] = &[
+    "tinyllama-1.1b",
+    "llama-7b-2layers",
+    "llama-7b",
+    "tiny-hd64",
+];
 
 impl std::str::FromStr for SynthShape {
     type Err = anyhow::Error;
@@ -143,14 +148,21 @@ fn tokenizer_json(vocab: usize) -> serde_json::Value {
 /// The vocabulary size of a tokenizer.json (largest id + 1, added tokens included).
 fn tokenizer_vocab(path: &Path) -> Result<usize> {
     let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        &std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
     )
     .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let ids = v["model"]["vocab"]
         .as_object()
         .into_iter()
         .flat_map(|m| m.values().filter_map(|x| x.as_u64()))
-        .chain(v["added_tokens"].as_array().into_iter().flatten().filter_map(|a| a["id"].as_u64()));
+        .chain(
+            v["added_tokens"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["id"].as_u64()),
+        );
     ids.max()
         .map(|m| m as usize + 1)
         .with_context(|| format!("{}: model.vocab is missing or empty", path.display()))
@@ -212,7 +224,11 @@ pub fn write_synthetic_model(
     let tok = out.join("tokenizer.json");
     match tokenizer {
         Some(t) => {
-            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            for f in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
                 if t.join(f).is_file() {
                     std::fs::copy(t.join(f), out.join(f))
                         .with_context(|| format!("copying {}", t.join(f).display()))?;

@@ -63,7 +63,9 @@ mod tests {
         assert_eq!(w[1], 13);
         for bits in 2..=8 {
             let lo = -(1i32 << (bits - 1));
-            let codes: Vec<i8> = (0..3 * 37).map(|i| (lo + (i * 5) % (1 << bits)) as i8).collect();
+            let codes: Vec<i8> = (0..3 * 37)
+                .map(|i| (lo + (i * 5) % (1 << bits)) as i8)
+                .collect();
             let w = pack_int32(&codes, 3, 37, bits as u32);
             assert_eq!(unpack_int32(&w, 3, 37, bits as u32).unwrap(), codes);
             assert!(unpack_int32(&w[1..], 3, 37, bits as u32).is_none());

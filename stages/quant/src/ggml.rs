@@ -78,7 +78,7 @@ impl BlockType {
     /// into blocks); `None` when they can. A grid that tiles but whose scales cover parts of
     /// a block is refused by [`BlockType::check_grid`] instead.
     pub fn tiling_problem(&self, cols: usize) -> Option<String> {
-        (cols % self.block() != 0).then(|| {
+        (!cols.is_multiple_of(self.block())).then(|| {
             format!(
                 "rows of {cols} values do not tile into {} blocks of {}",
                 self.name(),
@@ -97,7 +97,7 @@ impl BlockType {
                 g.bits
             ));
         }
-        if g.group % self.block() != 0 && g.group != g.cols {
+        if !g.group.is_multiple_of(self.block()) && g.group != g.cols {
             return Err(format!(
                 "{} has one scale per {} values; a group of {} values is not a multiple of it",
                 self.name(),
@@ -105,12 +105,16 @@ impl BlockType {
                 g.group
             ));
         }
-        if g.group % self.block() != 0 {
+        if !g.group.is_multiple_of(self.block()) {
             // Per channel, but the row does not tile: the caller stores floats.
             return Err(self.tiling_problem(g.cols).unwrap_or_default());
         }
         let (lo, hi) = g.code_range();
-        if let Some(c) = g.codes.iter().find(|c| (**c as i32) < lo || (**c as i32) > hi) {
+        if let Some(c) = g
+            .codes
+            .iter()
+            .find(|c| (**c as i32) < lo || (**c as i32) > hi)
+        {
             return Err(format!("code {c} is outside {lo}..={hi}"));
         }
         Ok(())
@@ -186,7 +190,7 @@ pub fn encode(g: &GridWeight, t: BlockType) -> Result<Vec<u8>, String> {
 /// The values llama.cpp reads from `bytes` (its dequantization, written out here), row-major.
 pub fn decode(bytes: &[u8], t: BlockType, n: usize) -> Result<Vec<f32>, String> {
     let bs = t.block();
-    if n % bs != 0 || bytes.len() != n / bs * t.block_bytes() {
+    if !n.is_multiple_of(bs) || bytes.len() != n / bs * t.block_bytes() {
         return Err(format!(
             "{} data of {} bytes cannot hold {n} values",
             t.name(),
@@ -289,10 +293,17 @@ mod tests {
     #[test]
     fn lrqat_codes_use_the_lowest_code_too() {
         // LR-QAT's grid reaches -2^(b-1); every type holds it.
-        for t in [BlockType::Q4_0, BlockType::Q8_0, BlockType::Q3K, BlockType::Q2K] {
+        for t in [
+            BlockType::Q4_0,
+            BlockType::Q8_0,
+            BlockType::Q3K,
+            BlockType::Q2K,
+        ] {
             let lo = -(1i32 << (t.bits() - 1));
             let cols = 256;
-            let codes: Vec<i8> = (0..cols).map(|i| (lo + (i as i32 % -lo * 2)) as i8).collect();
+            let codes: Vec<i8> = (0..cols)
+                .map(|i| (lo + (i as i32 % -lo * 2)) as i8)
+                .collect();
             let g = GridWeight {
                 rows: 1,
                 cols,

@@ -170,9 +170,10 @@ impl GridWeight {
 /// The largest |a - b| over two equally long weight lists (0 when they hold the same
 /// weights; -0.0 equals +0.0).
 pub fn max_abs_change(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| if x == y { m } else { m.max((x - y).abs()) })
+    a.iter().zip(b).fold(
+        0f32,
+        |m, (x, y)| if x == y { m } else { m.max((x - y).abs()) },
+    )
 }
 
 #[cfg(test)]

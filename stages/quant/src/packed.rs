@@ -78,7 +78,11 @@ impl PackedHeader {
             }
             // Shapes are caps on what a reader allocates: 2^40 values is far beyond a model.
             if rows.checked_mul(cols).is_none_or(|n| n > 1 << 40) {
-                bail!("{}: weights.{name}: shape {:?} is too large", path.display(), w.shape);
+                bail!(
+                    "{}: weights.{name}: shape {:?} is too large",
+                    path.display(),
+                    w.shape
+                );
             }
         }
         Ok(Some(h))

@@ -382,14 +382,36 @@ fn packed_safetensors_bytes(
     let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t) in tensors {
         let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        data.push((name.clone(), safetensors::Dtype::F32, t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        data.push((
+            name.clone(),
+            safetensors::Dtype::F32,
+            t.dims().to_vec(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
     }
     let mut header = quant::packed::PackedHeader::new();
     for (name, g) in grids {
         let (q, sc) = quant::packed::pack(g);
-        data.push((format!("{name}.qcodes"), safetensors::Dtype::U8, vec![q.len()], q));
-        data.push((format!("{name}.scales"), safetensors::Dtype::F32, vec![g.rows, g.groups_per_row()], sc.iter().flat_map(|x| x.to_le_bytes()).collect()));
-        header.weights.insert(name.clone(), quant::packed::PackedWeight { shape: [g.rows, g.cols], bits: g.bits, group: g.group });
+        data.push((
+            format!("{name}.qcodes"),
+            safetensors::Dtype::U8,
+            vec![q.len()],
+            q,
+        ));
+        data.push((
+            format!("{name}.scales"),
+            safetensors::Dtype::F32,
+            vec![g.rows, g.groups_per_row()],
+            sc.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+        header.weights.insert(
+            name.clone(),
+            quant::packed::PackedWeight {
+                shape: [g.rows, g.cols],
+                bits: g.bits,
+                group: g.group,
+            },
+        );
     }
     data.sort_by(|a, b| a.0.cmp(&b.0));
     let views = data
@@ -401,7 +423,8 @@ fn packed_safetensors_bytes(
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let st = safetensors::serialize(views, Some(meta)).map_err(|e| anyhow::anyhow!("serialising safetensors: {e}"))?;
+    let st = safetensors::serialize(views, Some(meta))
+        .map_err(|e| anyhow::anyhow!("serialising safetensors: {e}"))?;
     Ok((st, serde_json::to_vec_pretty(&header)?))
 }
 
@@ -420,7 +443,10 @@ pub fn export_student(
         vec![("model.safetensors".into(), safetensors_bytes(tensors)?)]
     } else {
         let (st, header) = packed_safetensors_bytes(tensors, grids)?;
-        vec![("model.safetensors".into(), st), (quant::packed::HEADER_FILE.into(), header)]
+        vec![
+            ("model.safetensors".into(), st),
+            (quant::packed::HEADER_FILE.into(), header),
+        ]
     };
     for (f, bytes) in teacher_files(teacher_dir)? {
         files.push((f.to_string(), bytes));
