@@ -62,7 +62,7 @@ case "${1:-}" in
     shift
     for r in "$@"; do
       s=$r/train/student
-      n=$(basename "$r")
+      n=$(basename "$(dirname "$r")")-$(basename "$r")
       sd=$(python3 -c "import json; print(json.load(open('$s/quantization.json')).get('w_scale','f32'))")
       export_gguf "$s" "$W/$n-gguf"
       # llama.cpp keeps K/V in f16 (the shared models' head_dim cannot hold its q4_0 cache):
