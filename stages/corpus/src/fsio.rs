@@ -18,6 +18,31 @@ use sha2::{Digest, Sha256};
 /// Distinguishes temp files of concurrent writers inside one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Durable writes (renames into place) made by this process so far.
+static WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// The environment variable naming the durable write a process dies at (crash tests).
+pub const CRASH_ENV: &str = "PIPELINE_CRASH_AT_WRITE";
+
+/// Every durable write passes here just before its rename. With `PIPELINE_CRASH_AT_WRITE=N`
+/// the process SIGKILLs itself at its Nth one (its data written and fsynced, the rename not
+/// done), so tests can die at every write point in turn instead of at random instants.
+fn crash_point(target: &Path) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let at = *AT.get_or_init(|| std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()));
+    let n = WRITES.fetch_add(1, Ordering::SeqCst) + 1;
+    if at == Some(n) {
+        eprintln!(
+            "{CRASH_ENV}={n}: dying before {} is renamed into place",
+            target.display()
+        );
+        // SIGKILL, as a machine that dies: no destructor, no flush, no cleanup runs.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 /// The folder holding `path`; "" (a bare file name) means the current folder.
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
@@ -61,6 +86,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.sync_all()
             .with_context(|| format!("fsync of {}", tmp.display()))?;
         drop(f);
+        crash_point(path);
         fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
@@ -76,6 +102,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Moves an already-complete file `from` over `to` (same filesystem) and makes
 /// the rename durable. `from` should already be fsynced.
 pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
+    crash_point(to);
     fs::rename(from, to)
         .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
     fsync_dir(parent_dir(to))

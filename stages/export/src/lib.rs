@@ -255,21 +255,7 @@ fn check_out(out: &Path, spec: &ExportSpec, sha: &str) -> Result<Option<ExportRe
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().context("no parent folder")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    corpus::fsio::write_atomic(path, bytes)
 }
 
 fn size_of(p: &Path) -> Result<u64> {

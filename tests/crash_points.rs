@@ -1,0 +1,136 @@
+//! Dies at every durable write of a whole `pipeline run` (generate, train with its
+//! checkpoints, export, eval), one write per attempt, as SQLite's crash tests do:
+//! `PIPELINE_CRASH_AT_WRITE=N` makes the process SIGKILL itself just before its Nth
+//! rename into place (data written and fsynced). After each death the same command runs
+//! again, and the finished run directory must equal an uninterrupted run: corpus, student,
+//! export and report numbers byte for byte. No crash point is left to chance.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn pipeline(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[run]\nname = \"c\"\ndirectory = \"{}\"\n[teacher]\nmodel = \"{}\"\n\
+             [generate]\nsamples = 16\nmax_tokens = 32\nshard_size = 8\nseed = 3\n\
+             [student]\nw_bits = 4\na_bits = 8\nkv_bits = 4\nscale_dtype = \"f16\"\n\
+             [train]\nsteps = 6\nbatch = 2\nseq_len = 32\nlr = 2e-3\nlog_every = 2\ncheckpoint_every = 2\nkeep_checkpoints = 2\n\
+             [eval]\ntext = \"{}\"\nmax_tokens = 600\n[export]\nformat = \"gguf\"\n",
+            dir.join("run").display(),
+            shared().join("models/stories260k").display(),
+            shared().join("data/tinystories-valid-64k.txt").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// What a finished run must reproduce: every output file (checkpoints, logs with timings,
+/// stage records, plots and temp files left out), JSON reports without their timings.
+fn outputs(run: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let p = e.path();
+            if name.starts_with('.')
+                || [
+                    "checkpoints",
+                    "stage.json",
+                    "train_log.jsonl",
+                    "report.md",
+                    "pipeline.toml",
+                ]
+                .contains(&name.as_str())
+                || name.ends_with(".svg")
+            {
+                continue;
+            }
+            if p.is_dir() {
+                walk(root, &p, out);
+                continue;
+            }
+            let key = p.strip_prefix(root).unwrap().display().to_string();
+            let mut bytes = std::fs::read(&p).unwrap();
+            if name == "report.json" || name == "export.json" {
+                let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                // Timings, and (in export.json) paths that name the run directory.
+                let mut drop = vec!["timings", "total_seconds", "seconds", "train_log"];
+                if name == "export.json" {
+                    drop.extend(["student", "model"]);
+                }
+                for k in drop {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                bytes = serde_json::to_vec(&v).unwrap();
+            }
+            out.insert(key, bytes);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(run, run, &mut out);
+    out
+}
+
+#[test]
+fn a_run_killed_at_every_durable_write_resumes_to_the_same_bytes() {
+    let base = temp_dir("crash_points");
+    let reference = base.join("reference");
+    std::fs::create_dir_all(&reference).unwrap();
+    let o = run(&["run", pipeline(&reference).to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = outputs(&reference.join("run"));
+    assert!(
+        want.keys().any(|k| k.ends_with("model.gguf")),
+        "{:?}",
+        want.keys()
+    );
+
+    let mut points = 0;
+    for n in 1.. {
+        let d = base.join(format!("n{n}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = pipeline(&d);
+        let o = bin()
+            .args(["run", p.to_str().unwrap()])
+            .env("PIPELINE_CRASH_AT_WRITE", n.to_string())
+            .output()
+            .unwrap();
+        if o.status.success() {
+            // Fewer than n durable writes: every point has been visited.
+            std::fs::remove_dir_all(&d).unwrap();
+            break;
+        }
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            o.status.signal(),
+            Some(9),
+            "write {n}: died otherwise: {}",
+            stderr(&o)
+        );
+        points += 1;
+        let o = run(&["run", p.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "rerun after a death at write {n}: {}",
+            stderr(&o)
+        );
+        let got = outputs(&d.join("run"));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "files after a death at write {n}"
+        );
+        for (k, v) in &want {
+            assert!(got[k] == *v, "{k} differs after a death at write {n}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+        assert!(n < 500, "the run never finished without dying");
+    }
+    eprintln!("{points} crash points, each resumed to the same bytes");
+    assert!(points >= 20, "only {points} durable writes in a whole run");
+}
