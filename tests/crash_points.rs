@@ -134,3 +134,48 @@ fn a_run_killed_at_every_durable_write_resumes_to_the_same_bytes() {
     eprintln!("{points} crash points, each resumed to the same bytes");
     assert!(points >= 20, "only {points} durable writes in a whole run");
 }
+
+#[test]
+fn a_full_disk_at_every_durable_write_fails_naming_the_file_and_resumes() {
+    let base = temp_dir("full_disk_points");
+    let reference = base.join("reference");
+    std::fs::create_dir_all(&reference).unwrap();
+    let o = run(&["run", pipeline(&reference).to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = outputs(&reference.join("run"));
+
+    let mut points = 0;
+    for n in 1.. {
+        let d = base.join(format!("n{n}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = pipeline(&d);
+        let o = bin()
+            .args(["run", p.to_str().unwrap()])
+            .env("PIPELINE_FULL_DISK_AT_WRITE", n.to_string())
+            .output()
+            .unwrap();
+        if o.status.success() {
+            std::fs::remove_dir_all(&d).unwrap();
+            break;
+        }
+        points += 1;
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "write {n}: {e}");
+        assert!(
+            e.contains("No space left on device") && e.contains(d.join("run").to_str().unwrap()),
+            "write {n}: the error names the disk and the file: {e}"
+        );
+        // Space is back: the same command finishes what was left, to the same bytes.
+        let o = run(&["run", p.to_str().unwrap()]);
+        assert!(o.status.success(), "rerun after a full disk at write {n}: {}", stderr(&o));
+        let got = outputs(&d.join("run"));
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "write {n}");
+        for (k, v) in &want {
+            assert!(got[k] == *v, "{k} differs after a full disk at write {n}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+        assert!(n < 500, "the run never finished");
+    }
+    eprintln!("{points} full-disk points, each failed cleanly and resumed to the same bytes");
+    assert!(points >= 20, "only {points} durable writes in a whole run");
+}

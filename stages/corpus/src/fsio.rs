@@ -23,14 +23,25 @@ static WRITES: AtomicU64 = AtomicU64::new(0);
 
 /// The environment variable naming the durable write a process dies at (crash tests).
 pub const CRASH_ENV: &str = "PIPELINE_CRASH_AT_WRITE";
+/// The environment variable naming the durable write that fails as on a full disk.
+pub const FULL_DISK_ENV: &str = "PIPELINE_FULL_DISK_AT_WRITE";
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
 
 /// Every durable write passes here just before its rename. With `PIPELINE_CRASH_AT_WRITE=N`
 /// the process SIGKILLs itself at its Nth one (its data written and fsynced, the rename not
-/// done), so tests can die at every write point in turn instead of at random instants.
-fn crash_point(target: &Path) {
-    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let at = *AT.get_or_init(|| std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()));
+/// done), so tests can die at every write point in turn instead of at random instants; with
+/// `PIPELINE_FULL_DISK_AT_WRITE=N` the Nth one fails as a full disk does (ENOSPC).
+fn crash_point(target: &Path) -> Result<()> {
+    static AT: std::sync::OnceLock<(Option<u64>, Option<u64>)> = std::sync::OnceLock::new();
+    let (at, full) = *AT.get_or_init(|| (env_number(CRASH_ENV), env_number(FULL_DISK_ENV)));
     let n = WRITES.fetch_add(1, Ordering::SeqCst) + 1;
+    if full == Some(n) {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .with_context(|| format!("writing {} ({FULL_DISK_ENV}={n})", target.display()));
+    }
     if at == Some(n) {
         eprintln!(
             "{CRASH_ENV}={n}: dying before {} is renamed into place",
@@ -41,6 +52,7 @@ fn crash_point(target: &Path) {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+    Ok(())
 }
 
 /// The folder holding `path`; "" (a bare file name) means the current folder.
@@ -86,7 +98,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.sync_all()
             .with_context(|| format!("fsync of {}", tmp.display()))?;
         drop(f);
-        crash_point(path);
+        crash_point(path)?;
         fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
@@ -102,7 +114,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Moves an already-complete file `from` over `to` (same filesystem) and makes
 /// the rename durable. `from` should already be fsynced.
 pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
-    crash_point(to);
+    crash_point(to)?;
     fs::rename(from, to)
         .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
     fsync_dir(parent_dir(to))
