@@ -10,16 +10,24 @@ use common::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// A W4A8KV4 QAT student with f16 scales, exported as GGUF.
+const QAT: &str = "[student]\nw_bits = 4\na_bits = 8\nkv_bits = 4\nscale_dtype = \"f16\"\n[export]\nformat = \"gguf\"\n";
+/// A LoftQ student: the quantize stage (NF3 base + initial adapters), exported as floats.
+const LOFTQ: &str = "[quantize]\nformat = \"nf3\"\n[student]\nmethod = \"loftq\"\nlora_rank = 4\nlora_alpha = 4\nloftq_iters = 2\n[export]\nformat = \"hf\"\n";
+
 fn pipeline(dir: &Path) -> std::path::PathBuf {
+    pipeline_with(dir, QAT)
+}
+
+fn pipeline_with(dir: &Path, student: &str) -> std::path::PathBuf {
     let p = dir.join("p.toml");
     std::fs::write(
         &p,
         format!(
             "[run]\nname = \"c\"\ndirectory = \"{}\"\n[teacher]\nmodel = \"{}\"\n\
-             [generate]\nsamples = 16\nmax_tokens = 32\nshard_size = 8\nseed = 3\n\
-             [student]\nw_bits = 4\na_bits = 8\nkv_bits = 4\nscale_dtype = \"f16\"\n\
+             [generate]\nsamples = 16\nmax_tokens = 32\nshard_size = 8\nseed = 3\n{student}\
              [train]\nsteps = 6\nbatch = 2\nseq_len = 32\nlr = 2e-3\nlog_every = 2\ncheckpoint_every = 2\nkeep_checkpoints = 2\n\
-             [eval]\ntext = \"{}\"\nmax_tokens = 600\n[export]\nformat = \"gguf\"\n",
+             [eval]\ntext = \"{}\"\nmax_tokens = 600\n",
             dir.join("run").display(),
             shared().join("models/stories260k").display(),
             shared().join("data/tinystories-valid-64k.txt").display()
@@ -27,6 +35,24 @@ fn pipeline(dir: &Path) -> std::path::PathBuf {
     )
     .unwrap();
     p
+}
+
+/// Removes timings (which no rerun reproduces) and paths naming the run directory.
+fn strip(v: &mut serde_json::Value, file: &str) {
+    match v {
+        serde_json::Value::Object(o) => {
+            o.retain(|k, _| {
+                !(["timings", "total_seconds", "seconds", "train_log"].contains(&k.as_str())
+                    || k.ends_with("_per_s")
+                    || (file == "export.json" && (k == "student" || k == "model"))
+                    || (file == "quantize_report.json" && k == "out")
+                    || k == "base_model_name_or_path")
+            });
+            o.values_mut().for_each(|x| strip(x, file));
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| strip(x, file)),
+        _ => {}
+    }
 }
 
 /// What a finished run must reproduce: every output file (checkpoints, logs with timings,
@@ -56,16 +82,17 @@ fn outputs(run: &Path) -> BTreeMap<String, Vec<u8>> {
             }
             let key = p.strip_prefix(root).unwrap().display().to_string();
             let mut bytes = std::fs::read(&p).unwrap();
-            if name == "report.json" || name == "export.json" {
+            if name.ends_with(".json")
+                && [
+                    "report.json",
+                    "export.json",
+                    "quantize_report.json",
+                    "adapter_config.json",
+                ]
+                .contains(&name.as_str())
+            {
                 let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                // Timings, and (in export.json) paths that name the run directory.
-                let mut drop = vec!["timings", "total_seconds", "seconds", "train_log"];
-                if name == "export.json" {
-                    drop.extend(["student", "model"]);
-                }
-                for k in drop {
-                    v.as_object_mut().unwrap().remove(k);
-                }
+                strip(&mut v, &name);
                 bytes = serde_json::to_vec(&v).unwrap();
             }
             out.insert(key, bytes);
@@ -78,14 +105,26 @@ fn outputs(run: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn a_run_killed_at_every_durable_write_resumes_to_the_same_bytes() {
-    let base = temp_dir("crash_points");
+    let points = kill_at_every_write("crash_points", QAT, "model.gguf");
+    assert!(points >= 20, "only {points} durable writes in a whole run");
+}
+
+#[test]
+fn a_loftq_run_with_its_quantize_stage_killed_at_every_write_resumes() {
+    let points = kill_at_every_write("crash_points_loftq", LOFTQ, "loftq_adapters.safetensors");
+    assert!(points >= 20, "only {points} durable writes in a whole run");
+}
+
+/// Kills `student`'s run at each durable write in turn; returns how many there were.
+fn kill_at_every_write(name: &str, student: &str, must_have: &str) -> usize {
+    let base = temp_dir(name);
     let reference = base.join("reference");
     std::fs::create_dir_all(&reference).unwrap();
-    let o = run(&["run", pipeline(&reference).to_str().unwrap()]);
+    let o = run(&["run", pipeline_with(&reference, student).to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let want = outputs(&reference.join("run"));
     assert!(
-        want.keys().any(|k| k.ends_with("model.gguf")),
+        want.keys().any(|k| k.ends_with(must_have)),
         "{:?}",
         want.keys()
     );
@@ -94,7 +133,7 @@ fn a_run_killed_at_every_durable_write_resumes_to_the_same_bytes() {
     for n in 1.. {
         let d = base.join(format!("n{n}"));
         std::fs::create_dir_all(&d).unwrap();
-        let p = pipeline(&d);
+        let p = pipeline_with(&d, student);
         let o = bin()
             .args(["run", p.to_str().unwrap()])
             .env("PIPELINE_CRASH_AT_WRITE", n.to_string())
@@ -131,8 +170,8 @@ fn a_run_killed_at_every_durable_write_resumes_to_the_same_bytes() {
         std::fs::remove_dir_all(&d).unwrap();
         assert!(n < 500, "the run never finished without dying");
     }
-    eprintln!("{points} crash points, each resumed to the same bytes");
-    assert!(points >= 20, "only {points} durable writes in a whole run");
+    eprintln!("{name}: {points} crash points, each resumed to the same bytes");
+    points
 }
 
 #[test]
@@ -167,9 +206,17 @@ fn a_full_disk_at_every_durable_write_fails_naming_the_file_and_resumes() {
         );
         // Space is back: the same command finishes what was left, to the same bytes.
         let o = run(&["run", p.to_str().unwrap()]);
-        assert!(o.status.success(), "rerun after a full disk at write {n}: {}", stderr(&o));
+        assert!(
+            o.status.success(),
+            "rerun after a full disk at write {n}: {}",
+            stderr(&o)
+        );
         let got = outputs(&d.join("run"));
-        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "write {n}");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "write {n}"
+        );
         for (k, v) in &want {
             assert!(got[k] == *v, "{k} differs after a full disk at write {n}");
         }
