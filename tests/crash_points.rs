@@ -226,3 +226,64 @@ fn a_full_disk_at_every_durable_write_fails_naming_the_file_and_resumes() {
     eprintln!("{points} full-disk points, each failed cleanly and resumed to the same bytes");
     assert!(points >= 20, "only {points} durable writes in a whole run");
 }
+
+#[test]
+fn fifty_random_kills_across_quantize_train_export_and_eval_resume_to_the_same_bytes() {
+    // A longer LoftQ run (about 30 s here), so that 50 kills land in a running process, in
+    // every stage in turn: quantize (with LoftQ), generate, train, export, eval.
+    let slow = |dir: &Path| {
+        let p = pipeline_with(dir, LOFTQ);
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("steps = 6", "steps = 400")
+            .replace("checkpoint_every = 2", "checkpoint_every = 10");
+        std::fs::write(&p, t).unwrap();
+        p
+    };
+    let base = temp_dir("random_kills");
+    let (a, b) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (pa, pb) = (slow(&a), slow(&b));
+    let o = run(&["run", pa.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seed = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9E37_79B9_7F4A_7C15u64);
+    eprintln!("kill seed {seed} (replay with KILL_SEED={seed})");
+    let mut kills = 0;
+    let mut round = 0;
+    while kills < 50 {
+        round += 1;
+        assert!(
+            round <= 4,
+            "the run finished before 50 kills landed ({kills})"
+        );
+        kills += kill_at_random_moments(
+            &["run", pb.to_str().unwrap()],
+            50 - kills,
+            seed ^ round,
+            150,
+            900,
+        );
+        if kills < 50 {
+            // Finished early: start over in the same directory (stages are redone from scratch).
+            let _ = std::fs::remove_dir_all(b.join("run"));
+        }
+    }
+    let o = run(&["run", pb.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (want, got) = (outputs(&a.join("run")), outputs(&b.join("run")));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &want {
+        assert!(
+            got[k] == *v,
+            "{k} differs after {kills} kills (seed {seed})"
+        );
+    }
+    eprintln!("{kills} kills in {round} round(s), the same bytes");
+}
