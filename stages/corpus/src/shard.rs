@@ -181,7 +181,20 @@ pub fn write_shard(path: &Path, samples: &[Sample], with_text: bool) -> Result<S
 
 /// Reads a shard back. Errors name the file, and the column for schema problems.
 pub fn read_shard(path: &Path) -> Result<Vec<Sample>> {
-    read_shard_inner(path).with_context(|| format!("reading shard {}", path.display()))
+    // The parquet crate panics on some malformed pages (found by fuzz/fuzz_targets/corpus.rs:
+    // a level length beyond its page); a corrupt file must be an error naming it, not a crash.
+    std::panic::catch_unwind(|| read_shard_inner(path))
+        .unwrap_or_else(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(anyhow::anyhow!(
+                "not a readable Parquet file (corrupt: the reader failed with {why:?})"
+            ))
+        })
+        .with_context(|| format!("reading shard {}", path.display()))
 }
 
 fn read_shard_inner(path: &Path) -> Result<Vec<Sample>> {

@@ -1,0 +1,16 @@
+//! Inputs cargo fuzz found (scripts/fuzz.sh), kept as regression tests.
+
+use std::path::PathBuf;
+
+#[test]
+fn a_shard_whose_page_levels_overrun_is_an_error_naming_it() {
+    // fuzz/fuzz_targets/corpus.rs: the parquet crate panicked ("range end out of bounds")
+    // decoding a level length beyond its page.
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-crash-shard.parquet");
+    let e = corpus::read_shard(&p).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("fuzz-crash-shard.parquet") && msg.contains("not a readable Parquet file"),
+        "{msg}"
+    );
+}
