@@ -223,49 +223,33 @@ pub fn compressed_tensors(s: &Student, written: &mut Written) -> Result<Vec<(Str
 /// their grid already) for whoever runs it.
 pub fn packed(s: &Student, written: &mut Written) -> Result<Vec<(String, Vec<u8>)>> {
     s.require_grid("packed")?;
-    let mut header = quant::packed::PackedHeader::new();
-    let mut tensors: BTreeMap<String, Entry> = BTreeMap::new();
+    let mut floats = Vec::new();
+    let mut grids = Vec::new();
     for (name, shape, values) in &s.tensors {
         if name == "lm_head.weight" && s.config.tie_word_embeddings {
             continue;
         }
-        let Some(g) = s.grids.get(name) else {
-            tensors.insert(
-                name.clone(),
-                (safetensors::Dtype::F32, shape.clone(), f32_bytes(values)),
-            );
-            continue;
-        };
-        let (q, sc) = quant::packed::pack(g);
-        written.grid(
-            name,
-            &format!("int{}", g.bits),
-            &g.values(),
-            None,
-            g.cols,
-            q.len() + 4 * sc.len(),
-        );
-        tensors.insert(
-            format!("{name}.qcodes"),
-            (safetensors::Dtype::U8, vec![q.len()], q),
-        );
-        tensors.insert(
-            format!("{name}.scales"),
-            (
-                safetensors::Dtype::F32,
-                vec![g.rows, g.groups_per_row()],
-                f32_bytes(&sc),
-            ),
-        );
-        header.weights.insert(
-            name.clone(),
-            quant::packed::PackedWeight {
-                shape: [g.rows, g.cols],
-                bits: g.bits,
-                group: g.group,
-            },
-        );
+        match s.grids.get(name) {
+            Some(g) => {
+                // Stored bytes: the codes at their width, and f32 scales.
+                let (q, sc) = (
+                    (g.codes.len() * g.bits as usize).div_ceil(8),
+                    g.scales.len(),
+                );
+                written.grid(
+                    name,
+                    &format!("int{}", g.bits),
+                    &g.values(),
+                    None,
+                    g.cols,
+                    q + 4 * sc,
+                );
+                grids.push((name.as_str(), g));
+            }
+            None => floats.push((name.clone(), shape.clone(), values.clone())),
+        }
     }
+    let (weights, header) = quant::packed::write_bytes(&floats, &grids)?;
     let runtime = model::QuantConfig {
         w_bits: None,
         w_group: None,
@@ -276,14 +260,8 @@ pub fn packed(s: &Student, written: &mut Written) -> Result<Vec<(String, Vec<u8>
             "config.json".to_string(),
             serde_json::to_vec_pretty(&config_json(s)?)?,
         ),
-        (
-            "model.safetensors".to_string(),
-            safetensors_bytes(&tensors, None)?,
-        ),
-        (
-            quant::packed::HEADER_FILE.to_string(),
-            serde_json::to_vec_pretty(&header)?,
-        ),
+        ("model.safetensors".to_string(), weights),
+        (quant::packed::HEADER_FILE.to_string(), header),
         (
             "quantization.json".to_string(),
             serde_json::to_vec_pretty(&runtime)?,

@@ -4,7 +4,7 @@
 //! Written with candle's GGUF writer; the file says version 3 (little-endian, the same bytes
 //! as version 2 otherwise).
 
-use crate::student::{Student, PROJECTIONS};
+use crate::student::Student;
 use crate::{AsFloat, Written};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -176,7 +176,6 @@ fn tokenizer_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
         tokens[id] = Some(piece.clone());
     }
     let mut types = vec![NORMAL; n];
-    let mut added_special = Vec::new();
     for a in t["added_tokens"].as_array().into_iter().flatten() {
         let id = a["id"]
             .as_u64()
@@ -191,9 +190,6 @@ fn tokenizer_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
         } else {
             USER_DEFINED
         };
-        if a["special"] == true {
-            added_special.push(id);
-        }
     }
     // Ids the tokenizer never produces still need a row: llama.cpp reads one piece per id.
     let tokens: Vec<String> = tokens
@@ -298,7 +294,6 @@ fn tokenizer_metadata(s: &Student) -> Result<Vec<(String, Value)>> {
         Value::Bool(c.bos_token_id.is_some()),
     ));
     m.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
-    let _ = added_special;
     Ok(m)
 }
 
@@ -446,7 +441,6 @@ pub fn write(s: &Student, written: &mut Written) -> Result<Vec<u8>> {
     let mut bytes = cur.into_inner();
     // Version 3 adds big-endian files only; a little-endian v2 file is a v3 file.
     bytes[4..8].copy_from_slice(&3u32.to_le_bytes());
-    let _ = PROJECTIONS;
     Ok(bytes)
 }
 

@@ -102,6 +102,64 @@ pub fn pack(g: &GridWeight) -> (Vec<u8>, Vec<f32>) {
     (pack_bits(&u, g.bits), g.scales.clone())
 }
 
+/// A packed model's `model.safetensors` and `packed.json`: `floats` (name, shape, values) as
+/// F32, each grid as `W.qcodes` + `W.scales`, tensors sorted by name.
+pub fn write_bytes(
+    floats: &[(String, Vec<usize>, Vec<f32>)],
+    grids: &[(&str, &GridWeight)],
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = floats
+        .iter()
+        .map(|(n, shape, v)| {
+            (
+                n.clone(),
+                safetensors::Dtype::F32,
+                shape.clone(),
+                f32_bytes(v),
+            )
+        })
+        .collect();
+    let mut header = PackedHeader::new();
+    for (name, g) in grids {
+        let (q, sc) = pack(g);
+        data.push((
+            format!("{name}.qcodes"),
+            safetensors::Dtype::U8,
+            vec![q.len()],
+            q,
+        ));
+        data.push((
+            format!("{name}.scales"),
+            safetensors::Dtype::F32,
+            vec![g.rows, g.groups_per_row()],
+            f32_bytes(&sc),
+        ));
+        header.weights.insert(
+            name.to_string(),
+            PackedWeight {
+                shape: [g.rows, g.cols],
+                bits: g.bits,
+                group: g.group,
+            },
+        );
+    }
+    data.sort_by(|a, b| a.0.cmp(&b.0));
+    let views = data
+        .iter()
+        .map(|(n, d, shape, bytes)| {
+            let v = safetensors::tensor::TensorView::new(*d, shape.clone(), bytes)
+                .map_err(|e| anyhow::anyhow!("tensor {n}: {e}"))?;
+            Ok((n.as_str(), v))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // One metadata entry only: a map with several would serialise in random order.
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let st = safetensors::serialize(views, Some(meta))
+        .map_err(|e| anyhow::anyhow!("serialising safetensors: {e}"))?;
+    Ok((st, serde_json::to_vec_pretty(&header)?))
+}
+
 /// The grid back from its stored forms; lengths are checked against the header first.
 pub fn unpack(name: &str, w: &PackedWeight, qcodes: &[u8], scales: &[f32]) -> Result<GridWeight> {
     let [rows, cols] = w.shape;

@@ -373,61 +373,6 @@ fn teacher_files(teacher: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
-/// `tensors` as f32 and each grid in the packed layout (`quant::packed`: `W.qcodes`,
-/// `W.scales`), with the header naming the grids.
-fn packed_safetensors_bytes(
-    tensors: &[(String, Tensor)],
-    grids: &[(String, quant::GridWeight)],
-) -> Result<(Vec<u8>, Vec<u8>)> {
-    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t) in tensors {
-        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        data.push((
-            name.clone(),
-            safetensors::Dtype::F32,
-            t.dims().to_vec(),
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
-    }
-    let mut header = quant::packed::PackedHeader::new();
-    for (name, g) in grids {
-        let (q, sc) = quant::packed::pack(g);
-        data.push((
-            format!("{name}.qcodes"),
-            safetensors::Dtype::U8,
-            vec![q.len()],
-            q,
-        ));
-        data.push((
-            format!("{name}.scales"),
-            safetensors::Dtype::F32,
-            vec![g.rows, g.groups_per_row()],
-            sc.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
-        header.weights.insert(
-            name.clone(),
-            quant::packed::PackedWeight {
-                shape: [g.rows, g.cols],
-                bits: g.bits,
-                group: g.group,
-            },
-        );
-    }
-    data.sort_by(|a, b| a.0.cmp(&b.0));
-    let views = data
-        .iter()
-        .map(|(n, d, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(*d, shape.clone(), bytes)
-                .map_err(|e| anyhow::anyhow!("tensor {n}: {e}"))?;
-            Ok((n.as_str(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let st = safetensors::serialize(views, Some(meta))
-        .map_err(|e| anyhow::anyhow!("serialising safetensors: {e}"))?;
-    Ok((st, serde_json::to_vec_pretty(&header)?))
-}
-
 /// Writes the final student as a Hugging Face folder `dst` (built in a temp folder, renamed).
 /// Projections with an integer grid (`grids`, an LR-QAT student's merged weights) are stored
 /// packed as their codes and scales (`packed.json` names them; `pipeline eval` and the export
@@ -442,7 +387,18 @@ pub fn export_student(
     let mut files: Vec<(String, Vec<u8>)> = if grids.is_empty() {
         vec![("model.safetensors".into(), safetensors_bytes(tensors)?)]
     } else {
-        let (st, header) = packed_safetensors_bytes(tensors, grids)?;
+        let floats = tensors
+            .iter()
+            .map(|(n, t)| -> Result<_> {
+                Ok((
+                    n.clone(),
+                    t.dims().to_vec(),
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grids: Vec<_> = grids.iter().map(|(n, g)| (n.as_str(), g)).collect();
+        let (st, header) = quant::packed::write_bytes(&floats, &grids)?;
         vec![
             ("model.safetensors".into(), st),
             (quant::packed::HEADER_FILE.into(), header),
