@@ -110,8 +110,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             a.out.display()
         );
     }
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    corpus::fsio::create_out_dir(&a.out)?;
     let summary = match a.format.as_str() {
         "peft" => {
             let adapter = a.student.join(train::ADAPTER_DIR);

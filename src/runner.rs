@@ -201,7 +201,7 @@ pub fn state(run: &Path, stage: &str, plan: &Plan, p: &PipelineFile) -> Result<S
 
 fn write_stage(run: &Path, stage: &str, plan: &Plan, status: &str, seconds: f64) -> Result<()> {
     let dir = stage_dir(run, stage);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fsio::create_out_dir(&dir)?;
     let mut outputs = vec![];
     if status == "complete" {
         let mut files = vec![];
@@ -265,8 +265,7 @@ struct RunLock(#[allow(dead_code)] std::fs::File);
 
 fn lock(run: &Path) -> Result<RunLock> {
     use std::os::unix::io::AsRawFd;
-    std::fs::create_dir_all(run)
-        .with_context(|| format!("cannot create run directory {}", run.display()))?;
+    fsio::create_out_dir(run)?;
     let p = run.join(".lock");
     let f = std::fs::OpenOptions::new()
         .create(true)

@@ -185,6 +185,44 @@ pub fn remove_temp_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Creates the output folder `dir` of a stage or command (with its parents) and checks that
+/// nothing below it is a symbolic link. Every file the pipeline writes lies under such a
+/// folder, so a link planted there (`RUN/train -> /elsewhere`, a log or temp name pointing
+/// out) can never redirect a write outside it. `dir` itself may be a link: it is the user's
+/// choice of place.
+pub fn create_out_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    refuse_links(dir)
+}
+
+/// Fails on the first symbolic link found below `dir` (not followed), naming it and its target.
+pub fn refuse_links(dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("listing folder {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing folder {}", dir.display()))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("inspecting {}", path.display()))?;
+        if kind.is_symlink() {
+            let target = fs::read_link(&path).map_or_else(|_| "?".into(), |t| t.display().to_string());
+            bail!(
+                "{} is a symbolic link (to {target}); the pipeline writes only inside its output \
+                 folders and never through a link: replace it with a real file or folder",
+                path.display()
+            );
+        }
+        if kind.is_dir() {
+            refuse_links(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks that a file name taken from a manifest is a plain name inside its
 /// folder (no separators, no `..`), so a crafted manifest cannot point outside.
 pub fn check_plain_file_name(name: &str) -> Result<()> {

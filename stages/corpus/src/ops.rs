@@ -283,7 +283,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<CorpusManifest> {
         }
     }
 
-    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    fsio::create_out_dir(out)?;
     let mut merged = base.clone();
     merged.shards.clear();
     for (&index, &(src_dir, entry)) in &sources {

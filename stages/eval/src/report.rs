@@ -89,7 +89,7 @@ const NO_STEPS: &str = "no training steps logged";
 /// Writes `report.json`, `report.md`, `loss.svg` and `perplexity.svg` into `dir` and returns
 /// the Markdown score table (followed by the recovered-gap line) for the runner to print.
 pub fn write_report(dir: &Path, input: &ReportInput) -> Result<String> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    corpus::fsio::create_out_dir(dir)?;
     let log = read_train_log(input.train_log);
     let gap = gap_recovered(&input.teacher_score, &input.rtn, &input.student);
 

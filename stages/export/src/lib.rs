@@ -278,7 +278,7 @@ pub fn export(student: &Path, out: &Path, spec: &ExportSpec) -> Result<ExportRep
     if let Some(done) = check_out(out, spec, &sha)? {
         return Ok(done);
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    corpus::fsio::create_out_dir(out)?;
     let mut w = Written::new(&s);
     let model_path = spec.format.model_path(out);
     match spec.format {

@@ -6,7 +6,7 @@
 pub mod sampler;
 mod worker;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use corpus::{fsio, CorpusManifest, Sample, TeacherInfo};
 use model::{Compute, Llama, ModelFolder, QuantConfig};
 use serde::{Deserialize, Serialize};
@@ -306,8 +306,7 @@ pub fn generate_on(
         );
     }
 
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create corpus folder {}", out.display()))?;
+    corpus::fsio::create_out_dir(out)?;
     let mut manifest = if CorpusManifest::exists(out) {
         let existing = CorpusManifest::load(out)?;
         match existing.compatible_with(&wanted) {

@@ -174,7 +174,24 @@ impl ModelFolder {
     /// `pipeline quantize` (or a bitsandbytes 4-bit checkpoint) is dequantized on load, and so
     /// are a GGUF file, a `pipeline export --format packed` folder and a compressed-tensors
     /// `pack-quantized` folder (code * scale, exactly the stored grid).
+    /// Every value must be finite: a NaN or infinity names its tensor and index here, not as a
+    /// NaN loss many steps later.
     pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let out = self.load_tensors_unchecked(device)?;
+        let mut names: Vec<&String> = out.keys().collect();
+        names.sort();
+        for name in names {
+            check_finite(&out[name]).with_context(|| {
+                format!(
+                    "{}: tensor {name} is broken; refusing to use this model",
+                    self.dir.display()
+                )
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn load_tensors_unchecked(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         if let Some(g) = &self.gguf {
             return g.load_tensors(&self.config, device);
         }
@@ -346,5 +363,19 @@ impl ModelFolder {
             out.insert(name, t.to_dtype(DType::F32)?.to_device(device)?);
         }
         Ok(out)
+    }
+}
+
+/// Fails naming the first NaN or infinite value of `t` (flat index and value). One pass on
+/// the tensor's own device: x * 0 sums to 0 exactly when every x is finite.
+pub fn check_finite(t: &Tensor) -> Result<()> {
+    let zero = t.affine(0.0, 0.0)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if zero == 0.0 {
+        return Ok(());
+    }
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => bail!("value {} at flat index {i} of shape {:?}", v[i], t.dims()),
+        None => Ok(()),
     }
 }

@@ -27,7 +27,7 @@ pub mod synth;
 pub use compute::{Compute, ComputeDtype, DeviceSpec};
 pub use config::LlamaConfig;
 pub use decode::{BatchCache, SeqCache};
-pub use folder::{ModelFolder, TeacherFingerprint};
+pub use folder::{check_finite, ModelFolder, TeacherFingerprint};
 pub use grad_sink::{GradSink, GradSinks};
 pub use hub::HubSource;
 pub use llama::{Linear, Llama, Weight};

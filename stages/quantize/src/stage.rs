@@ -99,7 +99,7 @@ pub fn quantize_folder(
             input.display()
         );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    corpus::fsio::create_out_dir(out)?;
     corpus::fsio::remove_temp_files(out)?;
 
     let tensors_total: usize = sources.iter().map(|f| f.tensors.len()).sum();

@@ -228,13 +228,16 @@ pub fn verify(dir: &Path) -> Result<CheckpointState> {
             m.format
         );
     }
+    // Names first: a crafted name is reported as such, and never opened.
+    for f in &m.files {
+        fsio::check_plain_file_name(&f.name)?;
+    }
     for required in [STUDENT_FILE, OPTIMIZER_FILE, STATE_FILE] {
         if !m.files.iter().any(|f| f.name == required) {
             bail!("{MANIFEST_FILE} does not list {required}");
         }
     }
     for f in &m.files {
-        fsio::check_plain_file_name(&f.name)?;
         let path = dir.join(&f.name);
         let len = fs::metadata(&path)
             .with_context(|| format!("{} is missing", f.name))?

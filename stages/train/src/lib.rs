@@ -370,6 +370,7 @@ pub fn train_until_on(
 
     // Find where to start: the newest checkpoint that verifies, if its settings match ours.
     let ckpt_root = out.join(CHECKPOINT_DIR);
+    fsio::create_out_dir(out)?;
     std::fs::create_dir_all(&ckpt_root)
         .with_context(|| format!("creating {}", ckpt_root.display()))?;
     checkpoint::remove_temp_dirs(&ckpt_root)?;
@@ -531,7 +532,10 @@ pub fn train_until_on(
                 batch.mask.as_deref(),
                 cfg.temperature,
             )?;
-            let value = d.loss.to_scalar::<f32>()? as f64;
+            let mut value = d.loss.to_scalar::<f32>()? as f64;
+            if injected_fault("loss", step) {
+                value = f64::NAN;
+            }
             prof.mark("loss")?;
             if !value.is_finite() {
                 bail!(
@@ -567,15 +571,32 @@ pub fn train_until_on(
             agree_sum += d.agreement;
             window_tokens += batch.rows * batch.len;
         }
-        let grads = step_gradients(grads, &stu.params, &sink_of)?;
+        let mut grads = step_gradients(grads, &stu.params, &sink_of)?;
+        if injected_fault("grad", step) {
+            let last = grads.len() - 1;
+            grads[last] = (grads[last].clone() * f64::INFINITY)?;
+        }
         prof.mark("gradient sums")?;
         let grad_norm = optim::global_norm(&grads)?;
         let gscale = optim::clip_scale(grad_norm, cfg.grad_clip);
         prof.mark("clip")?;
         if !grad_norm.is_finite() {
+            // Name the first tensor whose gradient is not finite.
+            let culprit = stu
+                .params
+                .iter()
+                .zip(&grads)
+                .find_map(|(p, g)| {
+                    model::check_finite(g)
+                        .err()
+                        .map(|e| format!("the gradient of {} has {e:#}", p.name))
+                })
+                .unwrap_or_else(|| "the gradients overflow in their sum of squares".into());
             bail!(
-                "step {step}: the gradient norm is {grad_norm}; stopping. Last good checkpoint: {} (all checkpoints are kept)",
-                last_ckpt.as_ref().map_or_else(no_ckpt, |p| p.display().to_string())
+                "step {step}: the gradient norm is {grad_norm} ({culprit}); stopping. Last good checkpoint: {} \
+                 (all checkpoints are kept). Lower train.lr (now {}) or check the teacher and corpus",
+                last_ckpt.as_ref().map_or_else(no_ckpt, |p| p.display().to_string()),
+                cfg.lr
             );
         }
         opt.step(&stu.params, &grads, lr, step, gscale)?;
@@ -677,4 +698,12 @@ pub fn train_until_on(
         seconds: started.elapsed().as_secs_f64(),
         student_dir,
     })
+}
+
+/// Test hook, like `PIPELINE_CRASH_AT_WRITE`: `PIPELINE_INJECT_FAULT=loss@N` makes step N's
+/// loss NaN, `grad@N` makes the last parameter's gradient infinite at step N, so the tests can
+/// check that a numeric fault stops the run naming the step and tensor and keeps every
+/// checkpoint.
+fn injected_fault(kind: &str, step: u64) -> bool {
+    std::env::var("PIPELINE_INJECT_FAULT").is_ok_and(|v| v == format!("{kind}@{step}"))
 }
