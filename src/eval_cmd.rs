@@ -86,11 +86,41 @@ pub struct EvalArgs {
     /// Score only the first N tokens of the text (BOS included), as `[eval] max_tokens`.
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// Keep the 7 projections as low-bit codes + scales and multiply from the codes (CPU, f32):
+    /// a packed export's grids, or the --w-bits grid of the weights made on load.
+    #[arg(long)]
+    pub packed: bool,
+    /// Score through the incremental decoder with a K/V cache stored as float, int8, int4
+    /// (one scale per token: the trained quantizer's codes), q8_0 or q4_0 (llama.cpp's blocks).
+    #[arg(long, value_parser = kv_cache_arg)]
+    pub kv_cache: Option<model::lowbit::KvCacheFormat>,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub compute: crate::compute_args::ComputeArgs,
+}
+
+pub fn kv_cache_arg(s: &str) -> Result<model::lowbit::KvCacheFormat, String> {
+    model::lowbit::KvCacheFormat::parse(s).ok_or_else(|| {
+        format!("{s:?}: allowed values are {}", model::lowbit::KvCacheFormat::ALLOWED)
+    })
+}
+
+/// The model as asked: dense (cast to the compute dtype) or with packed projections.
+pub fn load_model(
+    folder: &ModelFolder,
+    quant: QuantConfig,
+    packed: bool,
+    compute: &model::Compute,
+) -> Result<Llama> {
+    if packed {
+        if compute.dtype != candle_core::DType::F32 {
+            anyhow::bail!("--packed runs in f32 (the kernels read codes and compute in f32)");
+        }
+        return Llama::load_packed(folder, quant, &compute.device);
+    }
+    Ok(Llama::load(folder, quant, &compute.device)?.cast(compute.dtype)?)
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -100,7 +130,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("cannot read text file {}", a.text.display()))?;
     let compute = a.compute.open()?;
-    let model = Llama::load(&folder, quant.clone(), &compute.device)?.cast(compute.dtype)?;
+    let model = load_model(&folder, quant.clone(), a.packed, &compute)?;
     let mut ids = eval::encode_text(&tokenizer, &text, folder.config.bos_token_id)?;
     if let Some(n) = a.max_tokens {
         ids.truncate(n);
@@ -110,8 +140,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         (ids.len() - 1) as u64,
         "eval {bar:40} {pos}/{len} tokens {per_sec} eta {eta}",
     );
-    let r = eval::perplexity(&model, &ids, ctx, a.batch, |n| bar.set_position(n as u64))?;
+    let r = match a.kv_cache {
+        Some(f) => eval::perplexity_decoding(&model, &ids, ctx, a.batch, f, |n| {
+            bar.set_position(n as u64)
+        })?,
+        None => eval::perplexity(&model, &ids, ctx, a.batch, |n| bar.set_position(n as u64))?,
+    };
     bar.finish();
+    let path = format!(
+        "{}{}",
+        if a.packed { "packed weights" } else { "dense weights" },
+        a.kv_cache.map_or(String::new(), |f| format!(", decoding with a {} cache", f.name()))
+    );
     if a.json {
         let mut v = serde_json::json!({
             "model": a.model.display().to_string(),
@@ -126,6 +166,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "windows": r.windows,
             "seconds": r.seconds,
             "tokens_per_second": r.tokens_per_second,
+            "weights": if a.packed { "packed" } else { "dense" },
+            "projection_bytes": model.projection_bytes(),
+            "kv_cache": a.kv_cache.map(|f| f.name()),
         });
         if let Some(h) = &folder.hub {
             v["hub_repo"] = h.repo.clone().into();
@@ -134,7 +177,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{}{} [{}] ppl {:.5}  nll {:.6}  tokens {}  ({:.0} tokens/s)",
+            "{}{} [{}; {path}] ppl {:.5}  nll {:.6}  tokens {}  ({:.0} tokens/s)",
             a.model.display(),
             folder
                 .hub

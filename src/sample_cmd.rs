@@ -2,12 +2,13 @@
 //! folder `eval` reads) and, with `--teacher`, from the teacher beside it, with tokens/s and
 //! the bytes of the K/V cache, so a person can read what the student writes. Decoding runs
 //! through the KV-cache decoder with the model's quantizers (`--w-bits`, `--a-bits`,
-//! `--kv-bits`, as `eval`); the cache itself is stored in the compute dtype.
+//! `--kv-bits`, as `eval`). `--packed` keeps the projections as codes and `--kv-cache int4`
+//! (or int8, q8_0, q4_0) the cache: the student as it runs deployed.
 
 use crate::eval_cmd::QuantArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use model::{Llama, ModelFolder, QuantConfig};
+use model::{ModelFolder, QuantConfig};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -31,6 +32,14 @@ pub struct SampleArgs {
     pub seed: u64,
     #[command(flatten)]
     pub quant: QuantArgs,
+    /// Keep the model's projections as low-bit codes + scales (CPU, f32): a packed export's
+    /// grids, or the --w-bits grid made on load. The teacher stays dense.
+    #[arg(long)]
+    pub packed: bool,
+    /// How the model's K/V cache is stored: float (the compute dtype), int8, int4, q8_0, q4_0.
+    /// The teacher's cache stays float.
+    #[arg(long, value_parser = crate::eval_cmd::kv_cache_arg, default_value = "float")]
+    pub kv_cache: model::lowbit::KvCacheFormat,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -44,16 +53,20 @@ struct Continuation {
     text: String,
     tokens_per_second: f64,
     cache_bytes: usize,
+    cache_bytes_per_token: usize,
+    weight_bytes: usize,
 }
 
 fn continue_prompt(
     folder: &ModelFolder,
     quant: QuantConfig,
+    deployed: Option<(bool, model::lowbit::KvCacheFormat)>,
     a: &SampleArgs,
     compute: &model::Compute,
 ) -> Result<Continuation> {
     let tok = folder.tokenizer()?;
-    let model = Llama::load(folder, quant, &compute.device)?.cast(compute.dtype)?;
+    let (packed, format) = deployed.unwrap_or((false, model::lowbit::KvCacheFormat::Float));
+    let model = crate::eval_cmd::load_model(folder, quant, packed, compute)?;
     let prompt_ids = eval::encode_text(&tok, &a.prompt, folder.config.bos_token_id)?;
     let total = prompt_ids.len() + a.max_tokens;
     if total > folder.config.usable_context() {
@@ -64,7 +77,7 @@ fn continue_prompt(
             folder.config.usable_context()
         );
     }
-    let mut cache = model::decode::SeqCache::new(&model, total)?;
+    let mut cache = model::decode::SeqCache::with_format(&model, total, format)?;
     let params = generate::sampler::SamplingParams {
         temperature: a.temperature,
         top_k: None,
@@ -92,21 +105,17 @@ fn continue_prompt(
         logits = Some(model.decode_step(&[next], &mut [&mut cache])?);
     }
     let secs = t0.elapsed().as_secs_f64();
-    let c = &folder.config;
-    let cache_bytes = c.num_hidden_layers
-        * 2
-        * c.num_key_value_heads
-        * c.head_dim
-        * cache.len()
-        * compute.dtype.size_in_bytes();
+    let cache_bytes_per_token = cache.bytes_per_token();
     Ok(Continuation {
+        cache_bytes: cache_bytes_per_token * cache.len(),
+        cache_bytes_per_token,
+        weight_bytes: model.projection_bytes(),
         text: tok
             .decode(&ids, true)
             .map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?,
         tokens_per_second: (prompt_ids.len() + ids.len()) as f64 / secs.max(1e-9),
         prompt_ids,
         ids,
-        cache_bytes,
     })
 }
 
@@ -117,14 +126,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut rows = vec![(
         "model",
         a.model.display().to_string(),
-        continue_prompt(&folder, quant.clone(), &a, &compute)?,
+        continue_prompt(&folder, quant.clone(), Some((a.packed, a.kv_cache)), &a, &compute)?,
     )];
     if let Some(t) = &a.teacher {
         let tf = ModelFolder::open(t)?;
         rows.push((
             "teacher",
             t.display().to_string(),
-            continue_prompt(&tf, QuantConfig::none(), &a, &compute)?,
+            continue_prompt(&tf, QuantConfig::none(), None, &a, &compute)?,
         ));
     }
     if a.json {
@@ -136,24 +145,35 @@ pub fn run(a: SampleArgs) -> Result<()> {
                     serde_json::json!({
                         "path": path, "prompt_ids": c.prompt_ids, "ids": c.ids, "text": c.text,
                         "tokens_per_second": c.tokens_per_second, "kv_cache_bytes": c.cache_bytes,
+                        "kv_cache_bytes_per_token": c.cache_bytes_per_token,
+                        "projection_bytes": c.weight_bytes,
                     }),
                 )
             })
             .collect();
         let mut v = serde_json::Value::Object(v);
         v["quant"] = quant.label().into();
+        v["weights"] = if a.packed { "packed" } else { "dense" }.into();
+        v["kv_cache"] = a.kv_cache.name().into();
         println!("{v}");
     } else {
         for (role, path, c) in &rows {
             println!(
-                "== {role} ({path}{}) {:.1} tok/s, K/V cache {} bytes",
+                "== {role} ({path}{}) {:.1} tok/s, K/V cache {} bytes ({} per token), projections {} bytes",
                 if *role == "model" {
-                    format!(", {}", quant.label())
+                    format!(
+                        ", {}, {} weights, {} cache",
+                        quant.label(),
+                        if a.packed { "packed" } else { "dense" },
+                        a.kv_cache.name()
+                    )
                 } else {
                     String::new()
                 },
                 c.tokens_per_second,
-                c.cache_bytes
+                c.cache_bytes,
+                c.cache_bytes_per_token,
+                c.weight_bytes
             );
             println!("{}{}\n", a.prompt, c.text);
         }

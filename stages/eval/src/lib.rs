@@ -147,6 +147,44 @@ pub fn perplexity(
     Perplexity::from_sum(sum, count, nwin, t0.elapsed().as_secs_f64())
 }
 
+/// Perplexity of `model` over `ids` through the incremental decoder, the way a deployed model
+/// runs: each window's tokens fed one at a time, K and V kept in a cache of `format` (a
+/// low-bit one holds codes), up to `batch` windows decoded side by side. Same windows and
+/// targets as `perplexity`.
+pub fn perplexity_decoding(
+    model: &Llama,
+    ids: &[u32],
+    ctx: usize,
+    batch: usize,
+    format: model::lowbit::KvCacheFormat,
+    mut on_tokens: impl FnMut(usize),
+) -> Result<Perplexity> {
+    check_ids(model, ids, ctx)?;
+    let t0 = Instant::now();
+    let mut sum = 0f64;
+    let mut count = 0usize;
+    let groups = batched_windows(ids.len(), ctx, batch.max(1));
+    let nwin: usize = groups.iter().map(|g| g.len()).sum();
+    for g in &groups {
+        let len = g[0].1;
+        let mut caches = g
+            .iter()
+            .map(|_| model::SeqCache::with_format(model, len, format))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for p in 0..len - 1 {
+            let toks: Vec<u32> = g.iter().map(|&(s, _)| ids[s + p]).collect();
+            let tgt: Vec<u32> = g.iter().map(|&(s, _)| ids[s + p + 1]).collect();
+            let mut refs: Vec<&mut model::SeqCache> = caches.iter_mut().collect();
+            let logits = model.decode_step(&toks, &mut refs).context("decoding step")?;
+            let tgt = Tensor::from_vec(tgt, (g.len(), 1), &model.device)?;
+            sum += summed_nll(&log_softmax_last(&logits)?, &tgt)?;
+            count += g.len();
+        }
+        on_tokens(count);
+    }
+    Perplexity::from_sum(sum, count, nwin, t0.elapsed().as_secs_f64())
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Agreement {
     /// Share of positions where the student's argmax equals the teacher's.

@@ -11,37 +11,80 @@
 //! residual), each product reading its weight at close to full memory bandwidth.
 
 use crate::llama::{quant_kv, rms_norm, softmax_last, Attention, Linear, Llama, Rope};
+use crate::lowbit::{KvCacheFormat, KvCodes};
 use crate::qconfig::{KvPoint, QuantConfig};
 use crate::rowmatmul::row_matmul;
 use candle_core::{bail, DType, Result, Tensor};
 
 pub(crate) mod graph;
 
-/// One sequence's KV cache: per layer, K and V buffers [n_kv, capacity, head_dim].
+/// One sequence's KV cache: per layer, K and V buffers [n_kv, capacity, head_dim] in the
+/// compute dtype, or (a low-bit cache) per layer the codes and scales of `KvCodes`.
 pub struct SeqCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    codes: Vec<KvCodes>,
+    format: KvCacheFormat,
     len: usize,
     capacity: usize,
 }
 
 impl SeqCache {
     pub fn new(model: &Llama, capacity: usize) -> Result<Self> {
+        Self::with_format(model, capacity, KvCacheFormat::Float)
+    }
+
+    /// A cache storing K and V as `format`. The low-bit formats run on the CPU in f32, with K
+    /// quantized after RoPE in the plain basis (what they store is what attention reads).
+    pub fn with_format(model: &Llama, capacity: usize, format: KvCacheFormat) -> Result<Self> {
         let c = &model.cfg;
         let capacity = capacity.min(c.max_position_embeddings);
-        let shape = (c.num_key_value_heads, capacity, c.head_dim);
-        let mut k = Vec::with_capacity(c.num_hidden_layers);
-        let mut v = Vec::with_capacity(c.num_hidden_layers);
-        for _ in 0..c.num_hidden_layers {
-            k.push(Tensor::zeros(shape, model.compute, &model.device)?);
-            v.push(Tensor::zeros(shape, model.compute, &model.device)?);
+        let (mut k, mut v, mut codes) = (vec![], vec![], vec![]);
+        if format == KvCacheFormat::Float {
+            let shape = (c.num_key_value_heads, capacity, c.head_dim);
+            for _ in 0..c.num_hidden_layers {
+                k.push(Tensor::zeros(shape, model.compute, &model.device)?);
+                v.push(Tensor::zeros(shape, model.compute, &model.device)?);
+            }
+        } else {
+            let q = &model.quant;
+            if !model.device.is_cpu() || model.compute != DType::F32 {
+                bail!("--kv-cache {}: low-bit caches run on the CPU in f32", format.name());
+            }
+            if q.kv_bits.is_some() && q.kv_point != KvPoint::PostRope {
+                bail!("--kv-cache {}: the model quantizes K before RoPE (kv_point = pre_rope); a cache stores K after it", format.name());
+            }
+            if q.kv_bits.is_some() && q.kv_rotation != crate::qconfig::KvRotation::None {
+                bail!("--kv-cache {}: the model quantizes K/V in a Hadamard basis (kv_rotation); this cache stores them in the plain basis", format.name());
+            }
+            let width = c.num_key_value_heads * c.head_dim;
+            for _ in 0..c.num_hidden_layers {
+                codes.push(KvCodes::new(format, width, capacity)?);
+            }
         }
         Ok(Self {
             k,
             v,
+            codes,
+            format,
             len: 0,
             capacity,
         })
+    }
+
+    pub fn format(&self) -> KvCacheFormat {
+        self.format
+    }
+
+    /// Bytes the cache holds for its whole capacity (K and V of every layer).
+    pub fn bytes(&self) -> usize {
+        let float: usize = self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+        float + self.codes.iter().map(KvCodes::bytes).sum::<usize>()
+    }
+
+    /// Bytes per cached token (all layers, K and V).
+    pub fn bytes_per_token(&self) -> usize {
+        self.bytes() / self.capacity.max(1)
     }
 
     /// Number of tokens already in the cache (= position of the next token).
@@ -62,6 +105,9 @@ impl SeqCache {
 impl Linear {
     /// Decoding form of `forward`: x is [B, in], one token per row.
     fn forward_rows(&self, x: &Tensor, q: &QuantConfig) -> Result<Tensor> {
+        if let crate::llama::Weight::Packed(p) = &self.weight {
+            return p.forward_tensor(x, q.a_bits, self.bias.as_ref());
+        }
         let w = self.effective_weight(q)?.detach().to_dtype(x.dtype())?;
         let bias = self
             .bias
@@ -89,6 +135,13 @@ impl Llama {
         );
         let rep = nh / nkv;
         let half = hd / 2;
+        let format = caches.first().map_or(KvCacheFormat::Float, |c| c.format);
+        if caches.iter().any(|c| c.format != format) {
+            bail!("decode_step: caches of different formats in one batch");
+        }
+        // A per-token integer cache of the model's own K/V bits stores the trained quantizer's
+        // codes: quantize once, into the cache, not also before it.
+        let direct = format.token_bits().is_some() && format.token_bits() == q.kv_bits;
         for c in caches.iter() {
             if c.len >= c.capacity {
                 bail!("decode_step: KV cache full ({} tokens)", c.capacity);
@@ -123,19 +176,28 @@ impl Llama {
             let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
             let k = blk.attn.k_proj.forward_rows(&h, q)?;
             let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
-            let v = quant_kv(&blk.attn.v_proj.forward_rows(&h, q)?, q, hd)?;
+            let v = blk.attn.v_proj.forward_rows(&h, q)?;
+            let v = if direct { v } else { quant_kv(&v, q, hd)? };
             if q.kv_point == KvPoint::PreRope {
                 k = quant_kv(&k, q, hd)?;
             }
             let qs = Rope::apply(&qs.reshape((bsz, nh, hd))?, &cos, &sin)?;
             let mut k = Rope::apply(&k.reshape((bsz, nkv, hd))?, &cos, &sin)?;
-            if q.kv_point == KvPoint::PostRope {
+            if q.kv_point == KvPoint::PostRope && !direct {
                 k = quant_kv(&k.reshape((bsz, nkv * hd))?, q, hd)?.reshape((bsz, nkv, hd))?;
             }
             let v = v.reshape((bsz, nkv, hd))?;
             let mut ys = Vec::with_capacity(bsz);
             for (i, c) in caches.iter_mut().enumerate() {
                 let n = c.len;
+                if let Some(codes) = c.codes.get_mut(l) {
+                    // Low-bit cache: store this token's codes, attend from the codes.
+                    let row = |t: &Tensor| t.get(i)?.flatten_all()?.to_vec1::<f32>();
+                    codes.write(n, &row(&k)?, &row(&v)?);
+                    let y = codes.attend(&row(&qs)?, n + 1, nh, nkv, hd, scale as f32);
+                    ys.push(Tensor::from_vec(y, (1, nh * hd), &self.device)?);
+                    continue;
+                }
                 c.k[l].slice_set(&k.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
                 c.v[l].slice_set(&v.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
                 let kc = c.k[l].narrow(1, 0, n + 1)?;

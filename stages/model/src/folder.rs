@@ -177,21 +177,50 @@ impl ModelFolder {
     /// Every value must be finite: a NaN or infinity names its tensor and index here, not as a
     /// NaN loss many steps later.
     pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
-        let out = self.load_tensors_unchecked(device)?;
+        let out = self.load_tensors_unchecked(device, true)?;
+        Self::check_all_finite(&out, &self.dir)?;
+        Ok(out)
+    }
+
+    /// A packed export's integer grids by weight name (empty for any other folder), and every
+    /// other tensor as `load_tensors` gives it: the low-bit decoder keeps the grids as codes.
+    pub fn load_packed(
+        &self,
+        device: &Device,
+    ) -> Result<(HashMap<String, Tensor>, std::collections::BTreeMap<String, quant::GridWeight>)> {
+        let Some(h) = quant::packed::PackedHeader::read(&self.dir)? else {
+            return Ok((self.load_tensors(device)?, Default::default()));
+        };
+        let dense = self.load_tensors_unchecked(device, false)?;
+        Self::check_all_finite(&dense, &self.dir)?;
+        let mut grids = std::collections::BTreeMap::new();
+        for f in &self.weight_files {
+            grids.extend(quant::packed::read_grids(&h, f)?);
+        }
+        for (name, g) in &grids {
+            if let Some(bad) = g.scales.iter().position(|s| !s.is_finite()) {
+                bail!("{}: tensor {name}: scale {bad} is {}; refusing to use this model", self.dir.display(), g.scales[bad]);
+            }
+        }
+        Ok((dense, grids))
+    }
+
+    fn check_all_finite(out: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
         let mut names: Vec<&String> = out.keys().collect();
         names.sort();
         for name in names {
             check_finite(&out[name]).with_context(|| {
                 format!(
                     "{}: tensor {name} is broken; refusing to use this model",
-                    self.dir.display()
+                    dir.display()
                 )
             })?;
         }
-        Ok(out)
+        Ok(())
     }
 
-    fn load_tensors_unchecked(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+    /// `with_grids = false`: a packed folder's grids are left out.
+    fn load_tensors_unchecked(&self, device: &Device, with_grids: bool) -> Result<HashMap<String, Tensor>> {
         if let Some(g) = &self.gguf {
             return g.load_tensors(&self.config, device);
         }
@@ -208,9 +237,11 @@ impl ModelFolder {
             })?;
             let mut skip: Box<dyn Fn(&str) -> bool> = Box::new(|_| false);
             if let Some(h) = &packed {
-                for (name, g) in quant::packed::read_grids(h, f)? {
-                    let t = Tensor::from_vec(g.values(), (g.rows, g.cols), device)?;
-                    out.insert(name, t);
+                if with_grids {
+                    for (name, g) in quant::packed::read_grids(h, f)? {
+                        let t = Tensor::from_vec(g.values(), (g.rows, g.cols), device)?;
+                        out.insert(name, t);
+                    }
                 }
                 let h = h.clone();
                 skip = Box::new(move |n| quant::packed::is_grid_tensor(&h, n));
@@ -241,7 +272,7 @@ impl ModelFolder {
                 out.insert(name.to_string(), t);
             }
         }
-        if let Some(h) = &packed {
+        if let Some(h) = packed.as_ref().filter(|_| with_grids) {
             if let Some(missing) = h.weights.keys().find(|n| !out.contains_key(*n)) {
                 bail!(
                     "{}: weight {missing} is named in {} but not stored",

@@ -19,6 +19,7 @@ pub mod hub;
 pub mod kv_rotation;
 pub mod llama;
 pub mod lora;
+pub mod lowbit;
 pub mod lowrank_q;
 pub mod qconfig;
 pub mod rowmatmul;

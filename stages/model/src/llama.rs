@@ -22,6 +22,9 @@ pub enum Weight {
     /// Low-rank weights inside the quantizer (`lrqat`): quantizes itself, whatever
     /// `QuantConfig::w_bits` says.
     LowRankQ(crate::lowrank_q::LowRankQWeight),
+    /// Frozen low-bit codes and scales, multiplied from the codes on the CPU (a packed export,
+    /// or a student's grid made on load): the student as it runs after training.
+    Packed(std::sync::Arc<crate::lowbit::PackedLinear>),
 }
 
 /// A projection `y = x Wᵀ (+ b)`.
@@ -43,7 +46,7 @@ impl Linear {
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             Weight::Dense(w) => Some(w),
-            Weight::Lora(_) | Weight::LowRankQ(_) => None,
+            Weight::Lora(_) | Weight::LowRankQ(_) | Weight::Packed(_) => None,
         }
     }
 
@@ -55,6 +58,7 @@ impl Linear {
             (Weight::Dense(w), None) => Ok(w.clone()),
             (Weight::Lora(l), _) => l.effective(),
             (Weight::LowRankQ(l), _) => l.effective(),
+            (Weight::Packed(p), _) => p.dense_tensor(),
         }
     }
 
@@ -65,11 +69,15 @@ impl Linear {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Lora(l) => Ok(l.effective()?.detach()),
             Weight::LowRankQ(l) => l.merged(),
+            Weight::Packed(p) => p.dense_tensor(),
         }
     }
 
     /// Activations are quantized per token (over the last dim) before the product.
     pub fn forward(&self, x: &Tensor, q: &QuantConfig) -> candle_core::Result<Tensor> {
+        if let Weight::Packed(p) = &self.weight {
+            return p.forward_tensor(x, q.a_bits, self.bias.as_ref());
+        }
         let fused_dense = self
             .dense_weight()
             .filter(|w| crate::fused_ops::available(x) && (x.track_op() || w.track_op()))
@@ -341,7 +349,83 @@ pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// The 7 projections of a decoder block, by their path inside `model.layers.N`.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 impl Llama {
+    /// Loads `folder` with the 7 projections of every layer kept as low-bit codes and scales
+    /// (`Weight::Packed`), multiplied from the codes on the CPU: a packed export's grids as
+    /// stored, or else each weight's MinMax grid of `quant.w_bits` (per `w_group`, scales in
+    /// `w_scale`: the weight fake quantizer's codes), made on load and the f32 weight dropped.
+    /// Activations and K/V are quantized as `quant` says.
+    pub fn load_packed(
+        folder: &crate::folder::ModelFolder,
+        quant: QuantConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        if !device.is_cpu() {
+            bail!("packed weights run on the CPU (use --device cpu)");
+        }
+        let (mut dense, mut grids) = folder.load_packed(device)?;
+        let dir = folder.dir.display();
+        let mut projections = HashMap::new();
+        for l in 0..folder.config.num_hidden_layers {
+            for p in PROJECTIONS {
+                let prefix = format!("model.layers.{l}.{p}");
+                let name = format!("{prefix}.weight");
+                let grid = match (grids.remove(&name), dense.remove(&name), quant.w_bits) {
+                    (Some(g), _, _) => g,
+                    (None, Some(w), Some(bits)) => {
+                        let (rows, cols) = w.dims2()?;
+                        let v = w.flatten_all()?.to_vec1::<f32>()?;
+                        quant::GridWeight::minmax(&v, rows, cols, bits, quant.w_group, quant.w_scale)
+                    }
+                    (None, Some(_), None) => bail!(
+                        "{dir}: packed weights need an integer grid: a packed export, or --w-bits for the student's"
+                    ),
+                    (None, None, _) => bail!("{dir}: missing tensor `{name}`"),
+                };
+                let packed = crate::lowbit::PackedLinear::from_grid(&grid)
+                    .with_context(|| format!("{dir}: `{name}`"))?;
+                projections.insert(prefix, Weight::Packed(std::sync::Arc::new(packed)));
+            }
+        }
+        let source = folder
+            .weight_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self::with_projections(folder.config.clone(), quant, dense, projections, &source, device)
+    }
+
+    /// Bytes of the 7 projections as held: codes and scales for packed ones, the tensor's for
+    /// dense ones.
+    pub fn projection_bytes(&self) -> usize {
+        let mut n = 0;
+        for b in &self.blocks {
+            for lin in [
+                &b.attn.q_proj, &b.attn.k_proj, &b.attn.v_proj, &b.attn.o_proj,
+                &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj,
+            ] {
+                n += match &lin.weight {
+                    Weight::Packed(p) => p.bytes(),
+                    Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+                    Weight::Lora(_) | Weight::LowRankQ(_) => 0,
+                };
+            }
+        }
+        n
+    }
+
     /// Loads a Hugging Face folder (weights converted to f32).
     pub fn load(
         folder: &crate::folder::ModelFolder,
@@ -402,6 +486,11 @@ impl Llama {
                         l.a.dims(),
                         l.b.dims()
                     );
+                }
+            }
+            if let Weight::Packed(p) = w {
+                if [p.rows, p.cols] != shape[..] {
+                    bail!("{source}: `{prefix}`: packed [{}, {}] does not fit {shape:?}", p.rows, p.cols);
                 }
             }
             if let Weight::LowRankQ(l) = w {
@@ -521,6 +610,7 @@ impl Llama {
                     // The base is dequantized to f32 where used; the adapter stays f32.
                     Weight::Lora(lw) => Weight::Lora(lw.clone()),
                     Weight::LowRankQ(lw) => Weight::LowRankQ(lw.clone()),
+                    Weight::Packed(p) => Weight::Packed(p.clone()),
                 },
                 bias: l.bias.as_ref().map(c).transpose()?,
             })
@@ -637,6 +727,10 @@ impl Llama {
                         v.push((format!("{p}.{n}.lrqat_s0"), l.s0.clone()));
                         v.push((format!("{p}.{n}.lrqat_m"), l.m.clone()));
                     }
+                    Weight::Packed(w) => v.push((
+                        format!("{p}.{n}.weight"),
+                        w.dense_tensor().expect("a packed weight dequantizes on the CPU"),
+                    )),
                 }
                 if let Some(bias) = &lin.bias {
                     v.push((format!("{p}.{n}.bias"), bias.clone()));
