@@ -105,13 +105,22 @@ pub struct DecodeArgs {
     /// Replay each step as a CUDA graph (GPU only); attention then spans the whole cache.
     #[arg(long)]
     pub cuda_graph: bool,
+    /// The model's quantizers (a student decodes with them).
+    #[command(flatten)]
+    pub quant: crate::eval_cmd::QuantArgs,
+    /// Projections kept as low-bit codes (CPU, f32), as `pipeline eval --packed`.
+    #[arg(long)]
+    pub packed: bool,
+    /// K/V cache storage: float, int8, int4, q8_0, q4_0 (as `pipeline eval --kv-cache`).
+    #[arg(long, value_parser = crate::eval_cmd::kv_cache_arg, default_value = "float")]
+    pub kv_cache: model::lowbit::KvCacheFormat,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// tinyllama-1.1b, llama-7b-2layers, llama-7b or tiny-hd64.
+    /// tinyllama-1.1b, llama-7b-2layers, llama-7b, tiny-hd64 or smollm-135m.
     #[arg(long)]
     pub shape: model::synth::SynthShape,
     #[arg(long)]
@@ -340,7 +349,8 @@ fn decode(a: DecodeArgs) -> Result<serde_json::Value> {
     }
     let c = a.compute.open()?;
     let folder = ModelFolder::open(&a.model)?;
-    let model = Llama::load(&folder, QuantConfig::none(), &c.device)?.cast(c.dtype)?;
+    let quant = a.quant.to_config()?;
+    let model = crate::eval_cmd::load_model(&folder, quant.clone(), a.packed, &c)?;
     let copy = match a.copy_gbps {
         Some(g) => g,
         None => copy_gbps(&c, 1024)?,
@@ -354,6 +364,12 @@ fn decode(a: DecodeArgs) -> Result<serde_json::Value> {
         "model": a.model.display().to_string(),
         "device": a.compute.device.to_string(),
         "dtype": a.compute.dtype.to_string(),
+        "quant": quant.label(),
+        "weights": if a.packed { "packed" } else { "dense" },
+        "kv_cache": a.kv_cache.name(),
+        "kernels_isa": model::lowbit::kernels::isa().name(),
+        "projection_bytes": model.projection_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "parameters": model::llama::expected_tensors(&model.cfg)
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
@@ -384,6 +400,9 @@ fn decode_batch(
     let batched = !c.device.is_cpu();
     let mut seqs = Vec::new();
     let mut slots = None;
+    if batched && (a.packed || a.kv_cache != model::lowbit::KvCacheFormat::Float) {
+        bail!("--packed and low-bit --kv-cache decode on the CPU (use --device cpu)");
+    }
     if batched {
         let mut cache = BatchCache::new(model, batch, total)?;
         if a.cuda_graph {
@@ -395,7 +414,7 @@ fn decode_batch(
             bail!("--cuda-graph needs --device cuda");
         }
         for _ in 0..batch {
-            seqs.push(SeqCache::new(model, total)?);
+            seqs.push(SeqCache::with_format(model, total, a.kv_cache)?);
         }
     }
     // Distinct first tokens, then greedy. As in the generator, the logits come to the host
@@ -432,12 +451,13 @@ fn decode_batch(
     c.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
 
-    // Bytes read per step: every matrix but the embedding table (only B rows of it are read),
-    // plus each sequence's K and V over its mean length in the timed steps.
+    // Bytes read per step: the projections as held (codes + scales when packed), every other
+    // matrix but the embedding table (only B rows of it are read) in the compute dtype, plus
+    // each sequence's K and V over its mean length in the timed steps, as stored.
     let bytes_per = c.dtype.size_in_bytes() as f64;
-    let weights: usize = model::llama::expected_tensors(&cfg)
+    let others: usize = model::llama::expected_tensors(&cfg)
         .iter()
-        .filter(|(n, _)| n != "model.embed_tokens.weight")
+        .filter(|(n, _)| n != "model.embed_tokens.weight" && !model::llama::is_projection_weight(n))
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();
     let lm_head_tied = if cfg.tie_word_embeddings {
@@ -445,10 +465,13 @@ fn decode_batch(
     } else {
         0
     };
-    let weight_bytes = (weights + lm_head_tied) as f64 * bytes_per;
+    let weight_bytes = (others + lm_head_tied) as f64 * bytes_per + model.projection_bytes() as f64;
     let mean_len = a.warmup as f64 + (a.steps as f64 + 1.0) / 2.0;
-    let kv_bytes =
-        batch as f64 * mean_len * (2 * cfg.num_hidden_layers * cfg.kv_dim()) as f64 * bytes_per;
+    let kv_per_token = match seqs.first() {
+        Some(s) => s.bytes_per_token() as f64,
+        None => (2 * cfg.num_hidden_layers * cfg.kv_dim()) as f64 * bytes_per,
+    };
+    let kv_bytes = batch as f64 * mean_len * kv_per_token;
     let step_s = secs / a.steps as f64;
     let bound_step_s = (weight_bytes + kv_bytes) / (copy * 1e9);
     let tps = (batch * a.steps) as f64 / secs;
@@ -462,6 +485,7 @@ fn decode_batch(
         "ms_per_step": 1e3 * step_s,
         "weight_bytes_per_step": weight_bytes,
         "kv_bytes_per_step": kv_bytes,
+        "kv_cache_bytes_per_token": kv_per_token,
         "copy_gb_per_s": copy,
         "bound_ms_per_step": 1e3 * bound_step_s,
         "bound_tokens_per_second": batch as f64 / bound_step_s,
@@ -611,4 +635,16 @@ fn argmax_mismatch(a: &Tensor, b: &Tensor) -> Result<f64> {
     let y: Vec<u32> = b.argmax(candle_core::D::Minus1)?.to_vec1()?;
     let n = x.iter().zip(&y).filter(|(p, q)| p != q).count();
     Ok(n as f64 / x.len().max(1) as f64)
+}
+
+/// The process's peak resident memory (VmHWM), in bytes; 0 where /proc is not there.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -95,6 +95,32 @@ impl GgufModel {
         LlamaConfig::from_json(&self.config_json, &self.path)
     }
 
+    /// Checks what the reader will trust before it reads tensor `name`: a non-empty shape of
+    /// whole blocks, and data inside the file (a crafted header must fail here, not in the
+    /// reader's unchecked slicing).
+    fn check_extent(&self, name: &str, file_len: u64) -> Result<()> {
+        let path = self.path.display();
+        let info = &self.content.tensor_infos[name];
+        let dims = info.shape.dims();
+        let n = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .filter(|&n| n > 0)
+            .with_context(|| format!("{path}: tensor `{name}` has shape {dims:?}: empty or too large"))?;
+        let (block, bytes) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+        if n % block != 0 {
+            bail!("{path}: tensor `{name}` has {n} values, not whole blocks of {block}");
+        }
+        let end = (n / block)
+            .checked_mul(bytes)
+            .and_then(|size| size.checked_add(info.offset))
+            .and_then(|e| e.checked_add(self.content.tensor_data_offset));
+        match end {
+            Some(e) if e <= file_len => Ok(()),
+            _ => bail!("{path}: tensor `{name}` ends beyond the file ({file_len} bytes): truncated or corrupt"),
+        }
+    }
+
     /// Every tensor in f32 under its Hugging Face name, q/k rows in Hugging Face order.
     pub fn load_tensors(
         &self,
@@ -104,6 +130,10 @@ impl GgufModel {
         let path = self.path.display();
         let mut f = std::fs::File::open(&self.path)
             .with_context(|| format!("cannot open GGUF file {path}"))?;
+        let file_len = f
+            .metadata()
+            .with_context(|| format!("cannot read GGUF file {path}"))?
+            .len();
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         let mut out = HashMap::new();
@@ -114,6 +144,7 @@ impl GgufModel {
             let hf = hf_name(name, cfg.num_hidden_layers).with_context(|| {
                 format!("{path}: tensor `{name}` is not supported (not a tensor of a llama model as loaded here)")
             })?;
+            self.check_extent(name, file_len)?;
             let t = self
                 .content
                 .tensor(&mut f, name, &Device::Cpu)
@@ -958,6 +989,32 @@ mod tests {
         assert_eq!(m.forward(&ids).unwrap().dims(), [1, 4, 9]);
         let fp = f.fingerprint().unwrap();
         assert_eq!(fp, ModelFolder::open(&path).unwrap().fingerprint().unwrap());
+    }
+
+    #[test]
+    fn crafted_tensor_extents_are_refused_before_reading() {
+        // Found by fuzzing: an empty tensor reached candle's reader, whose slice over no data
+        // had a misaligned pointer (undefined behaviour, caught as an abort).
+        let mut tiny = Tiny::new();
+        for (n, t) in tiny.tensors.iter_mut() {
+            if n == "output_norm.weight" {
+                *t = Tensor::zeros((0,), DType::F32, &Device::Cpu).unwrap();
+            }
+        }
+        let path = tiny.write("empty_tensor");
+        let err = match ModelFolder::open(&path).and_then(|f| f.load_tensors(&Device::Cpu)) {
+            Ok(_) => panic!("an empty tensor loaded"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("output_norm.weight") && err.contains("empty"), "{err}");
+
+        // A file cut short: the last tensor's data ends beyond it.
+        let path = Tiny::new().write("truncated");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 64]).unwrap();
+        let f = ModelFolder::open(&path).unwrap();
+        let err = format!("{:#}", f.load_tensors(&Device::Cpu).unwrap_err());
+        assert!(err.contains("beyond the file"), "{err}");
     }
 
     #[test]

@@ -360,6 +360,14 @@ pub const PROJECTIONS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Is `name` the weight of one of a decoder block's 7 projections?
+pub fn is_projection_weight(name: &str) -> bool {
+    name.strip_prefix("model.layers.")
+        .and_then(|r| r.strip_suffix(".weight"))
+        .and_then(|r| r.split_once('.'))
+        .is_some_and(|(l, p)| l.parse::<usize>().is_ok() && PROJECTIONS.contains(&p))
+}
+
 impl Llama {
     /// Loads `folder` with the 7 projections of every layer kept as low-bit codes and scales
     /// (`Weight::Packed`), multiplied from the codes on the CPU: a packed export's grids as

@@ -20,6 +20,9 @@ pub enum SynthShape {
     /// (a quantized llama.cpp K/V cache needs head_dim a multiple of 32), 2 KV heads, FFN 768
     /// (rows of 256 and 768 tile into Q3_K / Q2_K super-blocks), vocab 2048.
     TinyHd64,
+    /// SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads of 64, 3 KV heads, FFN 1536,
+    /// vocab 49152, tied embeddings.
+    Smollm135m,
 }
 
 pub const SHAPE_NAMES: &[&str] = &[
@@ -27,6 +30,7 @@ pub const SHAPE_NAMES: &[&str] = &[
     "llama-7b-2layers",
     "llama-7b",
     "tiny-hd64",
+    "smollm-135m",
 ];
 
 impl std::str::FromStr for SynthShape {
@@ -37,6 +41,7 @@ impl std::str::FromStr for SynthShape {
             "llama-7b-2layers" => Ok(SynthShape::Llama7b2Layers),
             "llama-7b" => Ok(SynthShape::Llama7b),
             "tiny-hd64" => Ok(SynthShape::TinyHd64),
+            "smollm-135m" => Ok(SynthShape::Smollm135m),
             o => bail!(
                 "--shape {o:?}: allowed values are {}",
                 SHAPE_NAMES.join(", ")
@@ -54,7 +59,9 @@ impl SynthShape {
             SynthShape::Llama7b2Layers => (4096, 2, 32, 32, 11008, 32000, 4096),
             SynthShape::Llama7b => (4096, 32, 32, 32, 11008, 32000, 4096),
             SynthShape::TinyHd64 => (256, 2, 4, 2, 768, 2048, 512),
+            SynthShape::Smollm135m => (576, 30, 9, 3, 1536, 49152, 2048),
         };
+        let tied = *self == SynthShape::Smollm135m;
         json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -69,7 +76,7 @@ impl SynthShape {
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
             "attention_bias": false,
-            "tie_word_embeddings": false,
+            "tie_word_embeddings": tied,
             "bos_token_id": 1,
             "eos_token_id": 2,
             "torch_dtype": "bfloat16"
