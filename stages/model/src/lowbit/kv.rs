@@ -3,7 +3,7 @@
 //! - `int8` / `int4`: one f32 scale per token across all KV heads, the codes of the trained
 //!   K/V quantizer (symmetric MinMax per token, post-RoPE): code · scale is exactly the fake
 //!   quantizer's value, so a KV4 student's cache holds what it was trained on. int4 codes
-//!   share a byte two by two.
+//!   share a byte two by two, in blocks of 32 (code j and j + 16 in byte j).
 //! - `q8_0` / `q4_0`: llama.cpp's layouts, for comparison: blocks of 32 values along the
 //!   token's row, each with an f16 scale; q8_0 rounds x/d with d = amax/127, q4_0 stores
 //!   x/d + 8 in a nibble with d = (the value of largest magnitude) / -8.
@@ -11,7 +11,7 @@
 //! Attention dequantizes one token's row at a time into a small buffer; no f32 copy of the
 //! cache exists.
 
-use super::kernels::{dot_f32, pack_i4, scale_i8, unpack_i4};
+use super::kernels::{dot_f32, pack_q4_blocks, scale_i8, unpack_q4_blocks};
 use super::packed::quantize_rows;
 use half::f16;
 
@@ -68,7 +68,7 @@ impl KvCacheFormat {
         match self {
             Self::Float => width * float_bytes,
             Self::Int8 => width + 4,
-            Self::Int4 => width.div_ceil(2) + 4,
+            Self::Int4 => blocks * QBLOCK / 2 + 4,
             Self::Q8_0 => width + 2 * blocks,
             Self::Q4_0 => width.div_ceil(2) + 2 * blocks,
         }
@@ -92,7 +92,7 @@ impl KvCodes {
         let (code_bytes, scales) = match format {
             KvCacheFormat::Float => candle_core::bail!("KvCodes: the float cache keeps tensors"),
             KvCacheFormat::Int8 => (width, 1),
-            KvCacheFormat::Int4 => (width.div_ceil(2), 1),
+            KvCacheFormat::Int4 => (width.div_ceil(QBLOCK) * QBLOCK / 2, 1),
             KvCacheFormat::Q8_0 | KvCacheFormat::Q4_0 => {
                 if width % QBLOCK != 0 {
                     candle_core::bail!(
@@ -124,7 +124,7 @@ impl KvCodes {
     fn code_bytes(&self) -> usize {
         match self.format {
             KvCacheFormat::Int8 | KvCacheFormat::Q8_0 => self.width,
-            _ => self.width.div_ceil(2),
+            _ => self.width.div_ceil(QBLOCK) * QBLOCK / 2,
         }
     }
 
@@ -153,7 +153,7 @@ impl KvCodes {
         let src = &codes[t * cb..(t + 1) * cb];
         let s = &scales[t * sp..(t + 1) * sp];
         match self.format {
-            KvCacheFormat::Int4 | KvCacheFormat::Q4_0 => unpack_i4(src, codes_buf),
+            KvCacheFormat::Int4 | KvCacheFormat::Q4_0 => unpack_q4_blocks(src, codes_buf),
             _ => codes_buf.iter_mut().zip(src).for_each(|(c, &b)| *c = b as i8),
         }
         match self.format.token_bits() {
@@ -213,7 +213,7 @@ fn encode(format: KvCacheFormat, width: usize, row: &[f32], codes: &mut [u8], sc
             let (q, a) = quantize_rows(row, 1, width, bits);
             scales[0] = a[0];
             if bits == 4 {
-                codes.copy_from_slice(&pack_i4(&q));
+                codes.copy_from_slice(&pack_q4_blocks(&q));
             } else {
                 codes.iter_mut().zip(&q).for_each(|(c, &x)| *c = x as u8);
             }
@@ -238,7 +238,7 @@ fn encode(format: KvCacheFormat, width: usize, row: &[f32], codes: &mut [u8], sc
                 for (c, &x) in q.iter_mut().zip(blk) {
                     *c = ((x * id + 8.5) as u8).min(15) as i8 - 8;
                 }
-                out.copy_from_slice(&pack_i4(&q));
+                out.copy_from_slice(&pack_q4_blocks(&q));
                 *s = f16::from_f32(d).to_f32();
             }
         }

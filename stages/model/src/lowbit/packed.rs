@@ -1,6 +1,6 @@
 //! A projection kept as its low-bit codes and scales, multiplied from the codes.
 //!
-//! Up to 4 bits, two codes share a byte (`code + 8`); 5 to 8 bits take a byte each. Scales
+//! Up to 4 bits, two codes share a byte (`code + 8`, in blocks of 32); otherwise a byte each. Scales
 //! are f32, one per output row and group. The product reads each weight row once for the
 //! whole batch of input rows:
 //!
@@ -13,12 +13,24 @@
 //! fake-quantized product sums (c·s)(q·α) in another order, so results agree to rounding,
 //! not bit for bit.
 
-use super::kernels::{dot_f32, dot_i8, pack_i4, scale_i8, unpack_i4};
+use super::kernels::{dot_f32, dot_i8, pack_q4_blocks, q4_dot_f32, q4_dot_i8, scale_i8, unpack_q4_blocks};
 use quant::GridWeight;
 use rayon::prelude::*;
 
 /// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 8;
+const ROWS_PER_TASK: usize = 16;
+/// Codes per 4-bit block (16 bytes).
+const BLOCK: usize = 32;
+
+/// How the codes lie in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Up to 4 bits with groups of whole 32-code blocks (or one group per row): each row
+    /// padded to whole blocks of 16 bytes (`kernels::pack_q4_blocks`).
+    Q4Blocks,
+    /// One signed byte per code: 5 to 8 bits, or groups that do not fill whole blocks.
+    Bytes,
+}
 
 #[derive(Clone, Debug)]
 pub struct PackedLinear {
@@ -27,6 +39,7 @@ pub struct PackedLinear {
     pub bits: u32,
     /// Values sharing one scale along a row (`cols` = per channel).
     pub group: usize,
+    layout: Layout,
     /// Row-major codes: `row_bytes` per row.
     data: Vec<u8>,
     /// [rows, groups per row].
@@ -39,26 +52,35 @@ impl PackedLinear {
         if let Some(c) = g.codes.iter().find(|&&c| (c as i32) < lo || (c as i32) > hi) {
             candle_core::bail!("packed weight: code {c} outside {lo}..={hi} for {} bits", g.bits);
         }
-        let data = if g.bits <= 4 {
-            g.codes.chunks(g.cols).flat_map(pack_i4).collect()
+        let layout = if g.bits <= 4 && (g.group >= g.cols || g.group % BLOCK == 0) {
+            Layout::Q4Blocks
         } else {
-            g.codes.iter().map(|&c| c as u8).collect()
+            Layout::Bytes
+        };
+        let data = match layout {
+            Layout::Q4Blocks => g.codes.chunks(g.cols).flat_map(pack_q4_blocks).collect(),
+            Layout::Bytes => g.codes.iter().map(|&c| c as u8).collect(),
         };
         Ok(Self {
             rows: g.rows,
             cols: g.cols,
             bits: g.bits,
-            group: g.group,
+            group: g.group.min(g.cols),
+            layout,
             data,
             scales: g.scales.clone(),
         })
     }
 
+    /// Columns rounded up to whole blocks (the 4-bit layout's padded row).
+    fn padded_cols(&self) -> usize {
+        self.cols.div_ceil(BLOCK) * BLOCK
+    }
+
     fn row_bytes(&self) -> usize {
-        if self.bits <= 4 {
-            self.cols.div_ceil(2)
-        } else {
-            self.cols
+        match self.layout {
+            Layout::Q4Blocks => self.padded_cols() / 2,
+            Layout::Bytes => self.cols,
         }
     }
 
@@ -71,17 +93,9 @@ impl PackedLinear {
         self.data.len() + 4 * self.scales.len()
     }
 
-    /// Row `r`'s codes, unpacked into `out` (length `cols`).
-    fn codes_into(&self, r: usize, out: &mut [i8]) {
+    fn row(&self, r: usize) -> &[u8] {
         let rb = self.row_bytes();
-        let src = &self.data[r * rb..(r + 1) * rb];
-        if self.bits <= 4 {
-            unpack_i4(src, out);
-        } else {
-            for (o, &b) in out.iter_mut().zip(src) {
-                *o = b as i8;
-            }
-        }
+        &self.data[r * rb..(r + 1) * rb]
     }
 
     /// code · scale, row-major (for the paths that need a dense matrix, and tests).
@@ -89,7 +103,10 @@ impl PackedLinear {
         let mut out = vec![0f32; self.rows * self.cols];
         let mut codes = vec![0i8; self.cols];
         for r in 0..self.rows {
-            self.codes_into(r, &mut codes);
+            match self.layout {
+                Layout::Q4Blocks => unpack_q4_blocks(self.row(r), &mut codes),
+                Layout::Bytes => codes.iter_mut().zip(self.row(r)).for_each(|(c, &b)| *c = b as i8),
+            }
             for (j, g) in codes.chunks(self.group).enumerate() {
                 let s = self.scales[r * self.groups() + j];
                 let at = r * self.cols + j * self.group;
@@ -137,50 +154,104 @@ impl PackedLinear {
     /// row of x is first quantized per token (the activation fake quantizer's codes).
     pub fn forward(&self, x: &[f32], n: usize, a_bits: Option<u32>) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "packed product: input does not fit");
-        let xq = a_bits.map(|b| quantize_rows(x, n, self.cols, b));
-        let groups = self.groups();
+        let (cols, group, groups) = (self.cols, self.group, self.groups());
+        // The 4-bit layout reads rows padded to whole blocks: pad x with zeros to match.
+        let width = match self.layout {
+            Layout::Q4Blocks => self.padded_cols(),
+            Layout::Bytes => cols,
+        };
+        let pad = |v: &[f32]| -> Vec<f32> {
+            if width == cols {
+                return v.to_vec();
+            }
+            let mut out = vec![0f32; n * width];
+            for b in 0..n {
+                out[b * width..b * width + cols].copy_from_slice(&v[b * cols..(b + 1) * cols]);
+            }
+            out
+        };
+        let acts = match a_bits {
+            Some(bits) => {
+                let (q, alpha) = quantize_rows(x, n, cols, bits);
+                let mut qp = vec![0i8; n * width];
+                for b in 0..n {
+                    qp[b * width..b * width + cols].copy_from_slice(&q[b * cols..(b + 1) * cols]);
+                }
+                // Σ q per (token, group): the 4-bit kernel's offset correction.
+                let qsum: Vec<i32> = (0..n)
+                    .flat_map(|b| {
+                        let row = &q[b * cols..(b + 1) * cols];
+                        row.chunks(group).map(|g| g.iter().map(|&v| v as i32).sum::<i32>()).collect::<Vec<_>>()
+                    })
+                    .collect();
+                Acts::Int { q: qp, alpha, qsum }
+            }
+            None => Acts::Float(pad(x)),
+        };
+        // A group's span in the padded row: whole blocks, the last group running to the end.
+        let span = |j: usize| (j * group, if j + 1 == groups { width } else { (j + 1) * group });
         // Transposed result [rows, n]: each task owns whole output rows.
         let mut yt = vec![0f32; self.rows * n];
-        yt.par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let mut codes = vec![0i8; self.cols];
-                let mut wf = vec![0f32; if xq.is_some() { 0 } else { self.cols }];
-                for (k, yrow) in out.chunks_mut(n).enumerate() {
-                    let r = task * ROWS_PER_TASK + k;
-                    self.codes_into(r, &mut codes);
-                    let s = &self.scales[r * groups..(r + 1) * groups];
-                    match &xq {
-                        Some((q, alpha)) => {
-                            for (b, y) in yrow.iter_mut().enumerate() {
-                                let qb = &q[b * self.cols..(b + 1) * self.cols];
-                                let mut acc = 0f32;
-                                for (j, (cg, qg)) in
-                                    codes.chunks(self.group).zip(qb.chunks(self.group)).enumerate()
-                                {
-                                    acc += s[j] * dot_i8(cg, qg) as f32;
-                                }
-                                *y = acc * alpha[b];
+        // Few, large tasks: a product is microseconds of work at batch 1, and each task
+        // costs a wake-up.
+        let per_task = ROWS_PER_TASK.max(self.rows.div_ceil(2 * rayon::current_num_threads()));
+        yt.par_chunks_mut(per_task * n).enumerate().for_each(|(task, out)| {
+            let mut wf = vec![0f32; if self.layout == Layout::Bytes { cols } else { 0 }];
+            for (k, yrow) in out.chunks_mut(n).enumerate() {
+                let r = task * per_task + k;
+                let (row, s) = (self.row(r), &self.scales[r * groups..(r + 1) * groups]);
+                match (self.layout, &acts) {
+                    (Layout::Q4Blocks, Acts::Int { q, alpha, qsum }) => {
+                        for (b, y) in yrow.iter_mut().enumerate() {
+                            let qb = &q[b * width..(b + 1) * width];
+                            let mut acc = 0f32;
+                            for (j, sj) in s.iter().enumerate() {
+                                let (lo, hi) = span(j);
+                                let d = q4_dot_i8(&row[lo / 2..hi / 2], &qb[lo..hi]) - 8 * qsum[b * groups + j];
+                                acc += sj * d as f32;
                             }
+                            *y = acc * alpha[b];
                         }
-                        None => {
-                            for (w, &c) in wf.iter_mut().zip(&codes) {
-                                *w = c as f32;
+                    }
+                    (Layout::Q4Blocks, Acts::Float(xp)) => {
+                        for (b, y) in yrow.iter_mut().enumerate() {
+                            let xb = &xp[b * width..(b + 1) * width];
+                            let mut acc = 0f32;
+                            for (j, sj) in s.iter().enumerate() {
+                                let (lo, hi) = span(j);
+                                acc += sj * q4_dot_f32(&row[lo / 2..hi / 2], &xb[lo..hi]);
                             }
-                            for (b, y) in yrow.iter_mut().enumerate() {
-                                let xb = &x[b * self.cols..(b + 1) * self.cols];
-                                let mut acc = 0f32;
-                                for (j, (wg, xg)) in
-                                    wf.chunks(self.group).zip(xb.chunks(self.group)).enumerate()
-                                {
-                                    acc += s[j] * dot_f32(wg, xg);
-                                }
-                                *y = acc;
+                            *y = acc;
+                        }
+                    }
+                    (Layout::Bytes, Acts::Int { q, alpha, .. }) => {
+                        // SAFETY-free reinterpretation: the bytes are the i8 codes.
+                        let codes: Vec<i8> = row.iter().map(|&b| b as i8).collect();
+                        for (b, y) in yrow.iter_mut().enumerate() {
+                            let qb = &q[b * width..(b + 1) * width];
+                            let mut acc = 0f32;
+                            for (j, (cg, qg)) in codes.chunks(group).zip(qb.chunks(group)).enumerate() {
+                                acc += s[j] * dot_i8(cg, qg) as f32;
                             }
+                            *y = acc * alpha[b];
+                        }
+                    }
+                    (Layout::Bytes, Acts::Float(xp)) => {
+                        for (w, &c) in wf.iter_mut().zip(row) {
+                            *w = c as i8 as f32;
+                        }
+                        for (b, y) in yrow.iter_mut().enumerate() {
+                            let xb = &xp[b * width..(b + 1) * width];
+                            let mut acc = 0f32;
+                            for (j, (wg, xg)) in wf.chunks(group).zip(xb.chunks(group)).enumerate() {
+                                acc += s[j] * dot_f32(wg, xg);
+                            }
+                            *y = acc;
                         }
                     }
                 }
-            });
+            }
+        });
         let mut y = vec![0f32; n * self.rows];
         for (r, col) in yt.chunks(n).enumerate() {
             for (b, &v) in col.iter().enumerate() {
@@ -189,6 +260,12 @@ impl PackedLinear {
         }
         y
     }
+}
+
+/// The activations of one product, as the kernels read them (rows padded to the layout).
+enum Acts {
+    Float(Vec<f32>),
+    Int { q: Vec<i8>, alpha: Vec<f32>, qsum: Vec<i32> },
 }
 
 /// Per-token symmetric MinMax codes of `x` [n, cols] with `bits` bits and their scales: the
@@ -225,8 +302,9 @@ mod tests {
 
     #[test]
     fn products_from_codes_match_the_fake_quantized_weights() {
-        for (bits, group) in [(4, None), (4, Some(32)), (3, Some(16)), (8, None)] {
-            let (rows, cols, n) = (37, 96, 5);
+        for (bits, group) in [(4, None), (4, Some(32)), (4, Some(64)), (3, Some(16)), (8, None), (2, Some(128))] {
+          for cols in [96, 100] {
+            let (rows, n) = (37, 5);
             let w = weights(rows, cols, 1);
             let x = weights(n, cols, 2);
             let g = GridWeight::minmax(&w, rows, cols, bits, group, quant::ScaleDtype::F32);
@@ -252,6 +330,7 @@ mod tests {
                     }
                 }
             }
+          }
         }
     }
 
