@@ -103,7 +103,10 @@ pub struct EvalArgs {
 
 pub fn kv_cache_arg(s: &str) -> Result<model::lowbit::KvCacheFormat, String> {
     model::lowbit::KvCacheFormat::parse(s).ok_or_else(|| {
-        format!("{s:?}: allowed values are {}", model::lowbit::KvCacheFormat::ALLOWED)
+        format!(
+            "{s:?}: allowed values are {}",
+            model::lowbit::KvCacheFormat::ALLOWED
+        )
     })
 }
 
@@ -149,8 +152,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
     bar.finish();
     let path = format!(
         "{}{}",
-        if a.packed { "packed weights" } else { "dense weights" },
-        a.kv_cache.map_or(String::new(), |f| format!(", decoding with a {} cache", f.name()))
+        if a.packed {
+            "packed weights"
+        } else {
+            "dense weights"
+        },
+        a.kv_cache.map_or(String::new(), |f| format!(
+            ", decoding with a {} cache",
+            f.name()
+        ))
     );
     if a.json {
         let mut v = serde_json::json!({

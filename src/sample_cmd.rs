@@ -126,7 +126,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut rows = vec![(
         "model",
         a.model.display().to_string(),
-        continue_prompt(&folder, quant.clone(), Some((a.packed, a.kv_cache)), &a, &compute)?,
+        continue_prompt(
+            &folder,
+            quant.clone(),
+            Some((a.packed, a.kv_cache)),
+            &a,
+            &compute,
+        )?,
     )];
     if let Some(t) = &a.teacher {
         let tf = ModelFolder::open(t)?;

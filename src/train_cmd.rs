@@ -50,6 +50,10 @@ pub struct TrainArgs {
     pub packing: Option<Packing>,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Recompute each decoder block in the backward pass instead of keeping its activations
+    /// (`[train] checkpoint_activations`): less memory, about one more forward pass of time.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
     /// How many of the newest checkpoints to keep (default 3).
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
@@ -153,6 +157,11 @@ impl TrainArgs {
         set(&mut t, "keep_checkpoints", self.keep_checkpoints)?;
         set(&mut t, "log_every", self.log_every)?;
         set(&mut t, "seed", self.seed)?;
+        set(
+            &mut t,
+            "checkpoint_activations",
+            self.checkpoint_activations.then_some(true),
+        )?;
         set(&mut s, "w_bits", self.w_bits)?;
         set(&mut s, "w_group", self.w_group)?;
         set(&mut s, "a_bits", self.a_bits)?;

@@ -31,8 +31,17 @@ fn generate(out: &Path) -> std::process::Output {
     let t = teacher();
     let o = out.display().to_string();
     run(&[
-        "generate", "--teacher", &t, "--out", &o, "--samples", "8", "--max-tokens", "16",
-        "--shard-size", "4",
+        "generate",
+        "--teacher",
+        &t,
+        "--out",
+        &o,
+        "--samples",
+        "8",
+        "--max-tokens",
+        "16",
+        "--shard-size",
+        "4",
     ])
 }
 
@@ -40,8 +49,23 @@ fn train(corpus: &Path, out: &Path, steps: &str) -> std::process::Output {
     let t = teacher();
     let (c, o) = (corpus.display().to_string(), out.display().to_string());
     run(&[
-        "train", "--teacher", &t, "--corpus", &c, "--out", &o, "--steps", steps, "--batch", "2",
-        "--seq-len", "16", "--checkpoint-every", "1", "--keep-checkpoints", "3",
+        "train",
+        "--teacher",
+        &t,
+        "--corpus",
+        &c,
+        "--out",
+        &o,
+        "--steps",
+        steps,
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "3",
     ])
 }
 
@@ -99,11 +123,24 @@ fn a_corpus_manifest_naming_a_shard_outside_is_refused_by_every_reader() {
     let t = teacher();
     let c = corpus.display().to_string();
     let forced = run(&[
-        "generate", "--teacher", &t, "--out", &c, "--samples", "8", "--max-tokens", "16",
-        "--shard-size", "4", "--force",
+        "generate",
+        "--teacher",
+        &t,
+        "--out",
+        &c,
+        "--samples",
+        "8",
+        "--max-tokens",
+        "16",
+        "--shard-size",
+        "4",
+        "--force",
     ]);
     fails_with(&forced, &["manifest.json", "file"]);
-    fails_with(&train(&corpus, &dir.join("out/train"), "1"), &["manifest.json", "file"]);
+    fails_with(
+        &train(&corpus, &dir.join("out/train"), "1"),
+        &["manifest.json", "file"],
+    );
     untouched(&v);
 }
 
@@ -126,8 +163,14 @@ fn a_checkpoint_manifest_naming_a_file_outside_is_set_aside_not_followed() {
     let o = train(&corpus, &out, "3");
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("skipping broken checkpoint") && err.contains("not a plain file name"), "{err}");
-    assert!(err.contains("step-00000001"), "did not resume from step 1:\n{err}");
+    assert!(
+        err.contains("skipping broken checkpoint") && err.contains("not a plain file name"),
+        "{err}"
+    );
+    assert!(
+        err.contains("step-00000001"),
+        "did not resume from step 1:\n{err}"
+    );
     assert!(out.join("checkpoints/broken-step-00000002").is_dir());
     untouched(&v);
 }
@@ -145,7 +188,10 @@ fn symbolic_links_planted_in_output_folders_are_refused() {
     let shard = corpus.join("shard-00001.parquet");
     std::fs::remove_file(&shard).unwrap();
     std::os::unix::fs::symlink(&v, &shard).unwrap();
-    fails_with(&generate(&corpus), &["shard-00001.parquet", "symbolic link", "victim.txt"]);
+    fails_with(
+        &generate(&corpus),
+        &["shard-00001.parquet", "symbolic link", "victim.txt"],
+    );
     std::fs::remove_file(&shard).unwrap();
     assert!(generate(&corpus).status.success());
 
@@ -153,10 +199,16 @@ fn symbolic_links_planted_in_output_folders_are_refused() {
     let out = dir.join("train");
     std::fs::create_dir_all(&out).unwrap();
     std::os::unix::fs::symlink(&v, out.join("train_log.jsonl")).unwrap();
-    fails_with(&train(&corpus, &out, "1"), &["train_log.jsonl", "symbolic link"]);
+    fails_with(
+        &train(&corpus, &out, "1"),
+        &["train_log.jsonl", "symbolic link"],
+    );
     std::fs::remove_file(out.join("train_log.jsonl")).unwrap();
     std::os::unix::fs::symlink(&outside, out.join("checkpoints")).unwrap();
-    fails_with(&train(&corpus, &out, "1"), &["checkpoints", "symbolic link"]);
+    fails_with(
+        &train(&corpus, &out, "1"),
+        &["checkpoints", "symbolic link"],
+    );
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     std::fs::remove_file(out.join("checkpoints")).unwrap();
 
@@ -180,7 +232,10 @@ fn symbolic_links_planted_in_output_folders_are_refused() {
     let ps = p.display().to_string();
     fails_with(&run(&["run", &ps]), &["train", "symbolic link"]);
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
-    assert!(!run_dir.join("corpus").exists(), "a stage ran before the check");
+    assert!(
+        !run_dir.join("corpus").exists(),
+        "a stage ran before the check"
+    );
     untouched(&v);
 
     // An export folder holding a link: refused too.

@@ -14,8 +14,17 @@ fn teacher() -> String {
 fn generate(teacher: &str, out: &Path) -> std::process::Output {
     let o = out.display().to_string();
     run(&[
-        "generate", "--teacher", teacher, "--out", &o, "--samples", "8", "--max-tokens", "16",
-        "--shard-size", "4",
+        "generate",
+        "--teacher",
+        teacher,
+        "--out",
+        &o,
+        "--samples",
+        "8",
+        "--max-tokens",
+        "16",
+        "--shard-size",
+        "4",
     ])
 }
 
@@ -24,8 +33,23 @@ fn train(corpus: &Path, out: &Path, fault: Option<&str>) -> std::process::Output
     let (c, o) = (corpus.display().to_string(), out.display().to_string());
     let mut cmd = bin();
     cmd.args([
-        "train", "--teacher", &t, "--corpus", &c, "--out", &o, "--steps", "4", "--batch", "2",
-        "--seq-len", "16", "--checkpoint-every", "1", "--keep-checkpoints", "10",
+        "train",
+        "--teacher",
+        &t,
+        "--corpus",
+        &c,
+        "--out",
+        &o,
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "10",
     ]);
     cmd.env_remove("PIPELINE_INJECT_FAULT");
     if let Some(f) = fault {
@@ -64,16 +88,52 @@ fn nan_or_inf_in_teacher_weights_is_named_by_every_stage_that_loads_it() {
     assert!(generate(&teacher(), &corpus).status.success());
     for (value, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
         copy_model(&shared().join("models/stories260k"), &t);
-        poison(&t.join("model.safetensors"), "model.layers.2.mlp.up_proj.weight", 77, value);
+        poison(
+            &t.join("model.safetensors"),
+            "model.layers.2.mlp.up_proj.weight",
+            77,
+            value,
+        );
         let needles = ["model.layers.2.mlp.up_proj.weight", "index 77", shown];
         fails_with(&generate(&ts, &dir.join(format!("c-{shown}"))), &needles);
-        let (c, o) = (corpus.display().to_string(), dir.join("tr").display().to_string());
+        let (c, o) = (
+            corpus.display().to_string(),
+            dir.join("tr").display().to_string(),
+        );
         fails_with(
-            &run(&["train", "--teacher", &ts, "--corpus", &c, "--out", &o, "--steps", "1", "--batch", "1", "--seq-len", "8"]),
+            &run(&[
+                "train",
+                "--teacher",
+                &ts,
+                "--corpus",
+                &c,
+                "--out",
+                &o,
+                "--steps",
+                "1",
+                "--batch",
+                "1",
+                "--seq-len",
+                "8",
+            ]),
             &needles,
         );
-        let text = shared().join("data/tinystories-valid-64k.txt").display().to_string();
-        fails_with(&run(&["eval", "--model", &ts, "--text", &text, "--max-tokens", "200"]), &needles);
+        let text = shared()
+            .join("data/tinystories-valid-64k.txt")
+            .display()
+            .to_string();
+        fails_with(
+            &run(&[
+                "eval",
+                "--model",
+                &ts,
+                "--text",
+                &text,
+                "--max-tokens",
+                "200",
+            ]),
+            &needles,
+        );
     }
 }
 
@@ -81,7 +141,10 @@ fn nan_or_inf_in_teacher_weights_is_named_by_every_stage_that_loads_it() {
 fn token_ids_outside_the_vocabulary_name_the_shard_and_sample() {
     let dir = temp_dir("fault_tokens");
     // tinystories-656k's vocabulary (2048) is larger than stories260k's (512).
-    let big = shared().join("models/tinystories-656k").display().to_string();
+    let big = shared()
+        .join("models/tinystories-656k")
+        .display()
+        .to_string();
     let corpus = dir.join("corpus");
     assert!(generate(&big, &corpus).status.success());
     let err = fails_with(
@@ -103,20 +166,30 @@ fn a_nan_loss_or_infinite_gradient_stops_naming_the_step_and_keeps_every_checkpo
 
     for (fault, needles) in [
         ("loss@3", vec!["step 3", "loss is NaN", "step-00000002"]),
-        ("grad@3", vec!["step 3", "the gradient of ", "value inf", "step-00000002"]),
+        (
+            "grad@3",
+            vec!["step 3", "the gradient of ", "value inf", "step-00000002"],
+        ),
     ] {
         let out = dir.join(fault.replace('@', "-"));
         fails_with(&train(&corpus, &out, Some(fault)), &needles);
         // Steps 1 and 2 are kept and verify; nothing of step 3 was written.
         let ck = out.join("checkpoints");
         for s in ["step-00000001", "step-00000002"] {
-            assert!(ck.join(s).join("manifest.json").is_file(), "{fault}: {s} lost");
+            assert!(
+                ck.join(s).join("manifest.json").is_file(),
+                "{fault}: {s} lost"
+            );
         }
         assert!(!ck.join("step-00000003").exists());
         // The fault gone, the same command resumes from step 2 to the clean run's student.
         let o = train(&corpus, &out, None);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
-        assert_eq!(student(&out), student(&clean), "{fault}: resumed student differs");
+        assert_eq!(
+            student(&out),
+            student(&clean),
+            "{fault}: resumed student differs"
+        );
     }
 }

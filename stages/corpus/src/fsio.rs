@@ -209,7 +209,8 @@ pub fn refuse_links(dir: &Path) -> Result<()> {
             .file_type()
             .with_context(|| format!("inspecting {}", path.display()))?;
         if kind.is_symlink() {
-            let target = fs::read_link(&path).map_or_else(|_| "?".into(), |t| t.display().to_string());
+            let target =
+                fs::read_link(&path).map_or_else(|_| "?".into(), |t| t.display().to_string());
             bail!(
                 "{} is a symbolic link (to {target}); the pipeline writes only inside its output \
                  folders and never through a link: replace it with a real file or folder",

@@ -175,7 +175,9 @@ pub fn perplexity_decoding(
             let toks: Vec<u32> = g.iter().map(|&(s, _)| ids[s + p]).collect();
             let tgt: Vec<u32> = g.iter().map(|&(s, _)| ids[s + p + 1]).collect();
             let mut refs: Vec<&mut model::SeqCache> = caches.iter_mut().collect();
-            let logits = model.decode_step(&toks, &mut refs).context("decoding step")?;
+            let logits = model
+                .decode_step(&toks, &mut refs)
+                .context("decoding step")?;
             let tgt = Tensor::from_vec(tgt, (g.len(), 1), &model.device)?;
             sum += summed_nll(&log_softmax_last(&logits)?, &tgt)?;
             count += g.len();

@@ -49,7 +49,10 @@ impl SeqCache {
         } else {
             let q = &model.quant;
             if !model.device.is_cpu() || model.compute != DType::F32 {
-                bail!("--kv-cache {}: low-bit caches run on the CPU in f32", format.name());
+                bail!(
+                    "--kv-cache {}: low-bit caches run on the CPU in f32",
+                    format.name()
+                );
             }
             if q.kv_bits.is_some() && q.kv_point != KvPoint::PostRope {
                 bail!("--kv-cache {}: the model quantizes K before RoPE (kv_point = pre_rope); a cache stores K after it", format.name());
@@ -78,7 +81,12 @@ impl SeqCache {
 
     /// Bytes the cache holds for its whole capacity (K and V of every layer).
     pub fn bytes(&self) -> usize {
-        let float: usize = self.k.iter().chain(&self.v).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+        let float: usize = self
+            .k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
         float + self.codes.iter().map(KvCodes::bytes).sum::<usize>()
     }
 

@@ -187,7 +187,10 @@ impl ModelFolder {
     pub fn load_packed(
         &self,
         device: &Device,
-    ) -> Result<(HashMap<String, Tensor>, std::collections::BTreeMap<String, quant::GridWeight>)> {
+    ) -> Result<(
+        HashMap<String, Tensor>,
+        std::collections::BTreeMap<String, quant::GridWeight>,
+    )> {
         let Some(h) = quant::packed::PackedHeader::read(&self.dir)? else {
             return Ok((self.load_tensors(device)?, Default::default()));
         };
@@ -199,7 +202,11 @@ impl ModelFolder {
         }
         for (name, g) in &grids {
             if let Some(bad) = g.scales.iter().position(|s| !s.is_finite()) {
-                bail!("{}: tensor {name}: scale {bad} is {}; refusing to use this model", self.dir.display(), g.scales[bad]);
+                bail!(
+                    "{}: tensor {name}: scale {bad} is {}; refusing to use this model",
+                    self.dir.display(),
+                    g.scales[bad]
+                );
             }
         }
         Ok((dense, grids))
@@ -220,7 +227,11 @@ impl ModelFolder {
     }
 
     /// `with_grids = false`: a packed folder's grids are left out.
-    fn load_tensors_unchecked(&self, device: &Device, with_grids: bool) -> Result<HashMap<String, Tensor>> {
+    fn load_tensors_unchecked(
+        &self,
+        device: &Device,
+        with_grids: bool,
+    ) -> Result<HashMap<String, Tensor>> {
         if let Some(g) = &self.gguf {
             return g.load_tensors(&self.config, device);
         }
@@ -400,7 +411,11 @@ impl ModelFolder {
 /// Fails naming the first NaN or infinite value of `t` (flat index and value). One pass on
 /// the tensor's own device: x * 0 sums to 0 exactly when every x is finite.
 pub fn check_finite(t: &Tensor) -> Result<()> {
-    let zero = t.affine(0.0, 0.0)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    let zero = t
+        .affine(0.0, 0.0)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
     if zero == 0.0 {
         return Ok(());
     }

@@ -106,8 +106,13 @@ impl GgufModel {
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
             .filter(|&n| n > 0)
-            .with_context(|| format!("{path}: tensor `{name}` has shape {dims:?}: empty or too large"))?;
-        let (block, bytes) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+            .with_context(|| {
+                format!("{path}: tensor `{name}` has shape {dims:?}: empty or too large")
+            })?;
+        let (block, bytes) = (
+            info.ggml_dtype.block_size() as u64,
+            info.ggml_dtype.type_size() as u64,
+        );
         if n % block != 0 {
             bail!("{path}: tensor `{name}` has {n} values, not whole blocks of {block}");
         }
@@ -1006,7 +1011,10 @@ mod tests {
             Ok(_) => panic!("an empty tensor loaded"),
             Err(e) => format!("{e:#}"),
         };
-        assert!(err.contains("output_norm.weight") && err.contains("empty"), "{err}");
+        assert!(
+            err.contains("output_norm.weight") && err.contains("empty"),
+            "{err}"
+        );
 
         // A file cut short: the last tensor's data ends beyond it.
         let path = Tiny::new().write("truncated");

@@ -349,6 +349,17 @@ pub fn expected_tensors(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
+/// What every block of one forward pass shares.
+struct Sequence {
+    b: usize,
+    t: usize,
+    /// RoPE tables in the compute dtype, and in f32 for the fused GPU kernels.
+    cos: Tensor,
+    sin: Tensor,
+    cos32: Tensor,
+    sin32: Tensor,
+}
+
 /// The 7 projections of a decoder block, by their path inside `model.layers.N`.
 pub const PROJECTIONS: [&str; 7] = [
     "self_attn.q_proj",
@@ -412,7 +423,14 @@ impl Llama {
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        Self::with_projections(folder.config.clone(), quant, dense, projections, &source, device)
+        Self::with_projections(
+            folder.config.clone(),
+            quant,
+            dense,
+            projections,
+            &source,
+            device,
+        )
     }
 
     /// Bytes of the 7 projections as held: codes and scales for packed ones, the tensor's for
@@ -421,8 +439,13 @@ impl Llama {
         let mut n = 0;
         for b in &self.blocks {
             for lin in [
-                &b.attn.q_proj, &b.attn.k_proj, &b.attn.v_proj, &b.attn.o_proj,
-                &b.mlp.gate_proj, &b.mlp.up_proj, &b.mlp.down_proj,
+                &b.attn.q_proj,
+                &b.attn.k_proj,
+                &b.attn.v_proj,
+                &b.attn.o_proj,
+                &b.mlp.gate_proj,
+                &b.mlp.up_proj,
+                &b.mlp.down_proj,
             ] {
                 n += match &lin.weight {
                     Weight::Packed(p) => p.bytes(),
@@ -498,7 +521,11 @@ impl Llama {
             }
             if let Weight::Packed(p) = w {
                 if [p.rows, p.cols] != shape[..] {
-                    bail!("{source}: `{prefix}`: packed [{}, {}] does not fit {shape:?}", p.rows, p.cols);
+                    bail!(
+                        "{source}: `{prefix}`: packed [{}, {}] does not fit {shape:?}",
+                        p.rows,
+                        p.cols
+                    );
                 }
             }
             if let Weight::LowRankQ(l) = w {
@@ -737,7 +764,8 @@ impl Llama {
                     }
                     Weight::Packed(w) => v.push((
                         format!("{p}.{n}.weight"),
-                        w.dense_tensor().expect("a packed weight dequantizes on the CPU"),
+                        w.dense_tensor()
+                            .expect("a packed weight dequantizes on the CPU"),
                     )),
                 }
                 if let Some(bias) = &lin.bias {
@@ -813,102 +841,136 @@ impl Llama {
         ids: &Tensor,
         probe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
+        let ctx = self.sequence(ids)?;
+        let mut x = self.embed(ids, &ctx)?;
+        for layer in 0..self.blocks.len() {
+            x = self.block_forward(layer, &x, &ctx, probe)?;
+        }
+        self.head(&x)
+    }
+
+    /// What every block of one forward pass shares: the shape and the RoPE tables.
+    fn sequence(&self, ids: &Tensor) -> candle_core::Result<Sequence> {
         let (b, t) = ids.dims2()?;
+        self.cfg.check_context(t).map_err(candle_core::Error::Msg)?;
+        let (cos32, sin32) = (
+            self.rope.cos.narrow(0, 0, t)?,
+            self.rope.sin.narrow(0, 0, t)?,
+        );
+        Ok(Sequence {
+            b,
+            t,
+            cos: cos32.to_dtype(self.compute)?,
+            sin: sin32.to_dtype(self.compute)?,
+            cos32,
+            sin32,
+        })
+    }
+
+    /// The token embeddings [b, t, hidden] in the compute dtype.
+    fn embed(&self, ids: &Tensor, s: &Sequence) -> candle_core::Result<Tensor> {
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((s.b, s.t, self.cfg.hidden_size))?
+            .to_dtype(self.compute)
+    }
+
+    /// Decoder block `layer` on the residual stream `x` [b, t, hidden].
+    fn block_forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        s: &Sequence,
+        probe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = (s.b, s.t);
         let cfg = &self.cfg;
-        cfg.check_context(t).map_err(candle_core::Error::Msg)?;
         let q = &self.quant;
+        let blk = &self.blocks[layer];
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
         let rep = nh / nkv;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?
-            .to_dtype(self.compute)?;
-        let (cos32, sin32) = (
-            self.rope.cos.narrow(0, 0, t)?,
-            self.rope.sin.narrow(0, 0, t)?,
-        );
-        let cos = cos32.to_dtype(self.compute)?;
-        let sin = sin32.to_dtype(self.compute)?;
         // A projection's output [b, t, heads * hd] -> rotated [b, heads, t, hd]; while training on
         // a GPU one differentiable kernel does the transpose and the rotation.
         let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
             let x = x.reshape((b, t, heads, hd))?;
             if crate::fused_ops::available(&x) && x.track_op() {
-                crate::fused_ops::rope_transposed(&x, &cos32, &sin32)
+                crate::fused_ops::rope_transposed(&x, &s.cos32, &s.sin32)
             } else {
-                Rope::apply(&x.transpose(1, 2)?, &cos, &sin)
+                Rope::apply(&x.transpose(1, 2)?, &s.cos, &s.sin)
             }
         };
         let scale = 1.0 / (hd as f64).sqrt();
         let sinks = self.grad_sinks.as_deref().filter(|s| !s.by_name.is_empty());
-        let fused_blocks = crate::fused_block::supported(&x, cfg, q, sinks)
+        let fused_blocks = crate::fused_block::supported(x, cfg, q, sinks)
             && self.blocks.iter().all(Block::is_dense);
-        for (layer, blk) in self.blocks.iter().enumerate() {
-            if let (true, Some(sinks)) = (fused_blocks, sinks) {
-                // Training on a GPU: the whole block is one node (no probe: calibration runs on
-                // the teacher, which has no sinks).
-                x = crate::fused_block::block_forward(
-                    &x,
-                    blk,
-                    layer,
-                    cfg,
-                    q,
-                    sinks,
-                    (&cos32, &sin32),
-                )?;
-                continue;
-            }
-            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
-            let eps = cfg.rms_norm_eps;
-            let qs = blk.attn.q_proj.forward(&h, q)?;
-            let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
-            let k = blk.attn.k_proj.forward(&h, q)?;
-            let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
-            let v = quant_kv(&blk.attn.v_proj.forward(&h, q)?, q, hd)?;
-            if q.kv_point == crate::qconfig::KvPoint::PreRope {
-                k = quant_kv(&k, q, hd)?;
-            }
-            let qs = rope(&qs, nh)?;
-            let mut k = rope(&k, nkv)?;
-            if q.kv_point == crate::qconfig::KvPoint::PostRope && q.kv_bits.is_some() {
-                let flat = k.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
-                k = quant_kv(&flat, q, hd)?
-                    .reshape((b, t, nkv, hd))?
-                    .transpose(1, 2)?;
-            }
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            probe(layer, &k, &v)?;
-            // Group the `rep` query heads that share one KV head: [b, nkv, rep * t, hd].
-            let qg = qs.reshape((b, nkv, rep * t, hd))?;
-            let y = if self.fused_attention && crate::causal_attention::supported(&qg) {
-                crate::causal_attention::causal_attention(&qg, &k, &v, t, scale)?
-            } else {
-                causal_softmax(&qg.matmul(&k.contiguous()?.t()?)?, t, scale)?.matmul(&v)?
-            };
-            let y = y
-                .reshape((b, nh, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
-            x = (x + blk.attn.o_proj.forward(&y, q)?)?;
-            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let g = blk.mlp.gate_proj.forward(&h, q)?;
-            let u = blk.mlp.up_proj.forward(&h, q)?;
-            // The fused kernel also serves the frozen teacher in bf16/f16 (one launch instead of
-            // two); f32 keeps the tensor ops the evaluation references were checked against.
-            let fused = g.track_op() || u.track_op() || g.dtype() != DType::F32;
-            let gu = if crate::fused_ops::available(&g) && fused {
-                crate::fused_ops::swiglu(&g, &u)?
-            } else {
-                (g.silu()? * u)?
-            };
-            x = (x + blk.mlp.down_proj.forward(&gu, q)?)?;
+        if let (true, Some(sinks)) = (fused_blocks, sinks) {
+            // Training on a GPU: the whole block is one node (no probe: calibration runs on
+            // the teacher, which has no sinks).
+            return crate::fused_block::block_forward(
+                x,
+                blk,
+                layer,
+                cfg,
+                q,
+                sinks,
+                (&s.cos32, &s.sin32),
+            );
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let h = rms_norm(x, &blk.input_layernorm, cfg.rms_norm_eps)?;
+        let eps = cfg.rms_norm_eps;
+        let qs = blk.attn.q_proj.forward(&h, q)?;
+        let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
+        let k = blk.attn.k_proj.forward(&h, q)?;
+        let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
+        let v = quant_kv(&blk.attn.v_proj.forward(&h, q)?, q, hd)?;
+        if q.kv_point == crate::qconfig::KvPoint::PreRope {
+            k = quant_kv(&k, q, hd)?;
+        }
+        let qs = rope(&qs, nh)?;
+        let mut k = rope(&k, nkv)?;
+        if q.kv_point == crate::qconfig::KvPoint::PostRope && q.kv_bits.is_some() {
+            let flat = k.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
+            k = quant_kv(&flat, q, hd)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
+        }
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        probe(layer, &k, &v)?;
+        // Group the `rep` query heads that share one KV head: [b, nkv, rep * t, hd].
+        let qg = qs.reshape((b, nkv, rep * t, hd))?;
+        let y = if self.fused_attention && crate::causal_attention::supported(&qg) {
+            crate::causal_attention::causal_attention(&qg, &k, &v, t, scale)?
+        } else {
+            causal_softmax(&qg.matmul(&k.contiguous()?.t()?)?, t, scale)?.matmul(&v)?
+        };
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let x = (x + blk.attn.o_proj.forward(&y, q)?)?;
+        let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let g = blk.mlp.gate_proj.forward(&h, q)?;
+        let u = blk.mlp.up_proj.forward(&h, q)?;
+        // The fused kernel also serves the frozen teacher in bf16/f16 (one launch instead of
+        // two); f32 keeps the tensor ops the evaluation references were checked against.
+        let fused = g.track_op() || u.track_op() || g.dtype() != DType::F32;
+        let gu = if crate::fused_ops::available(&g) && fused {
+            crate::fused_ops::swiglu(&g, &u)?
+        } else {
+            (g.silu()? * u)?
+        };
+        x + blk.mlp.down_proj.forward(&gu, q)?
+    }
+
+    /// Final norm and LM head: logits [b, t, vocab] in f32.
+    fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let sinks = self.grad_sinks.as_deref().filter(|s| !s.by_name.is_empty());
+        let x = rms_norm(x, &self.norm, cfg.rms_norm_eps)?;
         // Logits leave in f32 (the losses and the sampler read them in f32).
         if let Some(sink) = sinks.and_then(|s| s.get("lm_head.weight")) {
             if crate::fused_ops::available(&x) {
@@ -925,6 +987,57 @@ impl Llama {
             }
         }
         matmul_t(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32)
+    }
+
+    /// Training with gradient checkpointing: the forward keeps only each block's input (the
+    /// residual stream, detached); the backward recomputes one block at a time and pulls the
+    /// gradient through it, so the autograd graph (activations, and any weight a projection
+    /// materialises, such as a QLoRA base dequantized) never holds more than one block.
+    /// `loss_of(logits)` gives the scalar to differentiate and whatever else the caller reads
+    /// from the logits. Returns that and the gradients of the trainable tensors, as
+    /// `loss.backward()` would (summed in another order where a tensor is used twice, as tied
+    /// embeddings are).
+    pub fn backward_checkpointed<T>(
+        &self,
+        ids: &Tensor,
+        loss_of: impl FnOnce(&Tensor) -> candle_core::Result<(Tensor, T)>,
+    ) -> candle_core::Result<(T, candle_core::backprop::GradStore)> {
+        let ctx = self.sequence(ids)?;
+        let x0 = self.embed(ids, &ctx)?;
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut x = x0.detach();
+        let mut no_probe = |_: usize, _: &Tensor, _: &Tensor| Ok(());
+        for layer in 0..self.blocks.len() {
+            let next = self.block_forward(layer, &x, &ctx, &mut no_probe)?.detach();
+            inputs.push(std::mem::replace(&mut x, next));
+        }
+        let top = candle_core::Var::from_tensor(&x)?;
+        drop(x);
+        let (loss, out) = loss_of(&self.head(top.as_tensor())?)?;
+        let mut grads = loss.backward()?;
+        drop(loss);
+        let mut g = grads.remove(top.as_tensor()).ok_or_else(|| {
+            candle_core::Error::Msg(
+                "checkpointed backward: no gradient reached the last block".into(),
+            )
+        })?;
+        for layer in (0..self.blocks.len()).rev() {
+            let input = candle_core::Var::from_tensor(&inputs[layer])?;
+            let y = self.block_forward(layer, input.as_tensor(), &ctx, &mut no_probe)?;
+            // d(Σ y · g)/dθ is the vector-Jacobian product g · ∂y/∂θ.
+            let mut gi = (y * &g)?.sum_all()?.backward()?;
+            g = gi.remove(input.as_tensor()).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "checkpointed backward: no gradient reached block {layer}"
+                ))
+            })?;
+            grads.extend(gi)?;
+            inputs.truncate(layer);
+        }
+        if x0.track_op() {
+            grads.extend((x0 * &g)?.sum_all()?.backward()?)?;
+        }
+        Ok((out, grads))
     }
 
     /// The dtype the weights are stored in.

@@ -175,12 +175,24 @@ impl GridWeight {
 mod code_tests {
     #[test]
     fn codes_round_half_to_even() {
-        for (v, want) in [(0.5f32, 0i8), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2), (6.49, 6), (100.0, 7), (-9.0, -7)] {
+        for (v, want) in [
+            (0.5f32, 0i8),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (6.49, 6),
+            (100.0, 7),
+            (-9.0, -7),
+        ] {
             assert_eq!(super::code(v, 1.0, 7.0), want, "{v}");
         }
         for i in -2000..2000 {
             let x = i as f32 * 0.0137;
-            assert_eq!(super::code(x, 0.1, 127.0), (x / 0.1).clamp(-127.0, 127.0).round_ties_even() as i8);
+            assert_eq!(
+                super::code(x, 0.1, 127.0),
+                (x / 0.1).clamp(-127.0, 127.0).round_ties_even() as i8
+            );
         }
     }
 }

@@ -141,10 +141,20 @@ pub struct TrainConfig {
     /// made before the setting existed keep their fingerprints.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub kv_equalize: f64,
+    /// Gradient checkpointing: keep only each decoder block's input and recompute the block
+    /// in the backward pass, so training holds one block's activations (and one block's
+    /// materialised weights) at a time: less memory, about one more forward pass of time.
+    /// Left out of the serialized config when off (fingerprints of earlier runs stay valid).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub checkpoint_activations: bool,
 }
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 impl TrainConfig {
@@ -174,6 +184,7 @@ impl TrainConfig {
             train_norms: true,
             train_lm_head: true,
             kv_equalize: 0.0,
+            checkpoint_activations: false,
         }
     }
 

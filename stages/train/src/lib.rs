@@ -524,14 +524,34 @@ pub fn train_until_on(
             prof.mark("data")?;
             let teacher_logits = teacher.forward(&ids)?;
             prof.mark("teacher forward")?;
-            let student_logits = stu.model.forward(&ids)?;
-            prof.mark("student forward")?;
-            let d = loss::distill_loss(
-                &teacher_logits,
-                &student_logits,
-                batch.mask.as_deref(),
-                cfg.temperature,
-            )?;
+            // Gradients of the mean over micro-batches: each backward sees loss / grad_accum.
+            let scaled = |d: &loss::Distill| d.loss.affine(1.0 / cfg.grad_accum as f64, 0.0);
+            let (d, g) = if cfg.checkpoint_activations {
+                let (d, g) = stu.model.backward_checkpointed(&ids, |logits| {
+                    let d = loss::distill_loss(
+                        &teacher_logits,
+                        logits,
+                        batch.mask.as_deref(),
+                        cfg.temperature,
+                    )
+                    .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+                    Ok((scaled(&d)?, d))
+                })?;
+                prof.mark("student forward and backward (checkpointed)")?;
+                (d, g)
+            } else {
+                let student_logits = stu.model.forward(&ids)?;
+                prof.mark("student forward")?;
+                let d = loss::distill_loss(
+                    &teacher_logits,
+                    &student_logits,
+                    batch.mask.as_deref(),
+                    cfg.temperature,
+                )?;
+                let g = scaled(&d)?.backward()?;
+                prof.mark("backward")?;
+                (d, g)
+            };
             let mut value = d.loss.to_scalar::<f32>()? as f64;
             if injected_fault("loss", step) {
                 value = f64::NAN;
@@ -545,12 +565,6 @@ pub fn train_until_on(
                     cfg.lr
                 );
             }
-            // Gradients of the mean over micro-batches: each backward sees loss / grad_accum.
-            let g = d
-                .loss
-                .affine(1.0 / cfg.grad_accum as f64, 0.0)?
-                .backward()?;
-            prof.mark("backward")?;
             for ((acc, p), sink) in grads.iter_mut().zip(&stu.params).zip(&sink_of) {
                 let gi = match g.get(p.var.as_tensor()) {
                     // Detached: a gradient computed through another trainable tensor (LoRA's

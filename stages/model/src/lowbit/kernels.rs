@@ -64,7 +64,10 @@ fn detect() -> Isa {
 fn dot_f32_lanes(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = [0f32; F32_LANES];
-    let (ac, bc) = (a[..n].chunks_exact(F32_LANES), b[..n].chunks_exact(F32_LANES));
+    let (ac, bc) = (
+        a[..n].chunks_exact(F32_LANES),
+        b[..n].chunks_exact(F32_LANES),
+    );
     let (ar, br) = (ac.remainder(), bc.remainder());
     for (x, y) in ac.zip(bc) {
         for j in 0..F32_LANES {
@@ -209,7 +212,10 @@ multiversion! {
 /// `vpdpbusd` (u8 × i8, four products per i32 lane) on two blocks at a time, AVX2's
 /// `vpmaddubsw` + `vpmaddwd` one block at a time; the portable loop elsewhere.
 pub fn q4_dot_i8(codes: &[u8], q: &[i8]) -> i32 {
-    assert!(codes.len() * 2 == q.len() && codes.len() % 16 == 0, "q4_dot_i8: blocks do not fit");
+    assert!(
+        codes.len() * 2 == q.len() && codes.len() % 16 == 0,
+        "q4_dot_i8: blocks do not fit"
+    );
     #[cfg(target_arch = "x86_64")]
     match isa() {
         // SAFETY: `isa()` returns these only when the CPU has the features; the loads stay
@@ -243,9 +249,15 @@ mod x86 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_si256();
         for k in 0..codes.len() / 16 {
-            acc = _mm256_add_epi32(acc, block_avx2(codes.as_ptr().add(16 * k), q.as_ptr().add(32 * k), ones));
+            acc = _mm256_add_epi32(
+                acc,
+                block_avx2(codes.as_ptr().add(16 * k), q.as_ptr().add(32 * k), ones),
+            );
         }
-        let s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256(acc, 1),
+        );
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
         _mm_cvtsi128_si32(s)
@@ -270,7 +282,11 @@ mod x86 {
         let mut total = _mm512_reduce_add_epi32(acc);
         if blocks % 2 == 1 {
             let k = blocks - 1;
-            let t = block_avx2(codes.as_ptr().add(16 * k), q.as_ptr().add(32 * k), _mm256_set1_epi16(1));
+            let t = block_avx2(
+                codes.as_ptr().add(16 * k),
+                q.as_ptr().add(32 * k),
+                _mm256_set1_epi16(1),
+            );
             let s = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -289,7 +305,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -322,7 +340,11 @@ mod tests {
         let mut x: Vec<f32> = (0..96).map(|_| lcg(&mut s)).collect();
         x[70..].iter_mut().for_each(|v| *v = 0.0);
         let q: Vec<i8> = x.iter().map(|v| (v * 250.0) as i8).collect();
-        let exact: i32 = codes.iter().zip(&q).map(|(c, q)| *c as i32 * *q as i32).sum();
+        let exact: i32 = codes
+            .iter()
+            .zip(&q)
+            .map(|(c, q)| *c as i32 * *q as i32)
+            .sum();
         let qsum: i32 = q.iter().map(|&v| v as i32).sum();
         assert_eq!(q4_dot_i8(&packed, &q) - 8 * qsum, exact);
         assert_eq!(q4_dot_i8(&packed, &q), q4_dot_i8_lanes(&packed, &q));
@@ -332,16 +354,27 @@ mod tests {
             let q: Vec<i8> = (0..32 * blocks).map(|i| (i * 53 + 7) as i8).collect();
             let want = q4_dot_i8_lanes(&c, &q);
             if is_x86_feature_detected!("avx2") {
-                assert_eq!(unsafe { x86::q4_dot_i8_avx2(&c, &q) }, want, "avx2, {blocks} blocks");
+                assert_eq!(
+                    unsafe { x86::q4_dot_i8_avx2(&c, &q) },
+                    want,
+                    "avx2, {blocks} blocks"
+                );
             }
             if detect() == Isa::Avx512 {
-                assert_eq!(unsafe { x86::q4_dot_i8_vnni(&c, &q) }, want, "vnni, {blocks} blocks");
+                assert_eq!(
+                    unsafe { x86::q4_dot_i8_vnni(&c, &q) },
+                    want,
+                    "vnni, {blocks} blocks"
+                );
             }
         }
         let f = q4_dot_f32(&packed, &x);
         assert_eq!(f.to_bits(), q4_dot_f32_lanes(&packed, &x).to_bits());
-        let want: f64 = codes.iter().zip(&x).map(|(c, v)| *c as f64 * *v as f64).sum();
+        let want: f64 = codes
+            .iter()
+            .zip(&x)
+            .map(|(c, v)| *c as f64 * *v as f64)
+            .sum();
         assert!((f as f64 - want).abs() < 1e-4, "{f} vs {want}");
     }
-
 }

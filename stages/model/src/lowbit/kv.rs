@@ -101,7 +101,11 @@ impl KvCodes {
                         format.name()
                     );
                 }
-                let b = if format == KvCacheFormat::Q8_0 { width } else { width / 2 };
+                let b = if format == KvCacheFormat::Q8_0 {
+                    width
+                } else {
+                    width / 2
+                };
                 (b, width / QBLOCK)
             }
         };
@@ -117,7 +121,11 @@ impl KvCodes {
 
     /// Bytes held (codes and scales as stored: f32 per token, f16 per q block).
     pub fn bytes(&self) -> usize {
-        let scale_bytes = if self.format.token_bits().is_some() { 4 } else { 2 };
+        let scale_bytes = if self.format.token_bits().is_some() {
+            4
+        } else {
+            2
+        };
         self.k.len() + self.v.len() + scale_bytes * (self.k_scale.len() + self.v_scale.len())
     }
 
@@ -139,7 +147,10 @@ impl KvCodes {
     pub fn write(&mut self, pos: usize, k: &[f32], v: &[f32]) {
         let (cb, sp) = (self.code_bytes(), self.scales_per_token());
         let (format, width) = (self.format, self.width);
-        for (row, codes, scales) in [(k, &mut self.k, &mut self.k_scale), (v, &mut self.v, &mut self.v_scale)] {
+        for (row, codes, scales) in [
+            (k, &mut self.k, &mut self.k_scale),
+            (v, &mut self.v, &mut self.v_scale),
+        ] {
             let dst = &mut codes[pos * cb..(pos + 1) * cb];
             let sdst = &mut scales[pos * sp..(pos + 1) * sp];
             encode(format, width, row, dst, sdst);
@@ -149,12 +160,19 @@ impl KvCodes {
     /// Token `t`'s K (or V) row, dequantized into `out`.
     fn read(&self, value: bool, t: usize, codes_buf: &mut [i8], out: &mut [f32]) {
         let (cb, sp) = (self.code_bytes(), self.scales_per_token());
-        let (codes, scales) = if value { (&self.v, &self.v_scale) } else { (&self.k, &self.k_scale) };
+        let (codes, scales) = if value {
+            (&self.v, &self.v_scale)
+        } else {
+            (&self.k, &self.k_scale)
+        };
         let src = &codes[t * cb..(t + 1) * cb];
         let s = &scales[t * sp..(t + 1) * sp];
         match self.format {
             KvCacheFormat::Int4 | KvCacheFormat::Q4_0 => unpack_q4_blocks(src, codes_buf),
-            _ => codes_buf.iter_mut().zip(src).for_each(|(c, &b)| *c = b as i8),
+            _ => codes_buf
+                .iter_mut()
+                .zip(src)
+                .for_each(|(c, &b)| *c = b as i8),
         }
         match self.format.token_bits() {
             Some(_) => scale_i8(codes_buf, s[0], out),
@@ -168,7 +186,15 @@ impl KvCodes {
 
     /// Attention of one token's queries `q` [nh × hd] over the first `n` cached tokens:
     /// softmax(q·k · scale) · v per query head, grouped heads sharing their KV head.
-    pub fn attend(&self, q: &[f32], n: usize, nh: usize, nkv: usize, hd: usize, scale: f32) -> Vec<f32> {
+    pub fn attend(
+        &self,
+        q: &[f32],
+        n: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        scale: f32,
+    ) -> Vec<f32> {
         let rep = nh / nkv;
         let mut codes = vec![0i8; self.width];
         let mut row = vec![0f32; self.width];
@@ -177,7 +203,8 @@ impl KvCodes {
             self.read(false, t, &mut codes, &mut row);
             for h in 0..nh {
                 let g = h / rep;
-                scores[h * n + t] = dot_f32(&q[h * hd..(h + 1) * hd], &row[g * hd..(g + 1) * hd]) * scale;
+                scores[h * n + t] =
+                    dot_f32(&q[h * hd..(h + 1) * hd], &row[g * hd..(g + 1) * hd]) * scale;
             }
         }
         for s in scores.chunks_mut(n) {
@@ -196,7 +223,10 @@ impl KvCodes {
             self.read(true, t, &mut codes, &mut row);
             for h in 0..nh {
                 let (g, p) = (h / rep, scores[h * n + t]);
-                for (o, &v) in out[h * hd..(h + 1) * hd].iter_mut().zip(&row[g * hd..(g + 1) * hd]) {
+                for (o, &v) in out[h * hd..(h + 1) * hd]
+                    .iter_mut()
+                    .zip(&row[g * hd..(g + 1) * hd])
+                {
                     *o += p * v;
                 }
             }
@@ -219,7 +249,11 @@ fn encode(format: KvCacheFormat, width: usize, row: &[f32], codes: &mut [u8], sc
             }
         }
         KvCacheFormat::Q8_0 => {
-            for ((blk, out), s) in row.chunks(QBLOCK).zip(codes.chunks_mut(QBLOCK)).zip(scales.iter_mut()) {
+            for ((blk, out), s) in row
+                .chunks(QBLOCK)
+                .zip(codes.chunks_mut(QBLOCK))
+                .zip(scales.iter_mut())
+            {
                 let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -231,8 +265,14 @@ fn encode(format: KvCacheFormat, width: usize, row: &[f32], codes: &mut [u8], sc
         }
         KvCacheFormat::Q4_0 => {
             let mut q = [0i8; QBLOCK];
-            for ((blk, out), s) in row.chunks(QBLOCK).zip(codes.chunks_mut(QBLOCK / 2)).zip(scales.iter_mut()) {
-                let max = blk.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            for ((blk, out), s) in row
+                .chunks(QBLOCK)
+                .zip(codes.chunks_mut(QBLOCK / 2))
+                .zip(scales.iter_mut())
+            {
+                let max = blk
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
                 let d = max / -8.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 for (c, &x) in q.iter_mut().zip(blk) {
@@ -254,7 +294,9 @@ mod tests {
         let mut s = seed;
         (0..width)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 3.0
             })
             .collect()
@@ -267,8 +309,14 @@ mod tests {
             let mut c = KvCodes::new(f, width, 3).unwrap();
             let (k, v) = (row(width, 1), row(width, 2));
             c.write(1, &k, &v);
-            let t = candle_core::Tensor::from_vec(k.clone(), (1, width), &candle_core::Device::Cpu).unwrap();
-            let want: Vec<f32> = quant::fake_quant(&t, bits, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let t = candle_core::Tensor::from_vec(k.clone(), (1, width), &candle_core::Device::Cpu)
+                .unwrap();
+            let want: Vec<f32> = quant::fake_quant(&t, bits, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let (mut codes, mut got) = (vec![0i8; width], vec![0f32; width]);
             c.read(false, 1, &mut codes, &mut got);
             assert_eq!(got, want, "{f:?}");
@@ -280,7 +328,10 @@ mod tests {
         let width = 64;
         // q8_0 rounds to the nearest of its steps; q4_0's -8..=7 codes clip a value opposite
         // the block's extreme by up to one whole step.
-        for (f, step) in [(KvCacheFormat::Q8_0, 0.51 / 127.0), (KvCacheFormat::Q4_0, 1.01 / 8.0)] {
+        for (f, step) in [
+            (KvCacheFormat::Q8_0, 0.51 / 127.0),
+            (KvCacheFormat::Q4_0, 1.01 / 8.0),
+        ] {
             let mut c = KvCodes::new(f, width, 1).unwrap();
             let k = row(width, 3);
             c.write(0, &k, &k);
@@ -299,7 +350,8 @@ mod tests {
     #[test]
     fn int4_takes_about_a_quarter_of_bf16() {
         let (w, bf16) = (192, 2);
-        let r = KvCacheFormat::Int4.row_bytes(w, bf16) as f64 / KvCacheFormat::Float.row_bytes(w, bf16) as f64;
+        let r = KvCacheFormat::Int4.row_bytes(w, bf16) as f64
+            / KvCacheFormat::Float.row_bytes(w, bf16) as f64;
         assert!(r < 0.3, "{r}");
         let c = KvCodes::new(KvCacheFormat::Int4, w, 10).unwrap();
         assert_eq!(c.bytes(), 2 * 10 * KvCacheFormat::Int4.row_bytes(w, bf16));

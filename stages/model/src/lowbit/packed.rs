@@ -13,7 +13,9 @@
 //! fake-quantized product sums (c·s)(q·α) in another order, so results agree to rounding,
 //! not bit for bit.
 
-use super::kernels::{dot_f32, dot_i8, pack_q4_blocks, q4_dot_f32, q4_dot_i8, scale_i8, unpack_q4_blocks};
+use super::kernels::{
+    dot_f32, dot_i8, pack_q4_blocks, q4_dot_f32, q4_dot_i8, scale_i8, unpack_q4_blocks,
+};
 use quant::GridWeight;
 use rayon::prelude::*;
 
@@ -49,8 +51,15 @@ pub struct PackedLinear {
 impl PackedLinear {
     pub fn from_grid(g: &GridWeight) -> candle_core::Result<Self> {
         let (lo, hi) = g.code_range();
-        if let Some(c) = g.codes.iter().find(|&&c| (c as i32) < lo || (c as i32) > hi) {
-            candle_core::bail!("packed weight: code {c} outside {lo}..={hi} for {} bits", g.bits);
+        if let Some(c) = g
+            .codes
+            .iter()
+            .find(|&&c| (c as i32) < lo || (c as i32) > hi)
+        {
+            candle_core::bail!(
+                "packed weight: code {c} outside {lo}..={hi} for {} bits",
+                g.bits
+            );
         }
         let layout = if g.bits <= 4 && (g.group >= g.cols || g.group % BLOCK == 0) {
             Layout::Q4Blocks
@@ -105,7 +114,10 @@ impl PackedLinear {
         for r in 0..self.rows {
             match self.layout {
                 Layout::Q4Blocks => unpack_q4_blocks(self.row(r), &mut codes),
-                Layout::Bytes => codes.iter_mut().zip(self.row(r)).for_each(|(c, &b)| *c = b as i8),
+                Layout::Bytes => codes
+                    .iter_mut()
+                    .zip(self.row(r))
+                    .for_each(|(c, &b)| *c = b as i8),
             }
             for (j, g) in codes.chunks(self.group).enumerate() {
                 let s = self.scales[r * self.groups() + j];
@@ -119,7 +131,11 @@ impl PackedLinear {
     /// The dequantized weight as a CPU tensor [rows, cols] (a copy: for the paths that need a
     /// dense matrix, such as saving or the GPU).
     pub fn dense_tensor(&self) -> candle_core::Result<candle_core::Tensor> {
-        candle_core::Tensor::from_vec(self.dequantize(), (self.rows, self.cols), &candle_core::Device::Cpu)
+        candle_core::Tensor::from_vec(
+            self.dequantize(),
+            (self.rows, self.cols),
+            &candle_core::Device::Cpu,
+        )
     }
 
     /// `x [.., cols]` (f32, CPU) times this weight transposed, plus `bias`: [.., rows].
@@ -138,7 +154,10 @@ impl PackedLinear {
         }
         let mut dims = x.dims().to_vec();
         if dims.last() != Some(&self.cols) {
-            candle_core::bail!("packed product: input {dims:?} does not end in {}", self.cols);
+            candle_core::bail!(
+                "packed product: input {dims:?} does not end in {}",
+                self.cols
+            );
         }
         let n = x.elem_count() / self.cols;
         let y = self.forward(&x.flatten_all()?.to_vec1::<f32>()?, n, a_bits);
@@ -181,7 +200,9 @@ impl PackedLinear {
                 let qsum: Vec<i32> = (0..n)
                     .flat_map(|b| {
                         let row = &q[b * cols..(b + 1) * cols];
-                        row.chunks(group).map(|g| g.iter().map(|&v| v as i32).sum::<i32>()).collect::<Vec<_>>()
+                        row.chunks(group)
+                            .map(|g| g.iter().map(|&v| v as i32).sum::<i32>())
+                            .collect::<Vec<_>>()
                     })
                     .collect();
                 Acts::Int { q: qp, alpha, qsum }
@@ -189,69 +210,92 @@ impl PackedLinear {
             None => Acts::Float(pad(x)),
         };
         // A group's span in the padded row: whole blocks, the last group running to the end.
-        let span = |j: usize| (j * group, if j + 1 == groups { width } else { (j + 1) * group });
+        let span = |j: usize| {
+            (
+                j * group,
+                if j + 1 == groups {
+                    width
+                } else {
+                    (j + 1) * group
+                },
+            )
+        };
         // Transposed result [rows, n]: each task owns whole output rows.
         let mut yt = vec![0f32; self.rows * n];
         // Few, large tasks: a product is microseconds of work at batch 1, and each task
         // costs a wake-up.
         let per_task = ROWS_PER_TASK.max(self.rows.div_ceil(2 * rayon::current_num_threads()));
-        yt.par_chunks_mut(per_task * n).enumerate().for_each(|(task, out)| {
-            let mut wf = vec![0f32; if self.layout == Layout::Bytes { cols } else { 0 }];
-            for (k, yrow) in out.chunks_mut(n).enumerate() {
-                let r = task * per_task + k;
-                let (row, s) = (self.row(r), &self.scales[r * groups..(r + 1) * groups]);
-                match (self.layout, &acts) {
-                    (Layout::Q4Blocks, Acts::Int { q, alpha, qsum }) => {
-                        for (b, y) in yrow.iter_mut().enumerate() {
-                            let qb = &q[b * width..(b + 1) * width];
-                            let mut acc = 0f32;
-                            for (j, sj) in s.iter().enumerate() {
-                                let (lo, hi) = span(j);
-                                let d = q4_dot_i8(&row[lo / 2..hi / 2], &qb[lo..hi]) - 8 * qsum[b * groups + j];
-                                acc += sj * d as f32;
-                            }
-                            *y = acc * alpha[b];
-                        }
+        yt.par_chunks_mut(per_task * n)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let mut wf = vec![
+                    0f32;
+                    if self.layout == Layout::Bytes {
+                        cols
+                    } else {
+                        0
                     }
-                    (Layout::Q4Blocks, Acts::Float(xp)) => {
-                        for (b, y) in yrow.iter_mut().enumerate() {
-                            let xb = &xp[b * width..(b + 1) * width];
-                            let mut acc = 0f32;
-                            for (j, sj) in s.iter().enumerate() {
-                                let (lo, hi) = span(j);
-                                acc += sj * q4_dot_f32(&row[lo / 2..hi / 2], &xb[lo..hi]);
+                ];
+                for (k, yrow) in out.chunks_mut(n).enumerate() {
+                    let r = task * per_task + k;
+                    let (row, s) = (self.row(r), &self.scales[r * groups..(r + 1) * groups]);
+                    match (self.layout, &acts) {
+                        (Layout::Q4Blocks, Acts::Int { q, alpha, qsum }) => {
+                            for (b, y) in yrow.iter_mut().enumerate() {
+                                let qb = &q[b * width..(b + 1) * width];
+                                let mut acc = 0f32;
+                                for (j, sj) in s.iter().enumerate() {
+                                    let (lo, hi) = span(j);
+                                    let d = q4_dot_i8(&row[lo / 2..hi / 2], &qb[lo..hi])
+                                        - 8 * qsum[b * groups + j];
+                                    acc += sj * d as f32;
+                                }
+                                *y = acc * alpha[b];
                             }
-                            *y = acc;
                         }
-                    }
-                    (Layout::Bytes, Acts::Int { q, alpha, .. }) => {
-                        // SAFETY-free reinterpretation: the bytes are the i8 codes.
-                        let codes: Vec<i8> = row.iter().map(|&b| b as i8).collect();
-                        for (b, y) in yrow.iter_mut().enumerate() {
-                            let qb = &q[b * width..(b + 1) * width];
-                            let mut acc = 0f32;
-                            for (j, (cg, qg)) in codes.chunks(group).zip(qb.chunks(group)).enumerate() {
-                                acc += s[j] * dot_i8(cg, qg) as f32;
+                        (Layout::Q4Blocks, Acts::Float(xp)) => {
+                            for (b, y) in yrow.iter_mut().enumerate() {
+                                let xb = &xp[b * width..(b + 1) * width];
+                                let mut acc = 0f32;
+                                for (j, sj) in s.iter().enumerate() {
+                                    let (lo, hi) = span(j);
+                                    acc += sj * q4_dot_f32(&row[lo / 2..hi / 2], &xb[lo..hi]);
+                                }
+                                *y = acc;
                             }
-                            *y = acc * alpha[b];
                         }
-                    }
-                    (Layout::Bytes, Acts::Float(xp)) => {
-                        for (w, &c) in wf.iter_mut().zip(row) {
-                            *w = c as i8 as f32;
-                        }
-                        for (b, y) in yrow.iter_mut().enumerate() {
-                            let xb = &xp[b * width..(b + 1) * width];
-                            let mut acc = 0f32;
-                            for (j, (wg, xg)) in wf.chunks(group).zip(xb.chunks(group)).enumerate() {
-                                acc += s[j] * dot_f32(wg, xg);
+                        (Layout::Bytes, Acts::Int { q, alpha, .. }) => {
+                            // SAFETY-free reinterpretation: the bytes are the i8 codes.
+                            let codes: Vec<i8> = row.iter().map(|&b| b as i8).collect();
+                            for (b, y) in yrow.iter_mut().enumerate() {
+                                let qb = &q[b * width..(b + 1) * width];
+                                let mut acc = 0f32;
+                                for (j, (cg, qg)) in
+                                    codes.chunks(group).zip(qb.chunks(group)).enumerate()
+                                {
+                                    acc += s[j] * dot_i8(cg, qg) as f32;
+                                }
+                                *y = acc * alpha[b];
                             }
-                            *y = acc;
+                        }
+                        (Layout::Bytes, Acts::Float(xp)) => {
+                            for (w, &c) in wf.iter_mut().zip(row) {
+                                *w = c as i8 as f32;
+                            }
+                            for (b, y) in yrow.iter_mut().enumerate() {
+                                let xb = &xp[b * width..(b + 1) * width];
+                                let mut acc = 0f32;
+                                for (j, (wg, xg)) in
+                                    wf.chunks(group).zip(xb.chunks(group)).enumerate()
+                                {
+                                    acc += s[j] * dot_f32(wg, xg);
+                                }
+                                *y = acc;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         let mut y = vec![0f32; n * self.rows];
         for (r, col) in yt.chunks(n).enumerate() {
             for (b, &v) in col.iter().enumerate() {
@@ -265,7 +309,11 @@ impl PackedLinear {
 /// The activations of one product, as the kernels read them (rows padded to the layout).
 enum Acts {
     Float(Vec<f32>),
-    Int { q: Vec<i8>, alpha: Vec<f32>, qsum: Vec<i32> },
+    Int {
+        q: Vec<i8>,
+        alpha: Vec<f32>,
+        qsum: Vec<i32>,
+    },
 }
 
 /// Per-token symmetric MinMax codes of `x` [n, cols] with `bits` bits and their scales: the
@@ -294,7 +342,9 @@ mod tests {
         let mut s = seed;
         (0..rows * cols)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -302,35 +352,48 @@ mod tests {
 
     #[test]
     fn products_from_codes_match_the_fake_quantized_weights() {
-        for (bits, group) in [(4, None), (4, Some(32)), (4, Some(64)), (3, Some(16)), (8, None), (2, Some(128))] {
-          for cols in [96, 100] {
-            let (rows, n) = (37, 5);
-            let w = weights(rows, cols, 1);
-            let x = weights(n, cols, 2);
-            let g = GridWeight::minmax(&w, rows, cols, bits, group, quant::ScaleDtype::F32);
-            let p = PackedLinear::from_grid(&g).unwrap();
-            let dense = g.values();
-            assert_eq!(p.dequantize(), dense, "{bits} bits, group {group:?}");
-            for a_bits in [None, Some(8)] {
-                let xs = match a_bits {
-                    Some(b) => {
-                        let (q, a) = quantize_rows(&x, n, cols, b);
-                        q.iter().enumerate().map(|(i, &c)| c as f32 * a[i / cols]).collect()
-                    }
-                    None => x.clone(),
-                };
-                let y = p.forward(&x, n, a_bits);
-                for b in 0..n {
-                    for r in 0..rows {
-                        let want: f64 = (0..cols)
-                            .map(|i| xs[b * cols + i] as f64 * dense[r * cols + i] as f64)
-                            .sum();
-                        let got = y[b * rows + r] as f64;
-                        assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "{got} vs {want}");
+        for (bits, group) in [
+            (4, None),
+            (4, Some(32)),
+            (4, Some(64)),
+            (3, Some(16)),
+            (8, None),
+            (2, Some(128)),
+        ] {
+            for cols in [96, 100] {
+                let (rows, n) = (37, 5);
+                let w = weights(rows, cols, 1);
+                let x = weights(n, cols, 2);
+                let g = GridWeight::minmax(&w, rows, cols, bits, group, quant::ScaleDtype::F32);
+                let p = PackedLinear::from_grid(&g).unwrap();
+                let dense = g.values();
+                assert_eq!(p.dequantize(), dense, "{bits} bits, group {group:?}");
+                for a_bits in [None, Some(8)] {
+                    let xs = match a_bits {
+                        Some(b) => {
+                            let (q, a) = quantize_rows(&x, n, cols, b);
+                            q.iter()
+                                .enumerate()
+                                .map(|(i, &c)| c as f32 * a[i / cols])
+                                .collect()
+                        }
+                        None => x.clone(),
+                    };
+                    let y = p.forward(&x, n, a_bits);
+                    for b in 0..n {
+                        for r in 0..rows {
+                            let want: f64 = (0..cols)
+                                .map(|i| xs[b * cols + i] as f64 * dense[r * cols + i] as f64)
+                                .sum();
+                            let got = y[b * rows + r] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                                "{got} vs {want}"
+                            );
+                        }
                     }
                 }
             }
-          }
         }
     }
 
@@ -338,10 +401,20 @@ mod tests {
     fn activation_codes_are_the_fake_quantizers() {
         let (n, cols) = (3, 40);
         let x = weights(n, cols, 3);
-        let t = candle_core::Tensor::from_vec(x.clone(), (n, cols), &candle_core::Device::Cpu).unwrap();
-        let fq: Vec<f32> = quant::fake_quant(&t, 8, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let t =
+            candle_core::Tensor::from_vec(x.clone(), (n, cols), &candle_core::Device::Cpu).unwrap();
+        let fq: Vec<f32> = quant::fake_quant(&t, 8, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let (q, a) = quantize_rows(&x, n, cols, 8);
-        let back: Vec<f32> = q.iter().enumerate().map(|(i, &c)| c as f32 * a[i / cols]).collect();
+        let back: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| c as f32 * a[i / cols])
+            .collect();
         assert_eq!(back, fq);
     }
 }
