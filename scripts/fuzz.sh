@@ -48,8 +48,8 @@ if [ -x "$BIN" ]; then
   python3 -c "import json; print(json.dumps(json.load(open('$W/q/config.json'))['quantization_config']))" >"$W/bq.json"
   { printf '\1'; cat "$W/bq.json"; printf '\0'; cat "$W/q/model.safetensors"; } >$C/bnb_folder/bnb
 fi
-cp "$S/models/stories260k/tokenizer.json" $C/tokenizer/stories260k
-cp "$S/models/tinystories-656k/tokenizer.json" $C/tokenizer/tinystories-656k 2>/dev/null || true
+install -m 644 "$S/models/stories260k/tokenizer.json" $C/tokenizer/stories260k
+install -m 644 "$S/models/tinystories-656k/tokenizer.json" $C/tokenizer/tinystories-656k
 for p in pipelines/*.toml; do cp "$p" "$C/pipeline_toml/$(basename "$p")"; done
 printf '[train]\nsteps = 10\nbatch = 2\nseq_len = 16\n' >$C/train_toml/train
 printf 'steps = 10\nbatch = 2\nseq_len = 16\nlr = 1e-3\nschedule = "cosine"\n' >$C/train_toml/t1
@@ -60,5 +60,5 @@ cd fuzz
 for t in $TARGETS; do
   echo "== $t: $SECS s"
   cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=4096 -timeout=10 \
-    -print_final_stats=1 2>&1 | grep -E "^(stat::|==|INFO: seed|Done|SUMMARY|.*deadly|.*crash-|.*leak)" || true
+    -print_final_stats=1 2>&1 | grep -a -E "^(stat::|==|INFO: seed|Done|SUMMARY|.*deadly|.*crash-|.*leak)" || true
 done
