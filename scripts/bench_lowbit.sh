@@ -4,7 +4,9 @@
 #   scripts/bench_lowbit.sh [OUT_JSON]        (default benchmarks/lowbit-decode-cpu.json)
 # Models: ../shared/models/stories260k and the 135M-class synthetic shape (smollm-135m).
 # Every configuration runs REPEATS times, interleaved, one process per (config, batch) so
-# each peak RSS is its own; the JSON keeps the median tokens/s and every sample.
+# each peak RSS is its own; the JSON keeps the median tokens/s and every sample. The packed
+# configurations load a `pipeline export --format packed` folder of the model's W4 per-channel
+# grid (what a deployed student ships), so their peak memory is the deployed one.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -18,28 +20,40 @@ mkdir -p "$W"
 [ -f "$W/smollm-135m/config.json" ] || "$BIN" synth-model --shape smollm-135m --out "$W/smollm-135m" >/dev/null
 COPY=$("$BIN" bench device --copy-mib 512 --matmul-n 64 | python3 -c "import json,sys; print(json.load(sys.stdin)['copy_gb_per_s'])")
 
-# name | extra flags
+# name | source (the model folder, or its packed export) | extra flags
 CONFIGS=(
-  "teacher-f32|"
-  "teacher-bf16|--dtype bf16"
-  "fake-quant-w4a8kv4|--w-bits 4 --a-bits 8 --kv-bits 4"
-  "packed-w4a8-int4|--w-bits 4 --a-bits 8 --kv-bits 4 --packed --kv-cache int4"
-  "packed-w4a8-int8|--w-bits 4 --a-bits 8 --kv-bits 8 --packed --kv-cache int8"
-  "packed-w4-int4|--w-bits 4 --kv-bits 4 --packed --kv-cache int4"
-  "packed-w4a8-q4_0|--w-bits 4 --a-bits 8 --packed --kv-cache q4_0"
+  "teacher-f32|model|"
+  "teacher-bf16|model|--dtype bf16"
+  "fake-quant-w4a8kv4|model|--w-bits 4 --a-bits 8 --kv-bits 4"
+  "packed-w4a8-int4|packed|--a-bits 8 --kv-bits 4 --packed --kv-cache int4"
+  "packed-w4a8-int8|packed|--a-bits 8 --kv-bits 8 --packed --kv-cache int8"
+  "packed-w4-int4|packed|--kv-bits 4 --packed --kv-cache int4"
+  "packed-w4a8-q4_0|packed|--a-bits 8 --packed --kv-cache q4_0"
 )
+# The packed export of each model's W4 per-channel grid.
+for model in "$S/models/stories260k" "$W/smollm-135m"; do
+  n=$(basename "$model")
+  if [ ! -f "$W/$n-packed/model/packed.json" ]; then
+    rm -rf "$W/$n-student" "$W/$n-packed"
+    mkdir -p "$W/$n-student"
+    cp "$model"/config.json "$model"/tokenizer.json "$model"/model.safetensors "$W/$n-student/"
+    echo '{"w_bits": 4, "w_group": null, "a_bits": 8, "kv_bits": 4}' >"$W/$n-student/quantization.json"
+    "$BIN" export --student "$W/$n-student" --out "$W/$n-packed" --format packed >/dev/null
+  fi
+done
 RAW="$W/raw.jsonl"
 : >"$RAW"
 for model in "$S/models/stories260k" "$W/smollm-135m"; do
   for r in $(seq "$REPEATS"); do
     for c in "${CONFIGS[@]}"; do
-      name=${c%%|*}
-      flags=${c#*|}
+      IFS='|' read -r name source flags <<<"$c"
+      m=$model
+      [ "$source" = packed ] && m=$W/$(basename "$model")-packed/model
       for b in 1 64; do
         # shellcheck disable=SC2086
-        "$BIN" bench decode --model "$model" --batch "$b" --steps "$STEPS" --warmup 4 \
+        "$BIN" bench decode --model "$m" --batch "$b" --steps "$STEPS" --warmup 4 \
           --copy-gbps "$COPY" $flags 2>/dev/null |
-          python3 -c "import json,sys; v=json.load(sys.stdin); v['config']='$name'; v['flags']='$flags'; v['repeat']=$r; print(json.dumps(v))" >>"$RAW"
+          python3 -c "import json,sys; v=json.load(sys.stdin); v['config']='$name'; v['flags']='$flags'; v['repeat']=$r; v['model_name']='$(basename "$model")'; print(json.dumps(v))" >>"$RAW"
       done
     done
   done
@@ -52,7 +66,7 @@ rows = [json.loads(l) for l in open(raw)]
 groups = {}
 for v in rows:
     r = v["runs"][0]
-    key = (os.path.basename(v["model"]), v["config"], r["batch"])
+    key = (v["model_name"], v["config"], r["batch"])
     g = groups.setdefault(key, {"samples": [], "rss": [], "v": v, "r": r})
     g["samples"].append(r["tokens_per_second"])
     g["rss"].append(v["peak_rss_bytes"])
