@@ -21,8 +21,8 @@ fuzz_target!(|data: &[u8]| {
         cfg["quantization_config"] = q;
         std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
     }
-    if quantize::is_quantized_folder(&d) {
-        let _ = quantize::load_blockwise(&d, &files);
-        let _ = quantize::load_dequantized(&d, &files);
+    if quant::block_folder::is_quantized_folder(&d) {
+        let _ = quant::block_folder::load_blockwise(&d, &files);
+        let _ = quant::block_folder::load_dequantized(&d, &files);
     }
 });

@@ -1,5 +1,5 @@
 #![no_main]
-// model.safetensors beside a valid config.json: our loader and the quantize stage's own parser.
+// model.safetensors beside a valid config.json: our loader and the block-quantized folder's reader.
 use libfuzzer_sys::fuzz_target;
 mod common;
 
@@ -10,5 +10,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(f) = model::ModelFolder::open(&d) {
         let _ = f.load_tensors(&candle_core::Device::Cpu);
     }
-    let _ = quantize::load_dequantized(&d, &[d.join("model.safetensors")]);
+    let _ = quant::block_folder::load_dequantized(&d, &[d.join("model.safetensors")]);
 });

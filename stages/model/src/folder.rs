@@ -8,6 +8,7 @@ use crate::gguf::{self, GgufModel};
 use crate::hub::HubSource;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use quant::block_folder::{self, LoadedTensor};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -235,7 +236,7 @@ impl ModelFolder {
         if let Some(g) = &self.gguf {
             return g.load_tensors(&self.config, device);
         }
-        if quantize::is_quantized_folder(&self.dir) {
+        if block_folder::is_quantized_folder(&self.dir) {
             return self.load_dequantized(device);
         }
         let packed = quant::packed::PackedHeader::read(&self.dir)?;
@@ -304,16 +305,16 @@ impl ModelFolder {
         HashMap<String, Tensor>,
         HashMap<String, crate::lora::BlockwiseWeight>,
     )> {
-        if !quantize::is_quantized_folder(&self.dir) {
+        if !block_folder::is_quantized_folder(&self.dir) {
             bail!(
                 "{}: not a quantized folder (no quantize.json, no bitsandbytes quantization_config); make one with `pipeline quantize`",
                 self.dir.display()
             );
         }
         let (mut dense, mut blockwise) = (HashMap::new(), HashMap::new());
-        for t in quantize::load_blockwise(&self.dir, &self.weight_files)? {
+        for t in block_folder::load_blockwise(&self.dir, &self.weight_files)? {
             match t {
-                quantize::LoadedTensor::Blockwise {
+                LoadedTensor::Blockwise {
                     name,
                     shape,
                     codes,
@@ -338,10 +339,10 @@ impl ModelFolder {
                     .with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
                     blockwise.insert(name, w);
                 }
-                quantize::LoadedTensor::F32 { name, shape, data } => {
+                LoadedTensor::F32 { name, shape, data } => {
                     dense.insert(name, Tensor::from_vec(data, shape, device)?);
                 }
-                quantize::LoadedTensor::Raw {
+                LoadedTensor::Raw {
                     name,
                     dtype,
                     shape,
@@ -359,14 +360,14 @@ impl ModelFolder {
     fn raw_tensor(
         &self,
         name: &str,
-        dtype: quantize::input::Dtype,
+        dtype: quant::safetensors_file::Dtype,
         shape: &[usize],
         bytes: &[u8],
     ) -> Result<Tensor> {
         let dtype = match dtype {
-            quantize::input::Dtype::F32 => DType::F32,
-            quantize::input::Dtype::F16 => DType::F16,
-            quantize::input::Dtype::BF16 => DType::BF16,
+            quant::safetensors_file::Dtype::F32 => DType::F32,
+            quant::safetensors_file::Dtype::F16 => DType::F16,
+            quant::safetensors_file::Dtype::BF16 => DType::BF16,
             other => bail!(
                 "{}: tensor {name} has dtype {}; expected f32, f16 or bf16",
                 self.dir.display(),
@@ -379,20 +380,20 @@ impl ModelFolder {
 
     fn load_dequantized(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for t in quantize::load_dequantized(&self.dir, &self.weight_files)? {
+        for t in block_folder::load_dequantized(&self.dir, &self.weight_files)? {
             let (name, t) = match t {
-                quantize::LoadedTensor::F32 { name, shape, data } => {
+                LoadedTensor::F32 { name, shape, data } => {
                     let t = Tensor::from_vec(data, shape, &Device::Cpu)
                         .with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
                     (name, t)
                 }
-                quantize::LoadedTensor::Blockwise { name, .. } => {
+                LoadedTensor::Blockwise { name, .. } => {
                     bail!(
                         "{}: tensor {name}: unexpected block-quantized tensor",
                         self.dir.display()
                     )
                 }
-                quantize::LoadedTensor::Raw {
+                LoadedTensor::Raw {
                     name,
                     dtype,
                     shape,

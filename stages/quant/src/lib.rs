@@ -6,12 +6,16 @@
 //! - [`blockwise`]: QLoRA block-wise k-bit quantization with double quantization;
 //! - [`grid`]: a weight as the integer codes and scales of the MinMax quantizer, for export;
 //! - [`ggml`]: llama.cpp's Q4_0 / Q8_0 / Q3_K / Q2_K blocks written from such a grid;
-//! - [`packed`]: our own packed layout of such grids, written and read back.
+//! - [`packed`]: our own packed layout of such grids, written and read back;
+//! - [`block_folder`]: a folder of block-wise quantized weights (the quantize stage's
+//!   output, ours or bitsandbytes' layout) and reading it back;
+//! - [`safetensors_file`]: a safetensors file read by memory map, tensor by tensor.
 //!
 //! The numbers are bit-identical to the PyTorch / bitsandbytes 0.50.2 (CPU) references in
 //! `shared/fixtures/quant.safetensors` (see DESIGN.md, "Quantizers" and "Block-wise k-bit
 //! quantization").
 
+pub mod block_folder;
 pub mod blockwise;
 pub mod codebook;
 pub mod compressed;
@@ -19,10 +23,12 @@ pub mod fake;
 pub mod ggml;
 pub mod grid;
 pub mod packed;
+pub mod safetensors_file;
 mod tables;
 
 pub use blockwise::{
-    double_quantize, pack_bits, quantize_blockwise, unpack_bits, BlockQuantized, BlockScales,
+    dequantize_packed, double_quantize, pack_bits, quantize_blockwise, unpack_bits, BlockQuantized,
+    BlockScales,
 };
 pub use codebook::{dynamic8, normal_map, CodeBook, DYNAMIC8_CODE, NF2_CODE, NF3_CODE, NF4_CODE};
 pub use fake::{

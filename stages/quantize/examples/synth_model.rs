@@ -3,7 +3,7 @@
 //!
 //! cargo run --example synth_model -p quantize -- OUT [hidden] [intermediate] [layers] [vocab]
 
-use quantize::input::Dtype;
+use quant::safetensors_file::Dtype;
 use quantize::writer::{OutTensor, StreamingWriter};
 use rayon::prelude::*;
 use std::collections::BTreeMap;

@@ -360,55 +360,10 @@ fn quantize_block(
     )
 }
 
-/// Dequantizes packed codes with their block scales: `code[c] * scale[block]`.
-pub fn dequantize_packed(
-    packed: &[u8],
-    n: usize,
-    block: usize,
-    code: &[f32],
-    bits: u32,
-    scales: &[f32],
-) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    let bits = bits as usize;
-    if bits == 4 {
-        // The common case, one byte holds two values.
-        out.par_chunks_mut(block)
-            .zip(scales.par_iter())
-            .enumerate()
-            .for_each(|(b, (o, &s))| {
-                let base = b * block;
-                for (j, v) in o.iter_mut().enumerate() {
-                    let i = base + j;
-                    let byte = packed[i / 2];
-                    let c = if i.is_multiple_of(2) {
-                        byte >> 4
-                    } else {
-                        byte & 15
-                    };
-                    *v = code[c as usize] * s;
-                }
-            });
-        return out;
-    }
-    out.par_chunks_mut(block)
-        .zip(scales.par_iter())
-        .enumerate()
-        .for_each(|(b, (o, &s))| {
-            let start_bit = b * block * bits;
-            let bytes = &packed[start_bit / 8..(start_bit + o.len() * bits).div_ceil(8)];
-            let codes = quant::unpack_bits(bytes, bits as u32, o.len());
-            for (v, c) in o.iter_mut().zip(codes) {
-                *v = code[c as usize] * s;
-            }
-        });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quant::quantize_blockwise;
+    use quant::{dequantize_packed, quantize_blockwise};
 
     /// Deterministic normal-ish values with some exact zeros and a zero block.
     fn sample(n: usize, seed: u64) -> Vec<f32> {

@@ -13,70 +13,11 @@
 //! f32, one matrix per thread (sequential inside), so the result does not depend on the
 //! number of threads.
 
-use crate::kernel::{dequantize_packed, quantize_pack, PackedTensor};
+use crate::kernel::{quantize_pack, PackedTensor};
 use anyhow::{bail, Result};
 use faer::{Mat, Par};
-use quant::CodeBook;
-use serde::{Deserialize, Serialize};
-
-/// The LoftQ part of a quantization: which projections get adapters, and how.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoftqSettings {
-    /// r, the adapters' rank.
-    pub rank: usize,
-    /// T, the alternating steps (1 = peft's default).
-    pub iters: u32,
-    /// LoRA's alpha; the adapters are applied as (alpha / r) B A.
-    pub alpha: f64,
-    /// Projection names (q_proj, ..., down_proj) that get adapters; the others are quantized
-    /// plainly.
-    pub targets: Vec<String>,
-}
-
-impl LoftqSettings {
-    pub fn validate(&self) -> Result<()> {
-        if self.rank == 0 {
-            bail!("loftq rank = 0 is not allowed; allowed: an integer >= 1");
-        }
-        if self.iters == 0 {
-            bail!("loftq_iters = 0 is not allowed; allowed: an integer >= 1");
-        }
-        if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            bail!(
-                "lora_alpha = {} is not allowed; allowed: a finite number > 0",
-                self.alpha
-            );
-        }
-        if self.targets.is_empty() {
-            bail!(
-                "lora_targets is empty; allowed: one or more of {:?}",
-                crate::settings::PROJECTIONS
-            );
-        }
-        for t in &self.targets {
-            if !crate::settings::PROJECTIONS.contains(&t.as_str()) {
-                bail!(
-                    "lora_targets: {t:?} is not a projection; allowed: {:?}",
-                    crate::settings::PROJECTIONS
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// alpha / r.
-    pub fn scale(&self) -> f64 {
-        self.alpha / self.rank as f64
-    }
-
-    /// Does the weight `name` (`model.layers.3.mlp.up_proj.weight`) get adapters?
-    pub fn targets_weight(&self, name: &str) -> bool {
-        name.strip_suffix(".weight")
-            .and_then(|m| m.rsplit('.').next())
-            .is_some_and(|p| self.targets.iter().any(|t| t == p))
-    }
-}
+use quant::block_folder::LoftqSettings;
+use quant::{dequantize_packed, CodeBook};
 
 /// One weight after LoftQ.
 pub struct LoftqWeight {

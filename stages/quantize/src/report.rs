@@ -2,9 +2,11 @@
 //! as stored (codes plus every constant: scales, code books, quant states), file sizes
 //! against the input, the relative Frobenius error of each weight, and the speed.
 
-use crate::settings::QuantizeSettings;
+use quant::block_folder::{LoftqSettings, QuantizeSettings};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+pub const REPORT_FILE: &str = "quantize_report.json";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TensorReport {
@@ -73,7 +75,7 @@ pub struct LoftqReport {
 }
 
 impl LoftqReport {
-    pub fn new(s: &crate::loftq::LoftqSettings, tensors: &[TensorReport], seconds: f64) -> Self {
+    pub fn new(s: &LoftqSettings, tensors: &[TensorReport], seconds: f64) -> Self {
         let pairs: Vec<(f64, f64, f64)> = tensors
             .iter()
             .filter_map(|t| Some((t.plain_rel_error?, t.loftq_rel_error?, t.params as f64)))

@@ -5,16 +5,18 @@
 //! and the output folder inspected before anything is written; files are replaced
 //! atomically and `quantize.json` comes last.
 
-use crate::header::{QuantizeHeader, WeightInfo, HEADER_FILE, LOFTQ_FILE, REPORT_FILE};
-use crate::input::{Dtype, SafetensorsFile};
 use crate::kernel::{quantize_pack, PackedTensor};
-use crate::layout::{bnb_quant_state_json, planned_tensors, tail_tensor};
+use crate::layout::{planned_tensors, tail_tensor};
 use crate::loftq::{loftq, LoftqWeight, Quantizer};
-use crate::report::{LoftqReport, QuantizeReport, TensorReport};
-use crate::settings::{Layout, QuantizeSettings};
+use crate::report::{LoftqReport, QuantizeReport, TensorReport, REPORT_FILE};
 use crate::writer::{OutTensor, StreamingWriter};
 use anyhow::{bail, Context, Result};
+use quant::block_folder::bnb::quant_state_json;
+use quant::block_folder::{
+    Layout, QuantizeHeader, QuantizeSettings, WeightInfo, HEADER_FILE, LOFTQ_FILE,
+};
 use quant::blockwise::NESTED_BLOCK;
+use quant::safetensors_file::{Dtype, SafetensorsFile};
 use quant::BlockScales;
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -289,7 +291,7 @@ pub fn quantize_folder(
                     }
                 };
                 if let Some(tail) = tail_tensor(name, s) {
-                    let json = bnb_quant_state_json(&t.shape, t.dtype, s.block_size, offset);
+                    let json = quant_state_json(&t.shape, t.dtype, s.block_size, offset);
                     stored += json.len();
                     w.write_tail(&tail, json.as_bytes())?;
                 }

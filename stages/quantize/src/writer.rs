@@ -6,8 +6,8 @@
 //! end (safetensors allows trailing spaces in the header). Everything goes to a temp file
 //! next to the target, fsynced and renamed, so a crash never leaves a half-written model.
 
-use crate::input::Dtype;
 use anyhow::{bail, Context, Result};
+use quant::safetensors_file::Dtype;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -243,7 +243,7 @@ fn entry_json(dtype: &Dtype, shape: &[usize], begin: usize, end: usize) -> serde
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::SafetensorsFile;
+    use quant::safetensors_file::SafetensorsFile;
 
     #[test]
     fn streams_a_file_the_reader_and_safetensors_accept() {

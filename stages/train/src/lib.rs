@@ -362,7 +362,7 @@ pub fn train_until_on(
         .as_ref()
         .filter(|_| student.method == Method::Loftq)
     {
-        let p = f.dir.join(quantize::LOFTQ_FILE);
+        let p = f.dir.join(quant::block_folder::LOFTQ_FILE);
         if p.exists() {
             fp["loftq_adapters_sha256"] = json!(fsio::sha256_file(&p)?);
         }

@@ -27,7 +27,7 @@ pub struct Base {
 
 /// LoftQ's initial adapters (`loftq_adapters.safetensors`) and how they were made.
 pub struct LoftqStart {
-    pub settings: quantize::LoftqSettings,
+    pub settings: quant::block_folder::LoftqSettings,
     pub adapters: HashMap<String, Tensor>,
 }
 
@@ -58,11 +58,11 @@ impl Base {
                 );
             }
         }
-        let header = quantize::QuantizeHeader::read(dir)?;
+        let header = quant::block_folder::QuantizeHeader::read(dir)?;
         let loftq = match header.and_then(|h| h.settings.loftq) {
             None => None,
             Some(settings) => {
-                let path = dir.join(quantize::LOFTQ_FILE);
+                let path = dir.join(quant::block_folder::LOFTQ_FILE);
                 let adapters = candle_core::safetensors::load(&path, device)
                     .with_context(|| format!("{}: LoftQ's initial adapters", path.display()))?;
                 Some(LoftqStart { settings, adapters })
@@ -214,7 +214,10 @@ impl Student {
                     (Some(init), source.to_string())
                 } else if spec.method == Method::Loftq {
                     let start = base.loftq_start(lora, &dir)?;
-                    (Some(start), format!("{dir}/{}", quantize::LOFTQ_FILE))
+                    (
+                        Some(start),
+                        format!("{dir}/{}", quant::block_folder::LOFTQ_FILE),
+                    )
                 } else {
                     if base.loftq.is_some() {
                         bail!("student.base = {dir} was made with LoftQ: train it with student.method = \"loftq\" (a qlora student starts from a plainly quantized base)");

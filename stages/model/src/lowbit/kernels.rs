@@ -213,7 +213,7 @@ multiversion! {
 /// `vpmaddubsw` + `vpmaddwd` one block at a time; the portable loop elsewhere.
 pub fn q4_dot_i8(codes: &[u8], q: &[i8]) -> i32 {
     assert!(
-        codes.len() * 2 == q.len() && codes.len() % 16 == 0,
+        codes.len() * 2 == q.len() && codes.len().is_multiple_of(16),
         "q4_dot_i8: blocks do not fit"
     );
     #[cfg(target_arch = "x86_64")]

@@ -94,7 +94,7 @@ impl KvCodes {
             KvCacheFormat::Int8 => (width, 1),
             KvCacheFormat::Int4 => (width.div_ceil(QBLOCK) * QBLOCK / 2, 1),
             KvCacheFormat::Q8_0 | KvCacheFormat::Q4_0 => {
-                if width % QBLOCK != 0 {
+                if !width.is_multiple_of(QBLOCK) {
                     candle_core::bail!(
                         "kv cache {}: a token's K/V row has {width} values (KV heads x head_dim), \
                          not a multiple of {QBLOCK}",

@@ -61,7 +61,7 @@ impl PackedLinear {
                 g.bits
             );
         }
-        let layout = if g.bits <= 4 && (g.group >= g.cols || g.group % BLOCK == 0) {
+        let layout = if g.bits <= 4 && (g.group >= g.cols || g.group.is_multiple_of(BLOCK)) {
             Layout::Q4Blocks
         } else {
             Layout::Bytes

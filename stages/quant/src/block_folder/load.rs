@@ -4,13 +4,12 @@
 //! described by quantize.json) and bitsandbytes' 4-bit serialization, also when another
 //! tool (transformers' `save_pretrained`) wrote it.
 
-use crate::header::{QuantizeHeader, HEADER_FILE};
-use crate::input::{Dtype, SafetensorsFile, TensorEntry};
-use crate::kernel::dequantize_packed;
-use crate::layout::BNB_STATE_SUFFIX;
-use crate::settings::Layout;
+use super::bnb::BNB_STATE_SUFFIX;
+use super::header::{QuantizeHeader, HEADER_FILE};
+use super::settings::Layout;
+use crate::blockwise::{dequantize_packed, unpack_bits, BlockScales};
+use crate::safetensors_file::{Dtype, SafetensorsFile, TensorEntry};
 use anyhow::{bail, Context, Result};
-use quant::BlockScales;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -244,7 +243,7 @@ fn dequant(
         return Ok(LoadedTensor::Blockwise {
             name: w.to_string(),
             shape: shape.to_vec(),
-            codes: quant::unpack_bits(packed, bits, n),
+            codes: unpack_bits(packed, bits, n),
             block,
             code: code.to_vec(),
             scales: scales.to_vec(),

@@ -1,10 +1,10 @@
-//! What the user asks the quantize stage for, parsed once into types: the code book
-//! (`Format`), the on-disk layout (`Layout`) and the block settings. Every invalid value
-//! fails here with the field name and the allowed values.
+//! What decides the bytes of a block-quantized folder (what the user asks the quantize stage
+//! for, and what its quantize.json records), parsed once into types: the code book
+//! (`Format`), the on-disk layout (`Layout`), the block settings and LoftQ's. Every invalid
+//! value fails here with the field name and the allowed values.
 
-use crate::loftq::LoftqSettings;
+use crate::CodeBook;
 use anyhow::{bail, Result};
-use quant::CodeBook;
 use serde::{Deserialize, Serialize};
 
 /// The code book of a block-wise quantization, as the user names it.
@@ -182,6 +182,65 @@ impl QuantizeSettings {
             parts.windows(want.len()).any(|w| w == want.as_slice())
         });
         is_projection && !skipped
+    }
+}
+
+/// The LoftQ part of a quantization: which projections get adapters, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoftqSettings {
+    /// r, the adapters' rank.
+    pub rank: usize,
+    /// T, the alternating steps (1 = peft's default).
+    pub iters: u32,
+    /// LoRA's alpha; the adapters are applied as (alpha / r) B A.
+    pub alpha: f64,
+    /// Projection names (q_proj, ..., down_proj) that get adapters; the others are quantized
+    /// plainly.
+    pub targets: Vec<String>,
+}
+
+impl LoftqSettings {
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            bail!("loftq rank = 0 is not allowed; allowed: an integer >= 1");
+        }
+        if self.iters == 0 {
+            bail!("loftq_iters = 0 is not allowed; allowed: an integer >= 1");
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!(
+                "lora_alpha = {} is not allowed; allowed: a finite number > 0",
+                self.alpha
+            );
+        }
+        if self.targets.is_empty() {
+            bail!(
+                "lora_targets is empty; allowed: one or more of {:?}",
+                PROJECTIONS
+            );
+        }
+        for t in &self.targets {
+            if !PROJECTIONS.contains(&t.as_str()) {
+                bail!(
+                    "lora_targets: {t:?} is not a projection; allowed: {:?}",
+                    PROJECTIONS
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// alpha / r.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Does the weight `name` (`model.layers.3.mlp.up_proj.weight`) get adapters?
+    pub fn targets_weight(&self, name: &str) -> bool {
+        name.strip_suffix(".weight")
+            .and_then(|m| m.rsplit('.').next())
+            .is_some_and(|p| self.targets.iter().any(|t| t == p))
     }
 }
 

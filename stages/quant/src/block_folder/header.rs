@@ -3,14 +3,13 @@
 //! quantized weight. It is written last, so its presence means the folder is complete, and
 //! it is what a second `pipeline quantize` into the same folder compares against.
 
-use crate::settings::QuantizeSettings;
+use super::settings::QuantizeSettings;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const HEADER_FILE: &str = "quantize.json";
-pub const REPORT_FILE: &str = "quantize_report.json";
 /// LoftQ's initial adapters, beside the base they were chosen with.
 pub const LOFTQ_FILE: &str = "loftq_adapters.safetensors";
 
