@@ -19,7 +19,8 @@ fn a_shard_whose_page_levels_overrun_is_an_error_naming_it() {
 fn a_shard_whose_dictionary_indices_overrun_is_an_error_naming_it() {
     // fuzz/fuzz_targets/corpus.rs: the parquet crate indexed past its dictionary ("index out
     // of bounds" in its RLE decoder) on a shard with a corrupt data page.
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-crash-shard-rle.parquet");
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-crash-shard-rle.parquet");
     let e = corpus::read_shard(&p).unwrap_err();
     let msg = format!("{e:#}");
     assert!(

@@ -138,9 +138,11 @@ impl ModelFolder {
                 if !path.exists() {
                     bail!("{}: missing tokenizer.json", self.dir.display());
                 }
-                let tok = Tokenizer::from_file(&path).map_err(|e| {
-                    anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display())
-                })?;
+                let tok = without_panics(|| Tokenizer::from_file(&path))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|e| {
+                        anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display())
+                    })?;
                 (tok, self.dir.join("config.json"))
             }
         };
@@ -425,4 +427,23 @@ pub fn check_finite(t: &Tensor) -> Result<()> {
         Some(i) => bail!("value {} at flat index {i} of shape {:?}", v[i], t.dims()),
         None => Ok(()),
     }
+}
+
+/// Runs `f`, turning a panic into an error message. The tokenizers library panics (an
+/// `expect` while deserializing) on some malformed tokenizer.json files (found by
+/// fuzz/fuzz_targets/tokenizer.rs); a bad file must be an error naming it, not a crash. The
+/// panic hook is silenced meanwhile so that no backtrace reaches the user.
+pub fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!("the tokenizers library failed on it ({why})")
+    })
 }

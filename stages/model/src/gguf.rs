@@ -186,7 +186,9 @@ impl GgufModel {
     }
 
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::from_str(&self.tokenizer_json()?)
+        let json = self.tokenizer_json()?;
+        crate::folder::without_panics(|| Tokenizer::from_str(&json))
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| anyhow!("{}: cannot build the tokenizer: {e}", self.path.display()))
     }
 

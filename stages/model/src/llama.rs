@@ -997,9 +997,14 @@ impl Llama {
     /// from the logits. Returns that and the gradients of the trainable tensors, as
     /// `loss.backward()` would (summed in another order where a tensor is used twice, as tied
     /// embeddings are).
+    ///
+    /// Only the gradients of `keep` (the trainable tensors) are kept between blocks: candle's
+    /// backward also stores a gradient for every frozen full-size operand it meets (a
+    /// dequantized base, Phi0, a rounding), which would otherwise pile up block after block.
     pub fn backward_checkpointed<T>(
         &self,
         ids: &Tensor,
+        keep: &[&Tensor],
         loss_of: impl FnOnce(&Tensor) -> candle_core::Result<(Tensor, T)>,
     ) -> candle_core::Result<(T, candle_core::backprop::GradStore)> {
         let ctx = self.sequence(ids)?;
@@ -1014,13 +1019,31 @@ impl Llama {
         let top = candle_core::Var::from_tensor(&x)?;
         drop(x);
         let (loss, out) = loss_of(&self.head(top.as_tensor())?)?;
-        let mut grads = loss.backward()?;
+        let mut head = loss.backward()?;
         drop(loss);
-        let mut g = grads.remove(top.as_tensor()).ok_or_else(|| {
+        let mut g = head.remove(top.as_tensor()).ok_or_else(|| {
             candle_core::Error::Msg(
                 "checkpointed backward: no gradient reached the last block".into(),
             )
         })?;
+        // An empty store to collect the kept gradients in (candle has no public constructor).
+        let mut grads = candle_core::Var::new(0f32, &Device::Cpu)?
+            .as_tensor()
+            .backward()?;
+        let mut collect = |from: &mut candle_core::backprop::GradStore| -> candle_core::Result<()> {
+            for t in keep {
+                if let Some(gt) = from.remove(t) {
+                    let sum = match grads.get(t) {
+                        Some(prev) => (prev + gt)?,
+                        None => gt,
+                    };
+                    grads.insert(t, sum);
+                }
+            }
+            Ok(())
+        };
+        collect(&mut head)?;
+        drop(head);
         for layer in (0..self.blocks.len()).rev() {
             let input = candle_core::Var::from_tensor(&inputs[layer])?;
             let y = self.block_forward(layer, input.as_tensor(), &ctx, &mut no_probe)?;
@@ -1031,11 +1054,12 @@ impl Llama {
                     "checkpointed backward: no gradient reached block {layer}"
                 ))
             })?;
-            grads.extend(gi)?;
+            collect(&mut gi)?;
+            drop(gi);
             inputs.truncate(layer);
         }
         if x0.track_op() {
-            grads.extend((x0 * &g)?.sum_all()?.backward()?)?;
+            collect(&mut (x0 * &g)?.sum_all()?.backward()?)?;
         }
         Ok((out, grads))
     }

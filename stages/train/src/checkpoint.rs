@@ -167,11 +167,15 @@ pub fn write(
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut files = Vec::new();
-        for (file, bytes) in [
-            (STUDENT_FILE, safetensors_bytes(student)?),
-            (OPTIMIZER_FILE, safetensors_bytes(moments)?),
-            (STATE_FILE, json_bytes(state)?),
-        ] {
+        // One file's bytes in memory at a time (a 1B student's moments alone are 8 GB).
+        type Bytes<'a> = &'a dyn Fn() -> Result<Vec<u8>>;
+        let contents: [(&str, Bytes); 3] = [
+            (STUDENT_FILE, &|| safetensors_bytes(student)),
+            (OPTIMIZER_FILE, &|| safetensors_bytes(moments)),
+            (STATE_FILE, &|| json_bytes(state)),
+        ];
+        for (file, make) in contents {
+            let bytes = make()?;
             write_synced(&tmp.join(file), &bytes)?;
             files.push(FileEntry {
                 name: file.into(),

@@ -527,7 +527,8 @@ pub fn train_until_on(
             // Gradients of the mean over micro-batches: each backward sees loss / grad_accum.
             let scaled = |d: &loss::Distill| d.loss.affine(1.0 / cfg.grad_accum as f64, 0.0);
             let (d, g) = if cfg.checkpoint_activations {
-                let (d, g) = stu.model.backward_checkpointed(&ids, |logits| {
+                let keep: Vec<&Tensor> = stu.params.iter().map(|p| p.var.as_tensor()).collect();
+                let (d, g) = stu.model.backward_checkpointed(&ids, &keep, |logits| {
                     let d = loss::distill_loss(
                         &teacher_logits,
                         logits,

@@ -203,9 +203,35 @@ multiversion! {
     /// Σ a[i] b[i] of int8 codes, exactly, in i32.
     pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 => dot_i8_lanes
 }
-multiversion! {
-    /// Σ code · x of 4-bit blocks (`pack_q4_blocks`) against f32 values.
-    pub fn q4_dot_f32(codes: &[u8], x: &[f32]) -> f32 => q4_dot_f32_lanes
+/// Σ code · x of 4-bit blocks (`pack_q4_blocks`) against f32 values: the W4 product with
+/// float activations. Explicit AVX-512 / AVX2 code with the portable loop's 16 lanes, its
+/// separate multiply and add (no FMA) and its reduction tree, so every path gives the same
+/// bits.
+pub fn q4_dot_f32(codes: &[u8], x: &[f32]) -> f32 {
+    assert!(
+        codes.len() * 2 == x.len() && codes.len().is_multiple_of(16),
+        "q4_dot_f32: blocks do not fit"
+    );
+    #[cfg(target_arch = "x86_64")]
+    match isa() {
+        // SAFETY: as for q4_dot_i8: features checked by `isa()`, loads inside the slices.
+        Isa::Avx512 => return unsafe { x86::q4_dot_f32_avx512(codes, x) },
+        Isa::Avx2 => return unsafe { x86::q4_dot_f32_avx2(codes, x) },
+        Isa::Base => {}
+    }
+    q4_dot_f32_lanes(codes, x)
+}
+
+/// The portable reduction of 16 lanes, shared by the vector paths.
+fn reduce16(mut acc: [f32; F32_LANES]) -> f32 {
+    let mut w = F32_LANES;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            acc[j] += acc[j + w];
+        }
+    }
+    acc[0]
 }
 /// Σ (code + 8) · q of 4-bit blocks against int8 codes, exactly. The hot loop of a W4A8
 /// student's decoding, written with the CPU's byte dot products: AVX-512 VNNI's
@@ -261,6 +287,54 @@ mod x86 {
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
         _mm_cvtsi128_si32(s)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub unsafe fn q4_dot_f32_avx512(codes: &[u8], x: &[f32]) -> f32 {
+        let m = _mm_set1_epi8(0x0f);
+        let eight = _mm512_set1_ps(8.0);
+        let mut acc = _mm512_setzero_ps();
+        for k in 0..codes.len() / 16 {
+            let b = _mm_loadu_si128(codes.as_ptr().add(16 * k) as *const __m128i);
+            let f = |v: __m128i| _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), eight);
+            let lo = f(_mm_and_si128(b, m));
+            let hi = f(_mm_and_si128(_mm_srli_epi16(b, 4), m));
+            let xp = x.as_ptr().add(32 * k);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(lo, _mm512_loadu_ps(xp)));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(hi, _mm512_loadu_ps(xp.add(16))));
+        }
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+        super::reduce16(lanes)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn q4_dot_f32_avx2(codes: &[u8], x: &[f32]) -> f32 {
+        let m = _mm_set1_epi8(0x0f);
+        let eight = _mm256_set1_ps(8.0);
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for k in 0..codes.len() / 16 {
+            let f = |v: __m128i| _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), eight);
+            let b = _mm_loadu_si128(codes.as_ptr().add(16 * k) as *const __m128i);
+            let lo = _mm_and_si128(b, m);
+            let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+            let xp = x.as_ptr().add(32 * k);
+            // Lanes 0..8 and 8..16 of the 16: codes j (low nibbles), then j + 16 (high).
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(f(lo), _mm256_loadu_ps(xp)));
+            a1 = _mm256_add_ps(
+                a1,
+                _mm256_mul_ps(f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp.add(8))),
+            );
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(f(hi), _mm256_loadu_ps(xp.add(16))));
+            a1 = _mm256_add_ps(
+                a1,
+                _mm256_mul_ps(f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp.add(24))),
+            );
+        }
+        let mut lanes = [0f32; 16];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), a0);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a1);
+        super::reduce16(lanes)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
@@ -366,6 +440,18 @@ mod tests {
                     want,
                     "vnni, {blocks} blocks"
                 );
+            }
+            let xf: Vec<f32> = (0..32 * blocks)
+                .map(|i| ((i * 29 + 3) % 61) as f32 * 0.173 - 5.1)
+                .collect();
+            let wantf = q4_dot_f32_lanes(&c, &xf).to_bits();
+            if is_x86_feature_detected!("avx2") {
+                let got = unsafe { x86::q4_dot_f32_avx2(&c, &xf) };
+                assert_eq!(got.to_bits(), wantf, "avx2 f32, {blocks} blocks");
+            }
+            if detect() == Isa::Avx512 {
+                let got = unsafe { x86::q4_dot_f32_avx512(&c, &xf) };
+                assert_eq!(got.to_bits(), wantf, "avx512 f32, {blocks} blocks");
             }
         }
         let f = q4_dot_f32(&packed, &x);

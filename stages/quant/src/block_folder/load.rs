@@ -239,6 +239,20 @@ fn dequant(
             code.len()
         );
     }
+    // A code book shorter than 2^bits (int4's 15 values) leaves code indices with no value;
+    // a corrupt file must not index past it (found by fuzz/fuzz_targets/bnb_folder.rs).
+    if code.len() < 1 << bits {
+        if let Some(c) = unpack_bits(packed, bits, n)
+            .into_iter()
+            .find(|&c| c as usize >= code.len())
+        {
+            bail!(
+                "{}: {w}: code index {c} is outside its code book of {} values (corrupt file)",
+                st.path.display(),
+                code.len()
+            );
+        }
+    }
     if keep {
         return Ok(LoadedTensor::Blockwise {
             name: w.to_string(),
