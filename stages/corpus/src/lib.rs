@@ -11,6 +11,7 @@
 //! - `manifest`: CorpusManifest (load / save / compatibility checks)
 //! - `ops`: verify, merge and stats over a whole corpus folder
 
+mod footer;
 pub mod fsio;
 pub mod manifest;
 pub mod ops;

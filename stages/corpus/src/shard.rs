@@ -198,7 +198,8 @@ pub fn read_shard(path: &Path) -> Result<Vec<Sample>> {
 }
 
 fn read_shard_inner(path: &Path) -> Result<Vec<Sample>> {
-    let f = File::open(path).context("opening the file")?;
+    let mut f = File::open(path).context("opening the file")?;
+    crate::footer::check(&mut f).context("not a readable Parquet file (truncated or corrupt?)")?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(f)
         .context("not a readable Parquet file (truncated or corrupt?)")?;
     let schema = builder.schema().clone();

@@ -28,3 +28,19 @@ fn a_shard_whose_dictionary_indices_overrun_is_an_error_naming_it() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_footer_claiming_more_elements_than_bytes_is_refused_before_parquet_allocates() {
+    // fuzz/fuzz_targets/corpus.rs: parquet's footer decoder reserved room for a list length
+    // read from the file (8.9 GB, then 221 GB, for 2.6 KB shards).
+    for name in ["fuzz-oom-shard-schema.parquet", "fuzz-oom-shard-2.parquet"] {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name);
+        let msg = format!("{:#}", corpus::read_shard(&p).unwrap_err());
+        assert!(
+            msg.contains(name) && msg.contains("corrupt Parquet footer"),
+            "{msg}"
+        );
+    }
+}
