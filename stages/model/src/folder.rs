@@ -129,6 +129,16 @@ impl ModelFolder {
         }
     }
 
+    /// The weight files, as errors name the model's weights.
+    pub fn weight_source(&self) -> String {
+        let names: Vec<String> = self
+            .weight_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        names.join(", ")
+    }
+
     /// Loads `tokenizer.json` and checks that every id it can produce fits the model's vocabulary.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let path = self.tokenizer_path();

@@ -417,12 +417,7 @@ impl Llama {
                 projections.insert(prefix, Weight::Packed(std::sync::Arc::new(packed)));
             }
         }
-        let source = folder
-            .weight_files
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let source = folder.weight_source();
         Self::with_projections(
             folder.config.clone(),
             quant,
@@ -464,12 +459,7 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let tensors = folder.load_tensors(device)?;
-        let source = folder
-            .weight_files
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let source = folder.weight_source();
         Self::from_tensors(folder.config.clone(), quant, tensors, &source, device)
     }
 
