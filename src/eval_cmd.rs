@@ -4,8 +4,11 @@
 use crate::progress::LazyBar;
 use anyhow::{Context, Result};
 use clap::Args;
-use model::{parse_bits, KvPoint, KvRotation, Llama, ModelFolder, QuantConfig};
+use model::{parse_bits, KvPoint, KvRotation, ModelFolder, QuantConfig};
 use std::path::PathBuf;
+
+/// The model as asked (dense, or packed projections); `pipeline sample` loads through it too.
+pub use eval::load_model;
 
 /// Bits as the user writes them: 2..=8, or 16 / none for "not quantized".
 pub fn bits_arg(s: &str) -> Result<u32, String> {
@@ -108,22 +111,6 @@ pub fn kv_cache_arg(s: &str) -> Result<model::lowbit::KvCacheFormat, String> {
             model::lowbit::KvCacheFormat::ALLOWED
         )
     })
-}
-
-/// The model as asked: dense (cast to the compute dtype) or with packed projections.
-pub fn load_model(
-    folder: &ModelFolder,
-    quant: QuantConfig,
-    packed: bool,
-    compute: &model::Compute,
-) -> Result<Llama> {
-    if packed {
-        if compute.dtype != candle_core::DType::F32 {
-            anyhow::bail!("--packed runs in f32 (the kernels read codes and compute in f32)");
-        }
-        return Llama::load_packed(folder, quant, &compute.device);
-    }
-    Ok(Llama::load(folder, quant, &compute.device)?.cast(compute.dtype)?)
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {

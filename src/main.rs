@@ -1,10 +1,7 @@
 //! `pipeline`: the command line of the data-free distillation pipeline. It parses arguments
 //! and hands each subcommand to the stage crate that does the work.
 
-mod bench_attention;
 mod bench_cmd;
-mod bench_distill;
-mod bench_grads;
 mod compute_args;
 mod eval_cmd;
 mod export_cmd;

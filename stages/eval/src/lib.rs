@@ -8,7 +8,7 @@ pub mod report;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, D};
 use model::llama::log_softmax_last;
-use model::Llama;
+use model::{Llama, QuantConfig};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -39,6 +39,22 @@ pub fn windows(n: usize, ctx: usize) -> Vec<(usize, usize)> {
         start += ctx;
     }
     w
+}
+
+/// The model as asked: dense (cast to the compute dtype) or with packed projections.
+pub fn load_model(
+    folder: &model::ModelFolder,
+    quant: QuantConfig,
+    packed: bool,
+    compute: &model::Compute,
+) -> Result<Llama> {
+    if packed {
+        if compute.dtype != candle_core::DType::F32 {
+            anyhow::bail!("--packed runs in f32 (the kernels read codes and compute in f32)");
+        }
+        return Llama::load_packed(folder, quant, &compute.device);
+    }
+    Ok(Llama::load(folder, quant, &compute.device)?.cast(compute.dtype)?)
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -2,33 +2,27 @@
 //! one backward on a GPU) against its tensor-op formulation on the same logits. Loss, KL,
 //! agreement and the gradient w.r.t. the student logits are compared with an f32 reference
 //! (tensor ops on the inputs upcast to f32), and each path is timed, forward alone and with the
-//! backward (median of `--reps` runs, the device synchronised around each). The tensor-op path
+//! backward (median of `reps` runs, the device synchronised around each). The tensor-op path
 //! needs f32 logits, so for bf16 and f16 its time includes the upcasts.
 
-use crate::compute_args::ComputeArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use clap::Args;
-use model::Compute;
+use model::{Compute, ComputeDtype, DeviceSpec};
 use serde_json::{json, Value};
 use std::time::Instant;
 use train::loss::{distill_loss_fused, distill_loss_tensor_ops, Distill};
 
-#[derive(Args, Debug)]
-pub struct DistillArgs {
+#[derive(Debug, Clone)]
+pub struct Options {
     /// Tokens, one row of logits each.
-    #[arg(long, default_value_t = 2048)]
     pub rows: usize,
-    #[arg(long, default_value_t = 32000)]
     pub vocab: usize,
-    #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Timed runs of each path (after two untimed ones); the median is reported.
-    #[arg(long, default_value_t = 10)]
     pub reps: usize,
-    /// `--dtype` is the dtype of the logits both paths are given.
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    pub device: DeviceSpec,
+    /// The dtype of the logits both paths are given.
+    pub dtype: ComputeDtype,
 }
 
 type LossFn = fn(&Tensor, &Tensor, Option<&[f32]>, f64) -> Result<Distill>;
@@ -41,14 +35,14 @@ struct Outcome {
     grad: Tensor,
 }
 
-pub fn distill(a: DistillArgs) -> Result<Value> {
+pub fn distill(a: &Options) -> Result<Value> {
     if a.rows == 0 || a.vocab == 0 || a.reps == 0 {
         bail!("--rows, --vocab and --reps must be at least 1");
     }
     if a.temperature.is_nan() || a.temperature <= 0.0 {
         bail!("--temperature must be above 0 (got {})", a.temperature);
     }
-    let c = a.compute.open()?;
+    let c = Compute::open(a.device, a.dtype)?;
     let (zt, zs) = logits(a.rows, a.vocab);
     let on_device = |v: Vec<f32>| -> Result<Tensor> {
         let t = Tensor::from_vec(v, (1, a.rows, a.vocab), &Device::Cpu)?;
@@ -82,7 +76,7 @@ pub fn distill(a: DistillArgs) -> Result<Value> {
     )?;
     let fused = run(distill_loss_fused, &teacher, &student_var)?;
     let mut out = json!({
-        "device": a.compute.device.to_string(),
+        "device": a.device.to_string(),
         "dtype": c.dtype.as_str(),
         "rows": a.rows,
         "vocab": a.vocab,

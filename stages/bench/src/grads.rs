@@ -3,38 +3,28 @@
 //! same step on the CPU in f32, on a real model. What it checks is that the GPU trains the same
 //! function: every fused op's forward and backward at once, in context.
 
-use crate::compute_args::ComputeArgs;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use clap::Args;
-use model::{Llama, ModelFolder, QuantConfig};
+use model::{Compute, ComputeDtype, DeviceSpec, Llama, ModelFolder, QuantConfig};
 use serde_json::json;
 use std::path::PathBuf;
 
-#[derive(Args, Debug)]
-pub struct GradsArgs {
-    #[arg(long)]
+#[derive(Debug, Clone)]
+pub struct Options {
     pub model: PathBuf,
-    #[arg(long, default_value_t = 2)]
     pub batch: usize,
-    #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
     /// Student quantization (default: none, so that no rounding boundary can amplify float
     /// noise; with bits, a few values land on the other side of a boundary).
-    #[arg(long)]
     pub w_bits: Option<u32>,
-    #[arg(long)]
     pub a_bits: Option<u32>,
-    #[arg(long)]
     pub kv_bits: Option<u32>,
     /// Where K is quantized: post_rope or pre_rope.
-    #[arg(long, default_value = "post_rope")]
     pub kv_point: String,
     /// Weight quantization group along a row (default: per channel).
-    #[arg(long)]
     pub w_group: Option<usize>,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    pub device: DeviceSpec,
+    pub dtype: ComputeDtype,
 }
 
 /// Loss and gradients (name -> f32 CPU tensor) of one distillation step.
@@ -96,8 +86,8 @@ fn step(
     Ok((loss, out))
 }
 
-pub fn grads(a: GradsArgs) -> Result<serde_json::Value> {
-    let c = a.compute.open()?;
+pub fn grads(a: &Options) -> Result<serde_json::Value> {
+    let c = Compute::open(a.device, a.dtype)?;
     let folder = ModelFolder::open(&a.model)?;
     let (b, t) = (a.batch, a.seq_len);
     if b == 0 || t < 2 || t > folder.config.max_position_embeddings {
@@ -150,7 +140,7 @@ pub fn grads(a: GradsArgs) -> Result<serde_json::Value> {
     let mut sorted: Vec<f64> = rel.iter().map(|r| r.0).collect();
     sorted.sort_by(f64::total_cmp);
     Ok(json!({
-        "model": a.model.display().to_string(), "device": a.compute.device.to_string(),
+        "model": a.model.display().to_string(), "device": a.device.to_string(),
         "dtype": c.dtype.as_str(), "batch": b, "seq_len": t, "quant": quant.label(),
         "loss_cpu_f32": want_loss, "loss_device": got_loss,
         "loss_rel_diff": (got_loss - want_loss).abs() / want_loss.abs().max(1e-30),

@@ -2,29 +2,23 @@
 //! device against the CPU kernel in f32 (forward and the three gradients), and its speed
 //! against the unfused path (score matrix, causal softmax, second product) that it replaces.
 
-use crate::compute_args::ComputeArgs;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use clap::Args;
 use model::attention_softmax::causal_softmax;
 use model::causal_attention::{causal_attention, supported};
+use model::{Compute, ComputeDtype, DeviceSpec};
 use serde_json::json;
 
-#[derive(Args, Debug)]
-pub struct AttentionArgs {
-    #[arg(long, default_value_t = 4)]
+#[derive(Debug, Clone)]
+pub struct Options {
     pub batch: usize,
     /// Query heads.
-    #[arg(long, default_value_t = 32)]
     pub heads: usize,
-    #[arg(long, default_value_t = 4)]
     pub kv_heads: usize,
-    #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
-    #[arg(long, default_value_t = 64)]
     pub head_dim: usize,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    pub device: DeviceSpec,
+    pub dtype: ComputeDtype,
 }
 
 /// Pseudo-random values in [-1, 1) from a seed (the same on every machine).
@@ -81,7 +75,7 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(model::max_abs_diff(a, b)? / scale.max(1e-30))
 }
 
-pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
+pub fn attention(a: &Options) -> Result<serde_json::Value> {
     if a.heads == 0 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
         bail!(
             "--heads ({}) must be a positive multiple of --kv-heads ({})",
@@ -92,7 +86,7 @@ pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
     if a.batch == 0 || a.seq_len == 0 {
         bail!("--batch and --seq-len must be at least 1");
     }
-    let c = a.compute.open()?;
+    let c = Compute::open(a.device, a.dtype)?;
     let dtype = c.dtype;
     let (b, g, t, d) = (a.batch, a.kv_heads, a.seq_len, a.head_dim);
     let rows = a.heads / g * t;
@@ -121,7 +115,7 @@ pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
     if !supported(&qd) {
         bail!(
             "the fused attention does not run on {} in {} with head_dim {d}",
-            a.compute.device,
+            a.device,
             dtype.as_str()
         );
     }
@@ -143,7 +137,7 @@ pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
             Var::from_tensor(&kd)?,
             Var::from_tensor(&vd)?,
         );
-        crate::bench_cmd::time_it(&c, 2, 10, || {
+        crate::time_it(&c, 2, 10, || {
             let y = attend(
                 qv.as_tensor(),
                 kv.as_tensor(),
@@ -167,7 +161,7 @@ pub fn attention(a: AttentionArgs) -> Result<serde_json::Value> {
     // Causal matrix-product work: q·kᵀ and p·v over the visible half, forward only.
     let flops = 4.0 * (b * a.heads) as f64 * (t * (t + 1) / 2) as f64 * d as f64;
     Ok(json!({
-        "device": a.compute.device.to_string(), "dtype": dtype.as_str(),
+        "device": a.device.to_string(), "dtype": dtype.as_str(),
         "batch": b, "heads": a.heads, "kv_heads": g, "seq_len": t, "head_dim": d,
         "max_rel_diff_vs_cpu_f32": diffs,
         "fused_forward_ms": ff * 1e3, "fused_forward_backward_ms": fb * 1e3,
