@@ -6,7 +6,7 @@
 use crate::pipeline_file::PipelineFile;
 use anyhow::{bail, Context, Result};
 use corpus::fsio;
-use eval::report::{ModelScore, ReportInput};
+use eval::compare::{Baseline, Comparison, RunEval};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -434,60 +434,35 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The eval stage: the eval crate scores the run's models and writes the report; here, only
+/// where each model lives and what it is called.
 fn evaluate(
     compute: &model::Compute,
     run: &Path,
     p: &PipelineFile,
     timings: &[(String, f64)],
 ) -> Result<()> {
-    let dev = compute.device.clone();
-    let folder = model::ModelFolder::open(&p.teacher.model)?;
-    let tok = folder.tokenizer()?;
-    let text = std::fs::read_to_string(&p.eval.text)
-        .with_context(|| format!("cannot read {}", p.eval.text.display()))?;
-    let mut ids = eval::encode_text(&tok, &text, folder.config.bos_token_id)?;
-    if let Some(n) = p.eval.max_tokens {
-        ids.truncate(n);
-    }
     let q = p.student.quant_config()?;
-    let teacher =
-        model::Llama::load(&folder, model::QuantConfig::none(), &dev)?.cast(compute.dtype)?;
-    // The baseline is plain round-to-nearest; a K/V rotation is part of the method, so with
-    // one, RTN with the rotation is scored too (what rotation alone buys, without training).
-    let plain = model::QuantConfig {
-        kv_rotation: model::KvRotation::None,
-        ..q.clone()
-    };
     // A student on a frozen base (qlora) starts from that base: it is the baseline, not RTN.
-    let (rtn, rtn_label) = if p.student.method.needs_base() {
-        let base = model::ModelFolder::open(&stage_dir(run, "quantize"))?;
+    let baseline = if p.student.method.needs_base() {
         let settings = p.quantize_settings()?;
-        let label = format!(
-            "{} {}base ({})",
-            settings.format.name(),
-            if settings.loftq.is_some() {
-                "LoftQ "
-            } else {
-                ""
-            },
-            plain.label()
-        );
-        (model::Llama::load(&base, plain.clone(), &dev)?, label)
+        Baseline::FrozenBase {
+            folder: stage_dir(run, "quantize"),
+            name: format!(
+                "{} {}base",
+                settings.format.name(),
+                if settings.loftq.is_some() {
+                    "LoftQ "
+                } else {
+                    ""
+                }
+            ),
+        }
     } else {
-        (
-            model::Llama::load(&folder, plain.clone(), &dev)?,
-            plain.label(),
-        )
+        Baseline::Rtn
     };
-    let rtn = rtn.cast(compute.dtype)?;
-    let rtn_rotated = if q == plain {
-        None
-    } else {
-        Some(model::Llama::load(&folder, q.clone(), &dev)?.cast(compute.dtype)?)
-    };
-    let sdir = stage_dir(run, "train").join(train::STUDENT_DIR);
     // An lrqat student's folder holds its merged integers times scales: no weight quantizer.
-    let sq = match p.student.method {
+    let student_quant = match p.student.method {
         train::Method::Lrqat => model::QuantConfig {
             w_bits: None,
             w_group: None,
@@ -495,76 +470,39 @@ fn evaluate(
         },
         _ => q.clone(),
     };
-    let student = model::Llama::load(&model::ModelFolder::open(&sdir)?, sq.clone(), &dev)?
-        .cast(compute.dtype)?;
-    // The export as loaded back: its stored weights with the student's activation and K/V
-    // quantizers (its weights are on their grid already).
-    let exported = match p.export_format() {
-        Some(f) => {
-            let runtime = model::QuantConfig {
-                w_bits: None,
-                w_group: None,
-                w_scale: Default::default(),
-                ..sq.clone()
-            };
-            let folder = model::ModelFolder::open(&f.model_path(&stage_dir(run, "export")))?;
-            Some((
-                format!("{} export", f.name()),
-                model::Llama::load(&folder, runtime, &dev)?.cast(compute.dtype)?,
-            ))
-        }
-        None => None,
-    };
-    let mut models = vec![&rtn];
-    models.extend(rtn_rotated.as_ref());
-    models.push(&student);
-    models.extend(exported.as_ref().map(|e| &e.1));
-    let ctx = p.eval.ctx.unwrap_or(folder.config.usable_context());
-    let mut bar = crate::progress::LazyBar::new(
-        (ids.len() - 1) as u64,
-        "eval {bar:40} {pos}/{len} tokens eta {eta}",
-    );
-    let (t, scores) =
-        eval::score_against_teacher(&teacher, &models, &ids, ctx, p.eval.batch, |n| {
-            bar.set_position(n as u64)
-        })?;
-    bar.finish();
-    let score = |pp: &eval::Perplexity, a: Option<&eval::Agreement>| ModelScore {
-        ppl: pp.ppl,
-        nll: pp.nll,
-        tokens: pp.tokens,
-        agreement: a.map(|a| a.agreement),
-        kl: a.map(|a| a.kl),
-    };
-    let input = ReportInput {
+    let inputs = RunEval {
         run_name: &p.run.name,
-        teacher: &p.teacher.model.display().to_string(),
-        teacher_hub: folder.hub.as_ref(),
-        quant_label: &q.label(),
-        eval_text: &p.eval.text.display().to_string(),
-        teacher_score: score(&t, None),
-        rtn: score(&scores[0].0, Some(&scores[0].1)),
-        rtn_label: &rtn_label,
-        student_label: &match p.student.method {
+        teacher: &p.teacher.model,
+        text: &p.eval.text,
+        max_tokens: p.eval.max_tokens,
+        ctx: p.eval.ctx,
+        batch: p.eval.batch,
+        quant: q,
+        baseline,
+        student: stage_dir(run, "train").join(train::STUDENT_DIR),
+        student_quant,
+        student_label: match p.student.method {
             train::Method::Qat => "QAT student".to_string(),
             m => format!("{} student", m.name()),
         },
-        rtn_rotated: rtn_rotated
-            .as_ref()
-            .map(|_| score(&scores[1].0, Some(&scores[1].1))),
-        student: {
-            let i = scores.len() - 1 - exported.is_some() as usize;
-            score(&scores[i].0, Some(&scores[i].1))
-        },
-        exported: exported.as_ref().map(|(label, _)| {
-            let s = scores.last().expect("the export's score");
-            (label.clone(), score(&s.0, Some(&s.1)))
+        export: p.export_format().map(|f| {
+            (
+                format!("{} export", f.name()),
+                f.model_path(&stage_dir(run, "export")),
+            )
         }),
-        train_log: &stage_dir(run, "train").join(train::LOG_FILE),
+        train_log: stage_dir(run, "train").join(train::LOG_FILE),
         train_steps: p.train.steps,
         timings: timings.to_vec(),
     };
-    eval::report::write_report(&stage_dir(run, "eval"), &input)?;
+    let models = Comparison::load(compute, &inputs)?;
+    let mut bar = crate::progress::LazyBar::new(
+        models.tokens_to_score() as u64,
+        "eval {bar:40} {pos}/{len} tokens eta {eta}",
+    );
+    let scores = models.score(|n| bar.set_position(n as u64))?;
+    bar.finish();
+    models.write_report(&stage_dir(run, "eval"), &scores)?;
     Ok(())
 }
 

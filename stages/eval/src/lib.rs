@@ -1,8 +1,11 @@
 //! Evaluation: perplexity of a model on a held-out text (the protocol of
 //! `../shared/data/README.md`: BOS + whole file, non-overlapping windows of ctx + 1 ids, each
 //! scored from scratch), and agreement / KL of a student against its teacher on the same windows.
-//! [`report`] writes a run's report (report.md, report.json and the plots) from those scores.
+//! [`compare`] is the eval stage of `pipeline run` (teacher, baselines, student and export on the
+//! same windows); [`report`] writes a run's report (report.md, report.json and the plots) from
+//! those scores.
 
+pub mod compare;
 pub mod report;
 
 use anyhow::{bail, Context, Result};
