@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use generate::{Event, FirstToken, GenerateConfig, PrefixRange};
+use generate::{Event, FirstToken, GenerateConfig, PrefixRange, ShardOf};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 
@@ -47,8 +47,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub cuda_graph: bool,
     /// Make only shards A..B (end exclusive), e.g. to split the work across machines.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shard_of")]
     pub shards: Option<String>,
+    /// Make slice K (from 0) of N contiguous, balanced slices of the shards, as job K of an
+    /// array of N. `env/N` reads K from SLURM_ARRAY_TASK_ID, else from a Kubernetes Indexed
+    /// Job's JOB_COMPLETION_INDEX. Join the parts with `pipeline corpus merge`.
+    #[arg(long, value_name = "K/N")]
+    pub shard_of: Option<ShardOf>,
+    /// One teacher per device, e.g. cuda:0,cuda:1 (or cpu,cpu), each making a contiguous
+    /// slice of this invocation's shards; replaces --device. Does not change the corpus.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub devices: Option<Vec<model::DeviceSpec>>,
     /// Replace an existing corpus made with other settings.
     #[arg(long)]
     pub force: bool,
@@ -106,6 +115,25 @@ pub fn generate_with_progress(
     range: Option<std::ops::Range<usize>>,
     force: bool,
 ) -> Result<generate::GenerateReport> {
+    generate_on_devices_with_progress(
+        std::slice::from_ref(compute),
+        teacher,
+        out,
+        cfg,
+        range,
+        force,
+    )
+}
+
+/// `generate_with_progress` with one teacher per device.
+pub fn generate_on_devices_with_progress(
+    computes: &[model::Compute],
+    teacher: &Path,
+    out: &Path,
+    cfg: &GenerateConfig,
+    range: Option<std::ops::Range<usize>>,
+    force: bool,
+) -> Result<generate::GenerateReport> {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     if let Ok(s) =
         ProgressStyle::with_template("generate {bar:30} {pos}/{len} samples  {msg}  eta {eta}")
@@ -114,7 +142,7 @@ pub fn generate_with_progress(
     }
     let t0 = std::time::Instant::now();
     let mut tokens = 0u64;
-    let r = generate::generate_on(compute, teacher, out, cfg, range, force, |e| match e {
+    let r = generate::generate_on_devices(computes, teacher, out, cfg, range, force, |e| match e {
         Event::Start {
             samples_to_make,
             shards_kept,
@@ -144,9 +172,22 @@ pub fn generate_with_progress(
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let cfg = a.config();
-    let range = a.shards.as_deref().map(parse_range).transpose()?;
-    let compute = a.compute.open()?;
-    let r = generate_with_progress(&compute, &a.teacher, &a.out, &cfg, range, a.force)?;
+    let range = match (&a.shards, a.shard_of) {
+        (Some(s), _) => Some(parse_range(s)?),
+        (None, Some(of)) => {
+            let r = of.range(cfg.num_shards(), |v| std::env::var(v).ok())?;
+            eprintln!(
+                "--shard-of: making shards {}..{} of {}",
+                r.start,
+                r.end,
+                cfg.num_shards()
+            );
+            Some(r)
+        }
+        (None, None) => None,
+    };
+    let computes = a.compute.open_each(a.devices.as_deref())?;
+    let r = generate_on_devices_with_progress(&computes, &a.teacher, &a.out, &cfg, range, a.force)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

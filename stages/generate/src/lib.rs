@@ -192,6 +192,82 @@ impl GenerateConfig {
     }
 }
 
+/// Slice `k` of `n` contiguous, balanced slices of `range` (sizes differ by at most one).
+pub fn shard_slice(range: std::ops::Range<usize>, k: usize, n: usize) -> std::ops::Range<usize> {
+    let len = range.end - range.start;
+    range.start + len * k / n..range.start + len * (k + 1) / n
+}
+
+/// Which of the variables a job array sets holds this job's index, in the order they are read.
+pub const JOB_INDEX_VARS: [&str; 2] = ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
+
+/// `--shard-of K/N`: this invocation makes slice K (0-based) of N of the corpus's shards.
+/// `env/N` takes K from the job array's index (`JOB_INDEX_VARS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardOf {
+    /// `None`: read from the environment.
+    pub k: Option<usize>,
+    pub n: usize,
+}
+
+impl std::str::FromStr for ShardOf {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || anyhow::anyhow!("--shard-of {s:?}: expected K/N (e.g. 0/8) or env/N");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let n: usize = n.trim().parse().map_err(|_| bad())?;
+        let k = match k.trim() {
+            "env" => None,
+            k => Some(k.parse().map_err(|_| bad())?),
+        };
+        if n == 0 {
+            bail!("--shard-of {s:?}: N must be at least 1");
+        }
+        Ok(ShardOf { k, n })
+    }
+}
+
+impl ShardOf {
+    /// The shards this slice makes out of `num_shards`; `var` looks up an environment variable
+    /// (a parameter so tests need not set the process's environment).
+    pub fn range(
+        &self,
+        num_shards: usize,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<std::ops::Range<usize>> {
+        let n = self.n;
+        let k = match self.k {
+            Some(k) => k,
+            None => {
+                let found = JOB_INDEX_VARS
+                    .iter()
+                    .find_map(|&name| var(name).map(|v| (name, v)));
+                let Some((name, v)) = found else {
+                    bail!(
+                        "--shard-of env/{n}: neither {} nor {} is set (they hold a Slurm array task's or a Kubernetes Indexed Job's index); give K/{n} instead",
+                        JOB_INDEX_VARS[0],
+                        JOB_INDEX_VARS[1]
+                    );
+                };
+                v.trim().parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--shard-of env/{n}: {name} = {v:?} is not a job index (0, 1, ...)"
+                    )
+                })?
+            }
+        };
+        if k >= n {
+            bail!("--shard-of {k}/{n}: K must be below N (K counts from 0)");
+        }
+        if n > num_shards {
+            bail!(
+                "--shard-of {k}/{n}: the settings give only {num_shards} shard(s) (samples / shard_size, rounded up), so N must be at most {num_shards}"
+            );
+        }
+        Ok(shard_slice(0..num_shards, k, n))
+    }
+}
+
 /// Progress events for the caller's progress bar / log.
 pub enum Event<'a> {
     Start {
@@ -263,10 +339,36 @@ pub fn generate_on(
     cfg: &GenerateConfig,
     shard_range: Option<std::ops::Range<usize>>,
     force: bool,
+    on_event: impl FnMut(Event),
+) -> Result<GenerateReport> {
+    generate_on_devices(
+        std::slice::from_ref(compute),
+        teacher_dir,
+        out,
+        cfg,
+        shard_range,
+        force,
+        on_event,
+    )
+}
+
+/// `generate_on` with one teacher per device: each takes a contiguous slice of the shards
+/// still to make, and one writer writes every shard and the manifest. A sample depends only
+/// on (seed, sample id), so the corpus is the same for any number of devices.
+pub fn generate_on_devices(
+    computes: &[Compute],
+    teacher_dir: &Path,
+    out: &Path,
+    cfg: &GenerateConfig,
+    shard_range: Option<std::ops::Range<usize>>,
+    force: bool,
     mut on_event: impl FnMut(Event),
 ) -> Result<GenerateReport> {
     cfg.validate()?;
-    if cfg.cuda_graph && compute.device.is_cpu() {
+    if computes.is_empty() {
+        bail!("--devices is empty: name at least one device");
+    }
+    if cfg.cuda_graph && computes.iter().any(|c| c.device.is_cpu()) {
         bail!("generate.cuda_graph = true needs a CUDA device, but the device is cpu");
     }
     let folder = ModelFolder::open(teacher_dir)?;
@@ -362,15 +464,17 @@ pub fn generate_on(
         .clone()
         .filter(|i| !manifest.shards.contains_key(i))
         .collect();
-    let ids: Vec<u64> = todo
-        .iter()
-        .flat_map(|&s| {
-            let first = manifest.first_sample(s);
-            first..first + manifest.expected_rows(s)
-        })
-        .collect();
+    let samples_of = |shards: &[usize]| -> Vec<u64> {
+        shards
+            .iter()
+            .flat_map(|&s| {
+                let first = manifest.first_sample(s);
+                first..first + manifest.expected_rows(s)
+            })
+            .collect()
+    };
     on_event(Event::Start {
-        samples_to_make: ids.len() as u64,
+        samples_to_make: samples_of(&todo).len() as u64,
         shards_kept: kept,
     });
 
@@ -378,29 +482,38 @@ pub fn generate_on(
     let mut tokens_made = 0u64;
     let mut samples_made = 0u64;
     let mut written = 0usize;
-    if !ids.is_empty() {
-        let model = Arc::new(
-            Llama::load(&folder, QuantConfig::none(), &compute.device)?.cast(compute.dtype)?,
+    if !todo.is_empty() {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Sample>>(
+            cfg.batch * 2 * cfg.workers * computes.len(),
         );
-        let job = Arc::new(worker::Job {
-            first_tokens: first_token_candidates(&tokenizer, &model),
-            model,
-            cfg: cfg.clone(),
-            ids,
-            next: AtomicUsize::new(0),
-        });
-        if job.first_tokens.is_empty() {
-            bail!(
-                "{}: the tokenizer has no non-special token to start a sample with",
-                folder.tokenizer_path().display()
-            );
-        }
-        let (tx, rx) = crossbeam_channel::bounded::<Result<Sample>>(cfg.batch * 2 * cfg.workers);
         let mut handles = Vec::new();
-        for _ in 0..cfg.workers {
-            let job = job.clone();
-            let tx = tx.clone();
-            handles.push(std::thread::spawn(move || worker::run(&job, &tx)));
+        for (d, compute) in computes.iter().enumerate() {
+            let mine = shard_slice(0..todo.len(), d, computes.len());
+            let ids = samples_of(&todo[mine]);
+            if ids.is_empty() {
+                continue;
+            }
+            let model = Arc::new(
+                Llama::load(&folder, QuantConfig::none(), &compute.device)?.cast(compute.dtype)?,
+            );
+            let job = Arc::new(worker::Job {
+                first_tokens: first_token_candidates(&tokenizer, &model),
+                model,
+                cfg: cfg.clone(),
+                ids,
+                next: AtomicUsize::new(0),
+            });
+            if job.first_tokens.is_empty() {
+                bail!(
+                    "{}: the tokenizer has no non-special token to start a sample with",
+                    folder.tokenizer_path().display()
+                );
+            }
+            for _ in 0..cfg.workers {
+                let job = job.clone();
+                let tx = tx.clone();
+                handles.push(std::thread::spawn(move || worker::run(&job, &tx)));
+            }
         }
         drop(tx);
         // Shard writer: buffer finished samples per shard, write a shard once it is whole.
@@ -452,4 +565,52 @@ pub fn generate_on(
         },
         complete: manifest.is_complete(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_slices_are_contiguous_balanced_and_cover_every_shard() {
+        for shards in 1..20 {
+            for n in 1..=shards {
+                let slices: Vec<_> = (0..n).map(|k| shard_slice(0..shards, k, n)).collect();
+                assert_eq!(slices[0].start, 0);
+                assert_eq!(slices[n - 1].end, shards);
+                for w in slices.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+                let sizes: Vec<usize> = slices.iter().map(|r| r.len()).collect();
+                let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                assert!(*lo >= 1 && hi - lo <= 1, "{shards} shards / {n}: {sizes:?}");
+            }
+        }
+        assert_eq!(shard_slice(4..9, 1, 2), 6..9);
+    }
+
+    #[test]
+    fn shard_of_reads_the_job_index_and_names_what_is_wrong() {
+        let none = |_: &str| None;
+        let slurm =
+            |v: &'static str| move |k: &str| (k == "SLURM_ARRAY_TASK_ID").then(|| v.to_string());
+        let k8s = |k: &str| (k == "JOB_COMPLETION_INDEX").then(|| "2".to_string());
+        let p = |s: &str| s.parse::<ShardOf>();
+        assert_eq!(p("1/3").unwrap().range(5, none).unwrap(), 1..3);
+        assert_eq!(p("env/3").unwrap().range(5, slurm("0")).unwrap(), 0..1);
+        assert_eq!(p("env/3").unwrap().range(5, k8s).unwrap(), 3..5);
+        let err = |r: Result<std::ops::Range<usize>>| format!("{:#}", r.unwrap_err());
+        let e = err(p("env/3").unwrap().range(5, none));
+        assert!(
+            e.contains("SLURM_ARRAY_TASK_ID") && e.contains("JOB_COMPLETION_INDEX"),
+            "{e}"
+        );
+        let e = err(p("env/3").unwrap().range(5, slurm("x")));
+        assert!(e.contains("SLURM_ARRAY_TASK_ID = \"x\""), "{e}");
+        assert!(err(p("3/3").unwrap().range(5, none)).contains("K must be below N"));
+        assert!(err(p("0/6").unwrap().range(5, none)).contains("only 5 shard(s)"));
+        for bad in ["3", "a/2", "1/0", "1/", "/2"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+    }
 }
