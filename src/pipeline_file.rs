@@ -18,9 +18,23 @@ pub struct RunTable {
     /// `cpu`, `cuda` or `cuda:N` for generate, train and eval.
     #[serde(default)]
     pub device: model::DeviceSpec,
+    /// Data-parallel training, one rank per device, e.g. `["cuda:0", "cuda:1"]`; replaces
+    /// `device` for the train stage.
+    #[serde(default)]
+    pub devices: Option<Vec<model::DeviceSpec>>,
     /// Compute dtype of teacher and student: `f32`, `bf16` or `f16`.
     #[serde(default)]
     pub dtype: model::ComputeDtype,
+}
+
+impl RunTable {
+    /// The train stage's ranks: one per entry of `devices`, else `device` alone.
+    pub fn train_computes(&self) -> Result<Vec<model::Compute>> {
+        match &self.devices {
+            Some(d) => crate::compute_args::open_devices(d, self.dtype, "[run] devices"),
+            None => Ok(vec![model::Compute::open(self.device, self.dtype)?]),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -285,6 +299,16 @@ impl PipelineFile {
                 at("run", "directory"),
                 self.run.directory
             );
+        }
+        if let Some(devices) = &self.run.devices {
+            if devices.is_empty() {
+                bail!(
+                    "{}: [run] devices = []: name at least one device, e.g. [\"cuda:0\", \"cuda:1\"]",
+                    at("run", "devices")
+                );
+            }
+            train::data::check_ranks(self.train.batch, devices.len())
+                .map_err(|e| anyhow!("{}: [train] {e:#}", at("train", "batch")))?;
         }
         with_place(self.generate.validate(), "generate")?;
         with_place(

@@ -377,16 +377,18 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                 if student.method.needs_base() {
                     student.base = Some(stage_dir(&run, "quantize"));
                 }
-                let r = train::train_on(
-                    &compute,
-                    &p.teacher.model,
-                    &stage_dir(&run, "generate"),
-                    &stage_dir(&run, s),
-                    &student,
-                    &p.train,
-                    // The train stage prints each logged step itself.
-                    |_| {},
-                )?;
+                let job = train::TrainJob {
+                    computes: p.run.train_computes()?,
+                    ..train::TrainJob::new(
+                        &p.teacher.model,
+                        &stage_dir(&run, "generate"),
+                        &stage_dir(&run, s),
+                        &student,
+                        &p.train,
+                    )
+                };
+                // The train stage prints each logged step itself.
+                let r = train::train(&job, |_| {})?;
                 if let Some(from) = r.resumed_from {
                     eprintln!("train: resumed from step {from}");
                 }

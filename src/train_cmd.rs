@@ -26,6 +26,11 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub compute: crate::compute_args::ComputeArgs,
+    /// Data-parallel training, one rank per device as threads of this process, e.g.
+    /// cuda:0,cuda:1 (or cpu,cpu); replaces --device. Each rank takes batch / N rows of every
+    /// micro-batch and the ranks sum their gradients, so the run follows the one-device run.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub devices: Option<Vec<model::DeviceSpec>>,
     /// Optimizer steps in total.
     #[arg(long)]
     pub steps: Option<u64>,
@@ -240,6 +245,21 @@ fn check_base_settings(config: Option<&Path>, student: &StudentConfig) -> Result
     Ok(())
 }
 
+/// A torchrun-style launch of several processes needs a collective between processes (NCCL),
+/// which this build does not have; one process with `--devices` runs its ranks as threads.
+pub fn refuse_process_launch(var: impl Fn(&str) -> Option<String>) -> Result<()> {
+    if let Some(l) = train::parallel::Launch::from_env(var)? {
+        if l.world_size > 1 {
+            anyhow::bail!(
+                "RANK = {} and WORLD_SIZE = {} ask for ranks in separate processes, which needs a collective between processes (NCCL) that this build lacks; run one process with --devices (e.g. cuda:0,cuda:1) instead",
+                l.rank,
+                l.world_size
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let (student, cfg) = a.configs()?;
     if student.method.needs_base() {
@@ -256,16 +276,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cfg.seq_len,
         cfg.grad_accum
     );
-    let compute = a.compute.open()?;
-    let r = train::train_on(
-        &compute,
-        &a.teacher,
-        &a.corpus,
-        &a.out,
-        &student,
-        &cfg,
-        |_| {},
-    )?;
+    refuse_process_launch(|v| std::env::var(v).ok())?;
+    let job = train::TrainJob {
+        computes: a.compute.open_each(a.devices.as_deref())?,
+        ..train::TrainJob::new(&a.teacher, &a.corpus, &a.out, &student, &cfg)
+    };
+    let r = train::train(&job, |_| {})?;
     let resumed = r
         .resumed_from
         .map_or(String::new(), |s| format!(" (resumed from step {s})"));

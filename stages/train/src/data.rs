@@ -20,6 +20,8 @@ pub struct Batch {
     pub ids: Vec<u32>,
     /// 1 for real tokens, 0 for padding (`pad` packing only).
     pub mask: Option<Vec<f32>>,
+    /// This slice's part of the global micro-batch's counted tokens (1 with one rank).
+    pub share: f64,
 }
 
 /// What the loader needs to know about the model and the run.
@@ -177,6 +179,14 @@ impl Batcher {
     }
 
     pub fn batch(&mut self, index: u64) -> Batch {
+        self.rank_slice(index, 0, 1)
+    }
+
+    /// Rank `rank`'s slice of micro-batch `index` among `ranks`: global rows
+    /// `rank * B / ranks ..` of the batch's B, padded to the whole batch's length, so the ranks'
+    /// slices back to back are exactly `batch(index)`. B must be divisible by `ranks`
+    /// (`check_ranks`).
+    pub fn rank_slice(&mut self, index: u64, rank: usize, ranks: usize) -> Batch {
         let n = self.rows.len() as u64;
         let picked: Vec<usize> = (0..self.spec.batch as u64)
             .map(|i| {
@@ -194,23 +204,48 @@ impl Batcher {
             .map(|&k| self.rows.row(k).len())
             .max()
             .unwrap_or(0);
-        let mut ids = Vec::with_capacity(picked.len() * len);
-        let mut mask = Vec::with_capacity(picked.len() * len);
-        for &k in &picked {
+        let per_rank = picked.len() / ranks;
+        let mine = &picked[rank * per_rank..(rank + 1) * per_rank];
+        let mut ids = Vec::with_capacity(mine.len() * len);
+        let mut mask = Vec::with_capacity(mine.len() * len);
+        for &k in mine {
             let row = self.rows.row(k);
             ids.extend_from_slice(row);
             ids.extend(std::iter::repeat_n(self.spec.pad, len - row.len()));
             mask.extend(std::iter::repeat_n(1f32, row.len()));
             mask.extend(std::iter::repeat_n(0f32, len - row.len()));
         }
+        // The loss is a mean over counted tokens, so a rank's gradient weighs by its tokens.
+        let counted = |rows: &[usize]| -> usize {
+            match self.spec.packing {
+                Packing::Concat => rows.len() * len,
+                Packing::Pad => rows.iter().map(|&k| self.rows.row(k).len()).sum(),
+            }
+        };
+        let share = if ranks == 1 {
+            1.0
+        } else {
+            counted(mine) as f64 / counted(&picked) as f64
+        };
         Batch {
             index,
-            rows: picked.len(),
+            rows: mine.len(),
             len,
             ids,
             mask: (self.spec.packing == Packing::Pad).then_some(mask),
+            share,
         }
     }
+}
+
+/// A global micro-batch of `batch` rows splits evenly over `ranks`, or the run is refused.
+pub fn check_ranks(batch: usize, ranks: usize) -> Result<()> {
+    if ranks == 0 || !batch.is_multiple_of(ranks) {
+        bail!(
+            "train.batch = {batch} does not split evenly over {ranks} ranks (--devices or WORLD_SIZE): choose a batch that is a multiple of {ranks}"
+        );
+    }
+    Ok(())
 }
 
 /// The reader thread and the receiving end of its channel.
@@ -224,6 +259,18 @@ impl Loader {
     /// Starts the reader thread; it produces micro-batches `cursor, cursor + 1, ...` forever
     /// (epochs wrap) until the loader is dropped. Corpus errors arrive as the first item.
     pub fn start(corpus_dir: &Path, spec: LoaderSpec, cursor: u64) -> Result<Loader> {
+        Self::start_rank(corpus_dir, spec, cursor, 0, 1)
+    }
+
+    /// `start` for rank `rank` of `ranks`: each item is that rank's slice of the micro-batch.
+    pub fn start_rank(
+        corpus_dir: &Path,
+        spec: LoaderSpec,
+        cursor: u64,
+        rank: usize,
+        ranks: usize,
+    ) -> Result<Loader> {
+        check_ranks(spec.batch, ranks)?;
         // Small bound: back-pressure keeps at most a few batches in memory.
         let (tx, rx) = bounded::<Result<Batch>>(4);
         let dir = corpus_dir.to_path_buf();
@@ -238,7 +285,7 @@ impl Loader {
                     }
                 };
                 let mut index = cursor;
-                while tx.send(Ok(batcher.batch(index))).is_ok() {
+                while tx.send(Ok(batcher.rank_slice(index, rank, ranks))).is_ok() {
                     index += 1;
                 }
             })
@@ -351,5 +398,73 @@ mod tests {
                 assert_eq!((m[3], ids[3]), (0.0, 0));
             }
         }
+    }
+
+    /// Rows of 1..=6 tokens (pad packing) so a slice can be shorter than the whole batch.
+    fn pad_rows(n: usize) -> Rows {
+        let mut tokens = Vec::new();
+        let mut offsets = vec![0];
+        for i in 0..n {
+            tokens.extend((0..1 + i % 6).map(|t| (i * 7 + t) as u32 % 100));
+            offsets.push(tokens.len());
+        }
+        Rows {
+            packing: Packing::Pad,
+            seq_len: 6,
+            tokens,
+            offsets,
+        }
+    }
+
+    #[test]
+    fn rank_slices_back_to_back_are_the_global_batch() {
+        for packing in [Packing::Concat, Packing::Pad] {
+            for (batch, ranks) in [(4, 1), (4, 2), (4, 4), (6, 3), (8, 2), (12, 4)] {
+                let sp = LoaderSpec {
+                    batch,
+                    seq_len: 6,
+                    ..spec(packing)
+                };
+                let rows = || match packing {
+                    Packing::Pad => pad_rows(11),
+                    Packing::Concat => Rows {
+                        packing,
+                        seq_len: 6,
+                        tokens: (0..66).collect(),
+                        offsets: vec![0],
+                    },
+                };
+                let mut whole = Batcher::new(rows(), sp.clone());
+                let mut sliced: Vec<Batcher> = (0..ranks)
+                    .map(|_| Batcher::new(rows(), sp.clone()))
+                    .collect();
+                // 11 rows: batches of 4..12 rows cross several epoch boundaries by index 9.
+                for index in [0u64, 1, 2, 5, 9, 3] {
+                    let want = whole.batch(index);
+                    let parts: Vec<Batch> = sliced
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(r, b)| b.rank_slice(index, r, ranks))
+                        .collect();
+                    let ids: Vec<u32> = parts.iter().flat_map(|p| p.ids.clone()).collect();
+                    assert_eq!(ids, want.ids, "{packing:?} B {batch} W {ranks} #{index}");
+                    if let Some(m) = &want.mask {
+                        let mask: Vec<f32> =
+                            parts.iter().flat_map(|p| p.mask.clone().unwrap()).collect();
+                        assert_eq!(&mask, m);
+                    }
+                    assert!(parts.iter().all(|p| p.len == want.len && p.index == index));
+                    assert_eq!(parts.iter().map(|p| p.rows).sum::<usize>(), batch);
+                    let shares: f64 = parts.iter().map(|p| p.share).sum();
+                    assert!((shares - 1.0).abs() < 1e-12, "shares sum to {shares}");
+                }
+            }
+        }
+        assert!(check_ranks(6, 4).is_err());
+        let e = format!("{:#}", check_ranks(6, 4).unwrap_err());
+        assert!(
+            e.contains("train.batch = 6") && e.contains("4 ranks"),
+            "{e}"
+        );
     }
 }

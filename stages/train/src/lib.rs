@@ -8,6 +8,7 @@
 //! - `loss`: the distillation loss (CE between temperature-scaled distributions), KL, agreement
 //! - `optim`: AdamW, learning-rate schedule, gradient clipping
 //! - `checkpoint`: checkpoint folders, verification, pruning, the final student folder
+//! - `parallel`: data-parallel ranks: the launch environment and the gradient all-reduce
 
 pub mod checkpoint;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod data;
 pub mod kv_equalize;
 pub mod loss;
 pub mod optim;
+pub mod parallel;
 pub mod student;
 
 pub use config::{LoraConfig, Method, Packing, PhiStorage, Schedule, StudentConfig, TrainConfig};
@@ -27,6 +29,7 @@ use corpus::{fsio, CorpusManifest};
 use data::{Loader, LoaderSpec};
 use model::{Compute, Llama, LlamaConfig, ModelFolder, QuantConfig};
 use optim::{AdamW, Param};
+use parallel::Collective;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -67,39 +70,46 @@ pub struct TrainReport {
     pub student_dir: Option<PathBuf>,
 }
 
-/// Trains `train.steps` optimizer steps (resuming from the newest checkpoint under `out`) and
-/// writes the final student to `<out>/student/`.
-pub fn train(
-    teacher_dir: &Path,
-    corpus_dir: &Path,
-    out: &Path,
-    student: &StudentConfig,
-    cfg: &TrainConfig,
-    on_log: impl FnMut(&LogLine),
-) -> Result<TrainReport> {
-    train_until(teacher_dir, corpus_dir, out, student, cfg, None, on_log)
+/// One training run: what to distil into what, where, on which devices. `train(&job, on_log)`
+/// runs it.
+#[derive(Clone, Debug)]
+pub struct TrainJob {
+    pub teacher: PathBuf,
+    pub corpus: PathBuf,
+    /// Checkpoints, the log and the final student go here; a rerun resumes.
+    pub out: PathBuf,
+    pub student: StudentConfig,
+    pub cfg: TrainConfig,
+    /// One data-parallel rank per entry, as threads of this process (`--devices`); one f32
+    /// CPU rank by default. In bf16/f16 the teacher is stored in that dtype; the student keeps
+    /// f32 master weights and f32 AdamW moments (so checkpoints are f32 whatever the device)
+    /// and casts them to the compute dtype in each forward pass.
+    pub computes: Vec<Compute>,
+    /// Stop after this optimizer step (with a checkpoint there) if it comes before
+    /// `train.steps`. The schedule still follows `train.steps`, so a stopped run resumed with
+    /// the same config continues exactly as if it had not stopped.
+    pub stop_after: Option<u64>,
 }
 
-/// `train` on a chosen device and compute dtype (`train` is f32 on the CPU).
-pub fn train_on(
-    compute: &Compute,
-    teacher_dir: &Path,
-    corpus_dir: &Path,
-    out: &Path,
-    student: &StudentConfig,
-    cfg: &TrainConfig,
-    on_log: impl FnMut(&LogLine),
-) -> Result<TrainReport> {
-    train_until_on(
-        compute,
-        teacher_dir,
-        corpus_dir,
-        out,
-        student,
-        cfg,
-        None,
-        on_log,
-    )
+impl TrainJob {
+    /// `train.steps` steps on one f32 CPU rank.
+    pub fn new(
+        teacher: &Path,
+        corpus: &Path,
+        out: &Path,
+        student: &StudentConfig,
+        cfg: &TrainConfig,
+    ) -> TrainJob {
+        TrainJob {
+            teacher: teacher.to_path_buf(),
+            corpus: corpus.to_path_buf(),
+            out: out.to_path_buf(),
+            student: student.clone(),
+            cfg: cfg.clone(),
+            computes: vec![Compute::cpu()],
+            stop_after: None,
+        }
+    }
 }
 
 /// Builds a `qat` student from `init` (teacher or checkpoint tensors): trainable tensors become
@@ -252,50 +262,25 @@ fn truncate_log(path: &Path, step: u64) -> Result<()> {
     fsio::write_atomic(path, kept.as_bytes())
 }
 
-/// `train`, stopping after optimizer step `stop_after` (with a checkpoint there) if it comes
-/// before `train.steps`. The schedule still follows `train.steps`, so a stopped run resumed
-/// with the same config continues exactly as if it had not stopped.
-#[allow(clippy::too_many_arguments)]
-pub fn train_until(
-    teacher_dir: &Path,
-    corpus_dir: &Path,
-    out: &Path,
-    student: &StudentConfig,
-    cfg: &TrainConfig,
-    stop_after: Option<u64>,
-    on_log: impl FnMut(&LogLine),
-) -> Result<TrainReport> {
-    train_until_on(
-        &Compute::cpu(),
-        teacher_dir,
-        corpus_dir,
-        out,
-        student,
-        cfg,
-        stop_after,
-        on_log,
-    )
-}
-
-/// `train_until` on a chosen device and compute dtype. In bf16/f16 the teacher is stored in
-/// that dtype; the student keeps f32 master weights and f32 AdamW moments (so checkpoints are
-/// f32 whatever the device) and casts them to the compute dtype in each forward pass.
-#[allow(clippy::too_many_arguments)]
-pub fn train_until_on(
-    compute: &Compute,
-    teacher_dir: &Path,
-    corpus_dir: &Path,
-    out: &Path,
-    student: &StudentConfig,
-    cfg: &TrainConfig,
-    stop_after: Option<u64>,
-    mut on_log: impl FnMut(&LogLine),
-) -> Result<TrainReport> {
+/// Trains `job.cfg.steps` optimizer steps (resuming from the newest checkpoint under
+/// `job.out`) and writes the final student to `<out>/student/`. With several devices each is
+/// a data-parallel rank: it takes its slice of every micro-batch, the ranks sum their
+/// gradients, and each applies the same step; rank 0 alone writes. `on_log` sees each logged
+/// step.
+pub fn train(job: &TrainJob, mut on_log: impl FnMut(&LogLine)) -> Result<TrainReport> {
     let started = Instant::now();
+    let (cfg, student, out) = (&job.cfg, &job.student, job.out.as_path());
+    let (teacher_dir, corpus_dir) = (job.teacher.as_path(), job.corpus.as_path());
     cfg.validate()?;
     student.validate()?;
     let quant = student.quant_config()?;
-    let device = compute.device.clone();
+    let Some(dtype) = job.computes.first().map(|c| c.dtype) else {
+        bail!("no device to train on: --devices names none");
+    };
+    if job.computes.iter().any(|c| c.dtype != dtype) {
+        bail!("the devices of one run must share one compute dtype");
+    }
+    data::check_ranks(cfg.batch, job.computes.len())?;
 
     let folder = ModelFolder::open(teacher_dir)?;
     let mcfg = folder.config.clone();
@@ -353,7 +338,7 @@ pub fn train_until_on(
         Some(f) => Some(f.fingerprint()?.weights_sha256),
         None => None,
     };
-    let mut fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg, compute.dtype)?;
+    let mut fp = fingerprint(&teacher_fp, &corpus_sha, student, cfg, dtype)?;
     if let Some(sha) = &base_sha {
         fp["base_weights_sha256"] = json!(sha);
     }
@@ -398,6 +383,111 @@ pub fn train_until_on(
     let start_step = resume.as_ref().map_or(0, |(_, s)| s.step);
     let cursor = resume.as_ref().map_or(0, |(_, s)| s.loader_cursor);
 
+    let end_step = job
+        .stop_after
+        .map_or(cfg.steps, |s| s.clamp(start_step, cfg.steps));
+    truncate_log(&out.join(LOG_FILE), start_step)?;
+    let plan = Plan {
+        folder,
+        quant,
+        base_folder,
+        fp,
+        ckpt_root,
+        resume,
+        start_step,
+        cursor,
+        end_step,
+        started,
+    };
+    let computes = &job.computes;
+    if computes.len() == 1 {
+        return train_rank(job, &plan, &computes[0], None, &mut on_log);
+    }
+    let ranks = parallel::ThreadRanks::new(computes.len());
+    std::thread::scope(|scope| {
+        let mut ranks = ranks.into_iter();
+        let first = ranks.next().expect("at least two ranks");
+        let others: Vec<_> = ranks
+            .zip(&computes[1..])
+            .map(|(r, compute)| {
+                let plan = &plan;
+                scope.spawn(move || {
+                    let res = train_rank(job, plan, compute, Some(&r), &mut |_| {});
+                    if res.is_err() {
+                        r.abort();
+                    }
+                    res
+                })
+            })
+            .collect();
+        // Rank 0 runs here, so `on_log` need not be shared with other threads.
+        let res = train_rank(job, &plan, &computes[0], Some(&first), &mut on_log);
+        if res.is_err() {
+            first.abort();
+        }
+        let mut results = vec![res];
+        for h in others {
+            results.push(
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a training rank panicked"))),
+            );
+        }
+        // The error of the rank that failed first, not that of the ranks it released.
+        let failed_first = results
+            .iter()
+            .position(|r| matches!(r, Err(e) if format!("{e}") != parallel::ABORTED));
+        match failed_first {
+            Some(i) => results.swap_remove(i),
+            None => results.swap_remove(0),
+        }
+    })
+}
+
+/// What every rank shares, settled before any starts: the teacher folder, the fingerprint and
+/// the checkpoint to resume from.
+struct Plan {
+    folder: ModelFolder,
+    quant: QuantConfig,
+    base_folder: Option<ModelFolder>,
+    fp: Value,
+    ckpt_root: PathBuf,
+    resume: Option<(PathBuf, CheckpointState)>,
+    start_step: u64,
+    cursor: u64,
+    end_step: u64,
+    started: Instant,
+}
+
+/// One rank's run: its own teacher, student, optimizer and loader slice. With `ranks` the
+/// gradients are summed over the ranks before each step; without, this is the whole run.
+fn train_rank(
+    job: &TrainJob,
+    plan: &Plan,
+    compute: &Compute,
+    ranks: Option<&dyn Collective>,
+    on_log: &mut dyn FnMut(&LogLine),
+) -> Result<TrainReport> {
+    let (cfg, student, out) = (&job.cfg, &job.student, job.out.as_path());
+    let (teacher_dir, corpus_dir) = (job.teacher.as_path(), job.corpus.as_path());
+    let Plan {
+        folder,
+        quant,
+        base_folder,
+        fp,
+        ckpt_root,
+        resume,
+        start_step,
+        cursor,
+        end_step,
+        started,
+    } = plan;
+    let (start_step, cursor, end_step, started) = (*start_step, *cursor, *end_step, *started);
+    let (rank, world) = ranks.map_or((0, 1), |r| (r.rank(), r.world_size()));
+    // Rank 0 alone writes and reports.
+    let writer = rank == 0;
+    let device = compute.device.clone();
+    let mcfg = folder.config.clone();
+
     // The reader thread verifies and reads the corpus while the models load.
     let spec = LoaderSpec {
         packing: cfg.packing,
@@ -408,7 +498,7 @@ pub fn train_until_on(
         pad: mcfg.eos_token_ids.first().copied().unwrap_or(0),
         vocab_size: mcfg.vocab_size,
     };
-    let mut loader = Loader::start(corpus_dir, spec.clone(), cursor)?;
+    let mut loader = Loader::start_rank(corpus_dir, spec.clone(), cursor, rank, world)?;
 
     let teacher_tensors = folder.load_tensors(&device)?;
     let teacher_names: Vec<String> = teacher_tensors.keys().cloned().collect();
@@ -450,10 +540,12 @@ pub fn train_until_on(
                     .collect::<Result<Vec<_>>>()?;
                 let ranges = kv_equalize::measure(&teacher, &batches)?;
                 kv_equalize::apply(&mut init, &mcfg, &ranges, cfg.kv_equalize)?;
-                eprintln!(
-                    "K/V equalization (strength {}) applied to the student's initial weights",
-                    cfg.kv_equalize
-                );
+                if writer {
+                    eprintln!(
+                        "K/V equalization (strength {}) applied to the student's initial weights",
+                        cfg.kv_equalize
+                    );
+                }
             }
             (init, teacher_dir.display().to_string())
         }
@@ -461,7 +553,7 @@ pub fn train_until_on(
     let mut stu = Student::build(
         student,
         &mcfg,
-        &quant,
+        quant,
         &init,
         &teacher_tensors,
         resume.is_some(),
@@ -471,11 +563,18 @@ pub fn train_until_on(
         &device,
     )?;
     drop(base);
-    eprintln!(
-        "student: method {}, {} trainable parameters",
-        student.method.name(),
-        stu.trainable_count()
-    );
+    if writer {
+        eprintln!(
+            "student: method {}, {} trainable parameters{}",
+            student.method.name(),
+            stu.trainable_count(),
+            if world > 1 {
+                format!(", {world} data-parallel ranks")
+            } else {
+                String::new()
+            }
+        );
+    }
     stu.model.set_compute_dtype(compute.dtype);
     stu.model.fused_attention = true;
     // On a GPU, weight gradients are written straight into f32 sinks (none on the CPU).
@@ -491,18 +590,22 @@ pub fn train_until_on(
             checkpoint::read_safetensors(&p, &device)?,
             &p.display().to_string(),
         )?;
-        eprintln!("resuming from {} (step {start_step})", dir.display());
+        if writer {
+            eprintln!("resuming from {} (step {start_step})", dir.display());
+        }
     }
 
     let log_path = out.join(LOG_FILE);
-    truncate_log(&log_path, start_step)?;
-    let mut log_file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-
-    let end_step = stop_after.map_or(cfg.steps, |s| s.clamp(start_step, cfg.steps));
+    let mut log_file = match writer {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&log_path)
+                .with_context(|| format!("opening {}", log_path.display()))?,
+        ),
+        false => None,
+    };
     let mut last_ckpt = resume.as_ref().map(|(d, _)| d.clone());
     let mut last_loss = resume.as_ref().map_or(f64::NAN, |(_, s)| s.loss);
     let mut cursor = cursor;
@@ -524,8 +627,10 @@ pub fn train_until_on(
             prof.mark("data")?;
             let teacher_logits = teacher.forward(&ids)?;
             prof.mark("teacher forward")?;
-            // Gradients of the mean over micro-batches: each backward sees loss / grad_accum.
-            let scaled = |d: &loss::Distill| d.loss.affine(1.0 / cfg.grad_accum as f64, 0.0);
+            // Gradients of the mean over micro-batches: each backward sees loss / grad_accum,
+            // and a rank's loss weighs by its share of the micro-batch's tokens (1 alone).
+            let weight = batch.share / cfg.grad_accum as f64;
+            let scaled = |d: &loss::Distill| d.loss.affine(weight, 0.0);
             let (d, g) = if cfg.checkpoint_activations {
                 let keep: Vec<&Tensor> = stu.params.iter().map(|p| p.var.as_tensor()).collect();
                 let (d, g) = stu.model.backward_checkpointed(&ids, &keep, |logits| {
@@ -581,15 +686,29 @@ pub fn train_until_on(
                     None => gi,
                 });
             }
-            loss_sum += value;
-            kl_sum += d.kl;
-            agree_sum += d.agreement;
-            window_tokens += batch.rows * batch.len;
+            loss_sum += value * batch.share;
+            kl_sum += d.kl * batch.share;
+            agree_sum += d.agreement * batch.share;
+            window_tokens += batch.rows * batch.len * world;
         }
         let mut grads = step_gradients(grads, &stu.params, &sink_of)?;
         if injected_fault("grad", step) {
             let last = grads.len() - 1;
             grads[last] = (grads[last].clone() * f64::INFINITY)?;
+        }
+        if let Some(ranks) = ranks {
+            // The slices' gradients (and metrics), each weighed by its token share, sum to the
+            // global batch's; every rank then takes the same step.
+            let metrics = Tensor::new(&[loss_sum, kl_sum, agree_sum], &Device::Cpu)?;
+            grads.push(metrics);
+            let mut sums = ranks.all_reduce_sum(&grads)?;
+            let m = sums.pop().context("all_reduce_sum returned no metrics")?;
+            [loss_sum, kl_sum, agree_sum] = m
+                .to_vec1::<f64>()?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("all_reduce_sum changed the metrics' shape"))?;
+            grads = sums;
+            prof.mark("all-reduce")?;
         }
         prof.mark("gradient sums")?;
         let grad_norm = optim::global_norm(&grads)?;
@@ -619,7 +738,9 @@ pub fn train_until_on(
         let n = cfg.grad_accum as f64;
         last_loss = loss_sum / n;
 
-        if step % cfg.log_every == 0 || step == end_step {
+        if let (Some(log_file), true) =
+            (&mut log_file, step % cfg.log_every == 0 || step == end_step)
+        {
             let secs = window_start.elapsed().as_secs_f64();
             let line = LogLine {
                 step,
@@ -648,7 +769,7 @@ pub fn train_until_on(
             window_start = Instant::now();
         }
 
-        if step % cfg.checkpoint_every == 0 || step == end_step {
+        if writer && (step % cfg.checkpoint_every == 0 || step == end_step) {
             let state = CheckpointState {
                 format: 1,
                 step,
@@ -658,12 +779,12 @@ pub fn train_until_on(
                 fingerprint: fp.clone(),
             };
             let dir = checkpoint::write(
-                &ckpt_root,
+                ckpt_root,
                 &stu.checkpoint_tensors(),
                 &opt.named_moments(&stu.params),
                 &state,
             )?;
-            checkpoint::prune(&ckpt_root, cfg.keep_checkpoints)?;
+            checkpoint::prune(ckpt_root, cfg.keep_checkpoints)?;
             last_ckpt = Some(dir);
         }
     }
@@ -671,7 +792,7 @@ pub fn train_until_on(
     total_tokens += window_tokens;
     let loop_secs = loop_start.elapsed().as_secs_f64();
 
-    let student_dir = if end_step == cfg.steps {
+    let student_dir = if writer && end_step == cfg.steps {
         // Under the teacher's names: a tied model that also stored `lm_head.weight` gets it back.
         let mut tensors = stu.hf_tensors()?;
         if mcfg.tie_word_embeddings && teacher_names.iter().any(|n| n == "lm_head.weight") {
@@ -707,7 +828,7 @@ pub fn train_until_on(
     };
     Ok(TrainReport {
         steps_done: end_step,
-        resumed_from: resume.map(|(_, s)| s.step),
+        resumed_from: resume.as_ref().map(|(_, s)| s.step),
         final_loss: last_loss,
         tokens_per_second: total_tokens as f64 / loop_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),

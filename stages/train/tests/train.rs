@@ -7,7 +7,7 @@ use corpus::{CorpusManifest, Finish, Sample, TeacherInfo};
 use model::{Llama, ModelFolder, QuantConfig};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use train::{train, train_until, LogLine, Packing, Schedule, StudentConfig, TrainConfig};
+use train::{train, LogLine, Packing, Schedule, StudentConfig, TrainConfig, TrainJob};
 
 fn shared_dir() -> PathBuf {
     match std::env::var_os("SHARED_DIR") {
@@ -179,11 +179,13 @@ fn loss_falls_and_the_student_folder_loads() -> Result<()> {
     cfg.checkpoint_every = 10;
     let mut seen = Vec::new();
     let report = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &StudentConfig::default(),
-        &cfg,
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &run.out,
+            &StudentConfig::default(),
+            &cfg,
+        ),
         |l| seen.push(l.step),
     )?;
     assert_eq!(report.steps_done, 30);
@@ -261,30 +263,20 @@ fn stopped_and_resumed_run_is_bit_identical() -> Result<()> {
     let student = StudentConfig::default();
     let straight = run.other_out("straight");
     train(
-        &teacher_dir(),
-        &run.corpus,
-        &straight,
-        &student,
-        &cfg,
+        &TrainJob::new(&teacher_dir(), &run.corpus, &straight, &student, &cfg),
         |_| {},
     )?;
 
-    let first = train_until(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &student,
-        &cfg,
-        Some(3),
+    let first = train(
+        &TrainJob {
+            stop_after: Some(3),
+            ..TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg)
+        },
         |_| {},
     )?;
     assert_eq!((first.steps_done, first.student_dir.is_none()), (3, true));
     let second = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &student,
-        &cfg,
+        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
         |_| {},
     )?;
     assert_eq!((second.resumed_from, second.steps_done), (Some(3), 8));
@@ -313,11 +305,7 @@ fn stopped_and_resumed_run_is_bit_identical() -> Result<()> {
 
     // Rerunning a finished run trains nothing and rewrites the same student.
     let again = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &student,
-        &cfg,
+        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
         |_| {},
     )?;
     assert_eq!((again.resumed_from, again.steps_done), (Some(8), 8));
@@ -331,13 +319,11 @@ fn broken_and_interrupted_checkpoints_are_skipped() -> Result<()> {
     let run = Run::new("broken")?;
     let cfg = small_cfg(6);
     let student = StudentConfig::default();
-    train_until(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &student,
-        &cfg,
-        Some(4),
+    train(
+        &TrainJob {
+            stop_after: Some(4),
+            ..TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg)
+        },
         |_| {},
     )?;
     let root = run.out.join(train::CHECKPOINT_DIR);
@@ -358,11 +344,7 @@ fn broken_and_interrupted_checkpoints_are_skipped() -> Result<()> {
     )?;
 
     let r = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &student,
-        &cfg,
+        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
         |_| {},
     )?;
     assert_eq!((r.resumed_from, r.steps_done), (Some(2), 6));
@@ -375,11 +357,7 @@ fn broken_and_interrupted_checkpoints_are_skipped() -> Result<()> {
     // The same as a run that was never disturbed.
     let straight = run.other_out("straight");
     train(
-        &teacher_dir(),
-        &run.corpus,
-        &straight,
-        &student,
-        &cfg,
+        &TrainJob::new(&teacher_dir(), &run.corpus, &straight, &student, &cfg),
         |_| {},
     )?;
     let model = |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
@@ -392,11 +370,13 @@ fn changed_settings_are_refused_naming_the_key() -> Result<()> {
     let run = Run::new("refuse")?;
     let cfg = small_cfg(2);
     train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &StudentConfig::default(),
-        &cfg,
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &run.out,
+            &StudentConfig::default(),
+            &cfg,
+        ),
         |_| {},
     )?;
     let more = small_cfg(4);
@@ -406,7 +386,11 @@ fn changed_settings_are_refused_naming_the_key() -> Result<()> {
     };
     let err = format!(
         "{:#}",
-        train(&teacher_dir(), &run.corpus, &run.out, &w3, &more, |_| {}).unwrap_err()
+        train(
+            &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &w3, &more),
+            |_| {}
+        )
+        .unwrap_err()
     );
     assert!(
         err.contains("student.w_bits") && err.contains("step-00000002"),
@@ -417,11 +401,13 @@ fn changed_settings_are_refused_naming_the_key() -> Result<()> {
     let err = format!(
         "{:#}",
         train(
-            &teacher_dir(),
-            &run.corpus,
-            &run.out,
-            &StudentConfig::default(),
-            &lr,
+            &TrainJob::new(
+                &teacher_dir(),
+                &run.corpus,
+                &run.out,
+                &StudentConfig::default(),
+                &lr
+            ),
             |_| {}
         )
         .unwrap_err()
@@ -429,11 +415,13 @@ fn changed_settings_are_refused_naming_the_key() -> Result<()> {
     assert!(err.contains("train.lr"), "{err}");
     // More steps with the same settings is fine.
     let r = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &StudentConfig::default(),
-        &more,
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &run.out,
+            &StudentConfig::default(),
+            &more,
+        ),
         |_| {},
     )?;
     assert_eq!((r.resumed_from, r.steps_done), (Some(2), 4));
@@ -447,11 +435,13 @@ fn non_finite_loss_stops_naming_the_step_and_keeps_checkpoints() -> Result<()> {
     cfg.lr = 1e30;
     cfg.checkpoint_every = 1;
     let err = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &StudentConfig::default(),
-        &cfg,
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &run.out,
+            &StudentConfig::default(),
+            &cfg,
+        ),
         |_| {},
     )
     .unwrap_err();
@@ -477,11 +467,13 @@ fn pad_packing_trains_and_corrupt_shards_are_named() -> Result<()> {
     cfg.packing = Packing::Pad;
     cfg.seq_len = 48;
     let r = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &StudentConfig::default(),
-        &cfg,
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &run.out,
+            &StudentConfig::default(),
+            &cfg,
+        ),
         |_| {},
     )?;
     assert!(r.final_loss.is_finite());
@@ -491,11 +483,13 @@ fn pad_packing_trains_and_corrupt_shards_are_named() -> Result<()> {
     bytes[100] ^= 1;
     std::fs::write(&shard, bytes)?;
     let err = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.other_out("x"),
-        &StudentConfig::default(),
-        &cfg,
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &run.other_out("x"),
+            &StudentConfig::default(),
+            &cfg,
+        ),
         |_| {},
     )
     .unwrap_err();
@@ -517,11 +511,13 @@ fn throughput_8x256() -> Result<()> {
     cfg.checkpoint_every = 100;
     let mut lines = Vec::new();
     let r = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &StudentConfig::default(),
-        &cfg,
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &run.out,
+            &StudentConfig::default(),
+            &cfg,
+        ),
         |l| lines.push(l.clone()),
     )?;
     // The first step warms up allocations; report the rest.
@@ -553,11 +549,13 @@ fn kill_child() -> Result<()> {
     };
     let dir = PathBuf::from(dir);
     train(
-        &teacher_dir(),
-        &dir.join("corpus"),
-        &dir.join("out"),
-        &StudentConfig::default(),
-        &kill_cfg(),
+        &TrainJob::new(
+            &teacher_dir(),
+            &dir.join("corpus"),
+            &dir.join("out"),
+            &StudentConfig::default(),
+            &kill_cfg(),
+        ),
         |_| {},
     )?;
     Ok(())
@@ -573,11 +571,13 @@ fn sigkill_at_any_moment_resumes_bit_identically() -> Result<()> {
         .to_path_buf();
     let straight = run.other_out("straight");
     train(
-        &teacher_dir(),
-        &run.corpus,
-        &straight,
-        &StudentConfig::default(),
-        &kill_cfg(),
+        &TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            &straight,
+            &StudentConfig::default(),
+            &kill_cfg(),
+        ),
         |_| {},
     )?;
 
@@ -641,29 +641,19 @@ fn lrqat_resumes_bit_identically_and_merges_exactly() -> Result<()> {
     student.validate()?;
     let straight = run.other_out("straight");
     train(
-        &teacher_dir(),
-        &run.corpus,
-        &straight,
-        &student,
-        &cfg,
+        &TrainJob::new(&teacher_dir(), &run.corpus, &straight, &student, &cfg),
         |_| {},
     )?;
-    let first = train_until(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &student,
-        &cfg,
-        Some(3),
+    let first = train(
+        &TrainJob {
+            stop_after: Some(3),
+            ..TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg)
+        },
         |_| {},
     )?;
     assert_eq!(first.steps_done, 3);
     let second = train(
-        &teacher_dir(),
-        &run.corpus,
-        &run.out,
-        &student,
-        &cfg,
+        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
         |_| {},
     )?;
     assert_eq!((second.resumed_from, second.steps_done), (Some(3), 6));
@@ -719,5 +709,125 @@ fn lrqat_resumes_bit_identically_and_merges_exactly() -> Result<()> {
             row.iter().map(|v| (v + 0.0).to_bits()).collect();
         assert!(levels.len() <= 16, "{} values in a row", levels.len());
     }
+    Ok(())
+}
+
+/// `cfg` on `ranks` CPU ranks (threads), optionally stopping after a step.
+fn ranks_job(
+    run: &Run,
+    out: &Path,
+    cfg: &TrainConfig,
+    ranks: usize,
+    stop_after: Option<u64>,
+) -> TrainJob {
+    TrainJob {
+        computes: vec![model::Compute::cpu(); ranks],
+        stop_after,
+        ..TrainJob::new(
+            &teacher_dir(),
+            &run.corpus,
+            out,
+            &StudentConfig::default(),
+            cfg,
+        )
+    }
+}
+
+#[test]
+fn two_cpu_ranks_follow_the_one_rank_loss_curve() -> Result<()> {
+    let run = Run::new("ranks")?;
+    let float = StudentConfig {
+        w_bits: 16,
+        a_bits: 16,
+        kv_bits: 16,
+        ..StudentConfig::default()
+    };
+    // Concat rows with gradient accumulation, and padded rows whose slices hold unequal
+    // token counts (the ranks' gradients weigh by tokens). Two ranks add in another order,
+    // and a 4-bit student's weights then land on other grid points within a few steps (its
+    // curve moves by percents from step 3 here), so it is compared over 2 steps only.
+    for (name, packing, grad_accum, student, steps) in [
+        ("concat", Packing::Concat, 2, &float, 6),
+        ("pad", Packing::Pad, 1, &float, 6),
+        ("w4a8kv4", Packing::Concat, 1, &StudentConfig::default(), 2),
+    ] {
+        let mut cfg = small_cfg(steps);
+        cfg.packing = packing;
+        cfg.grad_accum = grad_accum;
+        let one = run.other_out(&format!("{name}-1"));
+        let two = run.other_out(&format!("{name}-2"));
+        let job = |out: &Path, ranks| TrainJob {
+            student: student.clone(),
+            ..ranks_job(&run, out, &cfg, ranks, None)
+        };
+        train(&job(&one, 1), |_| {})?;
+        let mut seen = Vec::new();
+        train(&job(&two, 2), |l| seen.push(l.step))?;
+        assert_eq!(
+            seen,
+            (1..=steps).collect::<Vec<_>>(),
+            "rank 0 logs every step once"
+        );
+        let (a, b) = (read_log(&one)?, read_log(&two)?);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            // The gradient norm sums squares of many small, noisier components.
+            for (what, p, q, tol) in [
+                ("loss", x.loss, y.loss, 1e-4),
+                ("grad_norm", x.grad_norm, y.grad_norm, 1e-3),
+            ] {
+                assert!(
+                    (p - q).abs() <= tol * p.abs(),
+                    "{name} step {}: {what} {p} with one rank, {q} with two",
+                    x.step
+                );
+            }
+        }
+        assert!(two
+            .join(train::STUDENT_DIR)
+            .join("model.safetensors")
+            .is_file());
+    }
+    Ok(())
+}
+
+#[test]
+fn two_ranks_stopped_and_resumed_end_with_the_uninterrupted_student() -> Result<()> {
+    let run = Run::new("ranks-resume")?;
+    let mut cfg = small_cfg(6);
+    cfg.schedule = Schedule::Cosine;
+    cfg.warmup_steps = 2;
+    let straight = run.other_out("straight");
+    train(&ranks_job(&run, &straight, &cfg, 2, None), |_| {})?;
+    let first = train(&ranks_job(&run, &run.out, &cfg, 2, Some(3)), |_| {})?;
+    assert_eq!((first.steps_done, first.student_dir.is_none()), (3, true));
+    let second = train(&ranks_job(&run, &run.out, &cfg, 2, None), |_| {})?;
+    assert_eq!((second.resumed_from, second.steps_done), (Some(3), 6));
+    let model = |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
+    assert!(
+        model(&straight)? == model(&run.out)?,
+        "resumed two-rank student differs from the uninterrupted one"
+    );
+    let log = |out: &Path| std::fs::read_to_string(out.join(train::LOG_FILE));
+    let strip = |t: String| -> Vec<(u64, f64)> {
+        t.lines()
+            .map(|l| serde_json::from_str::<LogLine>(l).unwrap())
+            .map(|l| (l.step, l.loss))
+            .collect()
+    };
+    assert_eq!(strip(log(&straight)?), strip(log(&run.out)?));
+    Ok(())
+}
+
+#[test]
+fn a_batch_that_does_not_split_over_the_ranks_is_refused() -> Result<()> {
+    let run = Run::new("ranks-split")?;
+    let cfg = small_cfg(1);
+    let err = train(&ranks_job(&run, &run.out, &cfg, 3, None), |_| {}).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("train.batch = 4") && msg.contains("3 ranks"),
+        "{msg}"
+    );
     Ok(())
 }
