@@ -425,6 +425,39 @@ mod tests {
     }
 
     #[test]
+    fn run_devices_must_split_the_batch() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+        let (model, eval) = (
+            shared.join("models/stories260k"),
+            shared.join("data/tinystories-valid-64k.txt"),
+        );
+        let text = |devices: &str| {
+            format!(
+                "[run]\nname = \"a\"\ndirectory = \"r\"\ndevices = {devices}\n[teacher]\nmodel = \"{}\"\n\
+                 [generate]\nsamples = 4\nmax_tokens = 8\n[train]\nsteps = 1\nbatch = 4\nseq_len = 8\n[eval]\ntext = \"{}\"\n",
+                model.display(),
+                eval.display()
+            )
+        };
+        let path = Path::new("p.toml");
+        let p = PipelineFile::parse(&text("[\"cpu\", \"cpu\"]"), path, &[]).unwrap();
+        assert_eq!(p.run.train_computes().unwrap().len(), 2);
+        let err = |d: &str| {
+            format!(
+                "{:#}",
+                PipelineFile::parse(&text(d), path, &[]).unwrap_err()
+            )
+        };
+        let e = err("[\"cpu\", \"cpu\", \"cpu\"]");
+        assert!(
+            e.contains("p.toml, line 12") && e.contains("train.batch = 4"),
+            "{e}"
+        );
+        assert!(err("[]").contains("[run] devices = []"));
+        assert!(err("[\"gpu\"]").contains("devices"));
+    }
+
+    #[test]
     fn paths_that_leave_are_detected() {
         assert!(stays_inside(Path::new("a/b")));
         assert!(!stays_inside(Path::new("../a")));
