@@ -91,11 +91,8 @@ fn decode_batch(
     let batched = !c.device.is_cpu();
     let mut seqs = Vec::new();
     let mut slots = None;
-    if batched && (a.packed || a.kv_cache != KvCacheFormat::Float) {
-        bail!("--packed and low-bit --kv-cache decode on the CPU (use --device cpu)");
-    }
     if batched {
-        let mut cache = BatchCache::new(model, batch, total)?;
+        let mut cache = BatchCache::with_format(model, batch, total, a.kv_cache)?;
         if a.cuda_graph {
             cache.enable_cuda_graph()?;
         }
@@ -158,9 +155,10 @@ fn decode_batch(
     };
     let weight_bytes = (others + lm_head_tied) as f64 * bytes_per + model.projection_bytes() as f64;
     let mean_len = a.warmup as f64 + (a.steps as f64 + 1.0) / 2.0;
-    let kv_per_token = match seqs.first() {
-        Some(s) => s.bytes_per_token() as f64,
-        None => (2 * cfg.num_hidden_layers * cfg.kv_dim()) as f64 * bytes_per,
+    let kv_per_token = match (seqs.first(), &slots) {
+        (Some(s), _) => s.bytes_per_token() as f64,
+        (None, Some(b)) => b.bytes_per_token() as f64,
+        (None, None) => (2 * cfg.num_hidden_layers * cfg.kv_dim()) as f64 * bytes_per,
     };
     let kv_bytes = batch as f64 * mean_len * kv_per_token;
     let step_s = secs / a.steps as f64;

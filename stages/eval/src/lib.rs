@@ -52,10 +52,13 @@ pub fn load_model(
     compute: &model::Compute,
 ) -> Result<Llama> {
     if packed {
-        if compute.dtype != candle_core::DType::F32 {
-            anyhow::bail!("--packed runs in f32 (the kernels read codes and compute in f32)");
+        // The CPU kernels compute in f32; on a GPU the 4-bit GEMV reads bf16/f16 activations.
+        if compute.device.is_cpu() && compute.dtype != candle_core::DType::F32 {
+            anyhow::bail!(
+                "--packed on the CPU runs in f32 (the kernels read codes and compute in f32)"
+            );
         }
-        return Llama::load_packed(folder, quant, &compute.device);
+        return Ok(Llama::load_packed(folder, quant, &compute.device)?.cast(compute.dtype)?);
     }
     Ok(Llama::load(folder, quant, &compute.device)?.cast(compute.dtype)?)
 }
@@ -186,17 +189,34 @@ pub fn perplexity_decoding(
     let nwin: usize = groups.iter().map(|g| g.len()).sum();
     for g in &groups {
         let len = g[0].1;
-        let mut caches = g
-            .iter()
-            .map(|_| model::SeqCache::with_format(model, len, format))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // The CPU decodes each window with its own cache; a GPU decodes the group together in
+        // one batch cache, as generation does (its kernels read low-bit caches directly).
+        let mut batch = if model.device.is_cpu() {
+            None
+        } else {
+            Some(model::BatchCache::with_format(model, g.len(), len, format)?)
+        };
+        let mut caches = match batch {
+            Some(_) => Vec::new(),
+            None => g
+                .iter()
+                .map(|_| model::SeqCache::with_format(model, len, format))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        };
         for p in 0..len - 1 {
             let toks: Vec<u32> = g.iter().map(|&(s, _)| ids[s + p]).collect();
             let tgt: Vec<u32> = g.iter().map(|&(s, _)| ids[s + p + 1]).collect();
-            let mut refs: Vec<&mut model::SeqCache> = caches.iter_mut().collect();
-            let logits = model
-                .decode_step(&toks, &mut refs)
-                .context("decoding step")?;
+            let logits = match batch.as_mut() {
+                Some(b) => {
+                    let slots: Vec<Option<u32>> = toks.iter().map(|&t| Some(t)).collect();
+                    model.decode_slots(&slots, b)
+                }
+                None => {
+                    let mut refs: Vec<&mut model::SeqCache> = caches.iter_mut().collect();
+                    model.decode_step(&toks, &mut refs)
+                }
+            }
+            .context("decoding step")?;
             let tgt = Tensor::from_vec(tgt, (g.len(), 1), &model.device)?;
             sum += summed_nll(&log_softmax_last(&logits)?, &tgt)?;
             count += g.len();

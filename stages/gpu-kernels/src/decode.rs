@@ -216,20 +216,63 @@ pub struct GemvOptions<'a> {
     pub out_f32: bool,
 }
 
+/// A weight as `gemv` reads it.
+#[derive(Clone, Copy)]
+pub enum GemvWeight<'a> {
+    /// [n, k] in x's dtype, 16-byte aligned.
+    Dense(Arg<'a>),
+    /// 4-bit codes, u8 [n, k / 2] in blocks of 32 (byte j: code j + 8 in the low nibble, code
+    /// j + 16 + 8 in the high one; model's `lowbit::PackedLinear` layout), and f32 scales
+    /// [n, groups], one per `group` values along a row (a multiple of 32, or k: per row).
+    Q4 {
+        codes: Arg<'a>,
+        scales: Arg<'a>,
+        group: usize,
+    },
+}
+
+impl GemvWeight<'_> {
+    /// (rows n, columns k) of the weight.
+    fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            GemvWeight::Dense(w) => w.1.shape().dims2(),
+            GemvWeight::Q4 { codes, .. } => {
+                let (n, half) = codes.1.shape().dims2()?;
+                Ok((n, 2 * half))
+            }
+        }
+    }
+}
+
 /// `x [rows, k] · w [n, k]ᵀ -> [rows, n]` (n halved with `swiglu`), for `gemv_fits` shapes;
 /// x and w contiguous and 16-byte aligned, in one dtype (bf16 or f16).
 pub fn gemv(x: Arg, w: Arg, opts: GemvOptions) -> Result<CudaStorage> {
-    let y = gemv_dtype(x, w, opts, None)?;
+    let y = gemv_dtype(x, GemvWeight::Dense(w), opts, None)?;
     Ok(y.expect("gemv allocates its output"))
 }
 
 /// `gemv` into `out` (contiguous, [rows, n], x's dtype or f32 with `out_f32`), which may be
 /// the residual itself. Writes through the shared storage: no other use of `out` may overlap.
 pub fn gemv_into(x: Arg, w: Arg, opts: GemvOptions, out: Arg) -> Result<()> {
-    gemv_dtype(x, w, opts, Some(out)).map(|_| ())
+    gemv_dtype(x, GemvWeight::Dense(w), opts, Some(out)).map(|_| ())
 }
 
-fn gemv_dtype(x: Arg, w: Arg, opts: GemvOptions, into: Option<Arg>) -> Result<Option<CudaStorage>> {
+/// `gemv` or `gemv_into` (when `into` is given) with a weight of any format.
+pub fn gemv_weight(
+    x: Arg,
+    w: GemvWeight,
+    opts: GemvOptions,
+    into: Option<Arg>,
+) -> Result<Option<CudaStorage>> {
+    gemv_dtype(x, w, opts, into)
+}
+
+fn gemv_dtype(
+    x: Arg,
+    w: GemvWeight,
+    opts: GemvOptions,
+    into: Option<Arg>,
+) -> Result<Option<CudaStorage>> {
     use half::{bf16, f16};
     match (&x.0.slice, opts.out_f32) {
         (CudaStorageSlice::BF16(_), false) => gemv_t::<bf16, bf16>(x, w, opts, into),
@@ -240,19 +283,34 @@ fn gemv_dtype(x: Arg, w: Arg, opts: GemvOptions, into: Option<Arg>) -> Result<Op
     }
 }
 
+/// Blocks of 32 values per scale of a 4-bit weight with k columns, and the scales per row.
+fn q4_groups(k: usize, group: usize) -> Result<(usize, usize)> {
+    if !k.is_multiple_of(32) || group == 0 || (group < k && !group.is_multiple_of(32)) {
+        candle_core::bail!(
+            "decode gemv (cuda): 4-bit weight with {k} columns and groups of {group}"
+        )
+    }
+    let group = group.min(k);
+    Ok((k.div_ceil(group), group / 32))
+}
+
 /// T: the inputs' dtype; O: the output's.
-fn gemv_t<T, O>(x: Arg, w: Arg, opts: GemvOptions, into: Option<Arg>) -> Result<Option<CudaStorage>>
+fn gemv_t<T, O>(
+    x: Arg,
+    w: GemvWeight,
+    opts: GemvOptions,
+    into: Option<Arg>,
+) -> Result<Option<CudaStorage>>
 where
     T: CudaDType + DeviceRepr + WithDType,
     O: CudaDType + DeviceRepr,
 {
     let (rows, k) = x.1.shape().dims2()?;
-    let (wn, wk) = w.1.shape().dims2()?;
+    let (wn, wk) = w.dims()?;
     if wk != k || !gemv_fits(rows, k) {
         candle_core::bail!(
-            "decode gemv (cuda): x {:?} and w {:?} do not fit",
-            x.1.dims(),
-            w.1.dims()
+            "decode gemv (cuda): x {:?} and a weight [{wn}, {wk}] do not fit",
+            x.1.dims()
         )
     }
     if opts.swiglu && !wn.is_multiple_of(2) {
@@ -261,7 +319,6 @@ where
     let n = if opts.swiglu { wn / 2 } else { wn };
     let dev = x.0.device.clone();
     let xv = view16(slice::<T>(x)?, x.1, rows * k, "x")?;
-    let wv = view16(slice::<T>(w)?, w.1, wn * k, "w")?;
     let (gv, eps) = match opts.norm {
         Some((g, eps)) => (Some(view16(slice::<T>(g)?, g.1, k, "norm weight")?), eps),
         None => (None, 0.0),
@@ -270,10 +327,24 @@ where
         Some(r) => Some(view(slice::<T>(r)?, r.1, rows * n, "residual")?),
         None => None,
     };
+    let (dense, q4) = match w {
+        GemvWeight::Dense(w) => (Some(view16(slice::<T>(w)?, w.1, wn * k, "w")?), None),
+        GemvWeight::Q4 {
+            codes,
+            scales,
+            group,
+        } => {
+            let (groups, group_blocks) = q4_groups(k, group)?;
+            let cv = view16(slice::<u8>(codes)?, codes.1, wn * k / 2, "4-bit codes")?;
+            let sv = view(slice::<f32>(scales)?, scales.1, wn * groups, "scales")?;
+            (None, Some((cv, sv, groups, group_blocks)))
+        }
+    };
     let f = function(
         &dev,
         &format!(
-            "decode_gemv_{}_{}_s{rows}_{}",
+            "decode_gemv_{}{}_{}_s{rows}_{}",
+            if q4.is_some() { "q4_" } else { "" },
             if opts.swiglu { "swiglu" } else { "plain" },
             if opts.norm.is_some() { "norm" } else { "bare" },
             suffix(T::DTYPE)?
@@ -288,10 +359,12 @@ where
     let stream = dev.cuda_stream();
     let (ov, mut y);
     let mut p = Params::new(&stream);
-    p.input(&wv)
-        .input(&xv)
-        .optional(gv.as_ref())
-        .optional(rv.as_ref());
+    match (&dense, &q4) {
+        (Some(wv), _) => p.input(wv),
+        (None, Some((cv, sv, _, _))) => p.input(cv).input(sv),
+        (None, None) => unreachable!("a weight exists"),
+    };
+    p.input(&xv).optional(gv.as_ref()).optional(rv.as_ref());
     match into {
         Some(o) => {
             ov = view(slice::<O>(o)?, o.1, rows * n, "output")?;
@@ -304,14 +377,56 @@ where
             p.output(y.as_mut().expect("just allocated"));
         }
     }
-    p.u32(n as u32)
-        .u32(k as u32)
-        .f32(eps)
-        .u32(opts.out_f32 as u32);
+    p.u32(n as u32).u32(k as u32);
+    if let Some((_, _, groups, group_blocks)) = q4 {
+        p.u32(groups as u32).u32(group_blocks as u32);
+    }
+    p.f32(eps).u32(opts.out_f32 as u32);
     // SAFETY: sizes and alignment checked above; the output holds the rows · n results of the
     // kernel's output type (O is f32 exactly when out_f32 is set).
     unsafe { p.launch(&f, cfg) }?;
     Ok(y.map(|y| CudaStorage::wrap_cuda_slice(y, dev)))
+}
+
+/// The dense weight [n, k] of a 4-bit one (`GemvWeight::Q4`'s parts), written into `out`
+/// (contiguous, bf16 or f16): for products with more rows than the GEMV takes.
+pub fn dequant_q4_into(codes: Arg, scales: Arg, group: usize, out: Arg) -> Result<()> {
+    let (n, half_k) = codes.1.shape().dims2()?;
+    let k = 2 * half_k;
+    let (groups, group_blocks) = q4_groups(k, group)?;
+    let dev = codes.0.device.clone();
+    let cv = view(slice::<u8>(codes)?, codes.1, n * half_k, "4-bit codes")?;
+    let sv = view(slice::<f32>(scales)?, scales.1, n * groups, "scales")?;
+    let stream = dev.cuda_stream();
+    let threads = 256u32;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (n * half_k).div_ceil(threads as usize).min(1 << 16) as u32,
+            1,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let ov = view(slice::<$t>(out)?, out.1, n * k, "dense weight")?;
+            let f = function(&dev, &format!("decode_dequant_q4_{}", suffix(<$t>::DTYPE)?))?;
+            let mut p = Params::new(&stream);
+            p.input(&cv).input(&sv).input(&ov);
+            p.u32(n as u32)
+                .u32(k as u32)
+                .u32(groups as u32)
+                .u32(group_blocks as u32);
+            // SAFETY: the codes, scales and output sizes are checked above.
+            unsafe { p.launch(&f, cfg) }
+        }};
+    }
+    match &out.0.slice {
+        CudaStorageSlice::BF16(_) => run!(half::bf16),
+        CudaStorageSlice::F16(_) => run!(half::f16),
+        _ => candle_core::bail!("decode dequant (cuda): the output must be bf16 or f16"),
+    }
 }
 
 /// The attention sizes of one step.
@@ -354,22 +469,59 @@ pub fn attention_scratch(h: Heads) -> usize {
     }
 }
 
+/// The K/V caches of one layer, as `attention` reads and writes them.
+#[derive(Clone, Copy)]
+pub enum Caches<'a> {
+    /// [slots, nkv, capacity, hd] each, in qkv's dtype.
+    Float { k: Arg<'a>, v: Arg<'a> },
+    /// `bits` (8 or 4) codes u8 [slots, capacity, nkv · hd · bits / 8] each and f32 scales
+    /// [slots, capacity], one per token and row across the KV heads: the trained K/V
+    /// quantizer's codes (symmetric MinMax per token, post-RoPE). 4-bit rows pack blocks of 32
+    /// codes as model's `lowbit` layouts do (byte j: code j + 8 low, code j + 16 + 8 high) and
+    /// need nkv · hd to be a multiple of 32.
+    Codes {
+        bits: u32,
+        k: Arg<'a>,
+        v: Arg<'a>,
+        k_scale: Arg<'a>,
+        v_scale: Arg<'a>,
+    },
+}
+
+impl Caches<'_> {
+    fn bits(&self) -> u32 {
+        match self {
+            Caches::Float { .. } => 0,
+            Caches::Codes { bits, .. } => *bits,
+        }
+    }
+}
+
+/// Whether `attention` keeps caches of `bits` (0: float) for head size `hd` and `nkv` KV heads.
+pub fn cache_fits(bits: u32, hd: usize, nkv: usize) -> bool {
+    HEAD_DIMS.contains(&hd)
+        && match bits {
+            0 | 8 => true,
+            4 => (nkv * hd).is_multiple_of(32),
+            _ => false,
+        }
+}
+
 /// One decoding step's attention, from the fused projection `qkv` [slots, (nh + 2 nkv) · hd]
 /// (q heads, k heads, v heads): RoPE of q and k at each slot's position `pos` (u32 [slots])
 /// with `cos`/`sin` f32 [positions, hd / 2]; the rotated k and the v part stored into the caches
-/// [slots, nkv, capacity, hd] at row `pos`; softmax(q kᵀ / √hd) v over rows 0..=pos. Returns
-/// [slots, nh · hd]. Each pos must be below the capacity and the tables' positions (device data,
-/// not checked here).
+/// at row `pos` (as codes for a low-bit cache); softmax(q kᵀ / √hd) v over rows 0..=pos.
+/// Returns [slots, nh · hd]. Each pos must be below the capacity and the tables' positions
+/// (device data, not checked here).
 pub fn attention(
     qkv: Arg,
     cos: Arg,
     sin: Arg,
     pos: Arg,
-    k_cache: Arg,
-    v_cache: Arg,
+    caches: Caches,
     h: Heads,
 ) -> Result<CudaStorage> {
-    let y = attention_dtype(qkv, cos, sin, pos, (k_cache, v_cache), h, None)?;
+    let y = attention_dtype(qkv, cos, sin, pos, caches, h, None)?;
     Ok(y.expect("attention allocates its output"))
 }
 
@@ -382,22 +534,12 @@ pub fn attention_into(
     cos: Arg,
     sin: Arg,
     pos: Arg,
-    k_cache: Arg,
-    v_cache: Arg,
+    caches: Caches,
     h: Heads,
     out: Arg,
     scratch: Option<Arg>,
 ) -> Result<()> {
-    attention_dtype(
-        qkv,
-        cos,
-        sin,
-        pos,
-        (k_cache, v_cache),
-        h,
-        Some((out, scratch)),
-    )
-    .map(|_| ())
+    attention_dtype(qkv, cos, sin, pos, caches, h, Some((out, scratch))).map(|_| ())
 }
 
 /// Where `attention` writes: its output and scratch, or new buffers.
@@ -408,12 +550,15 @@ fn attention_dtype(
     cos: Arg,
     sin: Arg,
     pos: Arg,
-    caches: (Arg, Arg),
+    caches: Caches,
     h: Heads,
     into: AttnInto,
 ) -> Result<Option<CudaStorage>> {
-    if !h.fit() {
-        candle_core::bail!("decode attention (cuda): unsupported sizes {h:?}")
+    if !h.fit() || !cache_fits(caches.bits(), h.hd, h.nkv) {
+        candle_core::bail!(
+            "decode attention (cuda): unsupported sizes {h:?} with a {}-bit cache",
+            caches.bits()
+        )
     }
     match &qkv.0.slice {
         CudaStorageSlice::BF16(_) => attention_t::<half::bf16>(qkv, cos, sin, pos, caches, h, into),
@@ -427,7 +572,7 @@ fn attention_t<T: CudaDType + DeviceRepr + WithDType>(
     cos: Arg,
     sin: Arg,
     pos: Arg,
-    (k_cache, v_cache): (Arg, Arg),
+    caches: Caches,
     h: Heads,
     into: AttnInto,
 ) -> Result<Option<CudaStorage>> {
@@ -451,8 +596,38 @@ fn attention_t<T: CudaDType + DeviceRepr + WithDType>(
     let cv = view(slice::<f32>(cos)?, cos.1, positions * half, "cos")?;
     let sv = view(slice::<f32>(sin)?, sin.1, positions * half, "sin")?;
     let pv = view(slice::<u32>(pos)?, pos.1, h.slots, "pos")?;
-    let kv = view16(slice::<T>(k_cache)?, k_cache.1, h.cache_len(), "k cache")?;
-    let vv = view16(slice::<T>(v_cache)?, v_cache.1, h.cache_len(), "v cache")?;
+    let (float_caches, code_caches) = match caches {
+        Caches::Float { k, v } => (
+            Some((
+                view16(slice::<T>(k)?, k.1, h.cache_len(), "k cache")?,
+                view16(slice::<T>(v)?, v.1, h.cache_len(), "v cache")?,
+            )),
+            None,
+        ),
+        Caches::Codes {
+            bits,
+            k,
+            v,
+            k_scale,
+            v_scale,
+        } => {
+            let n = h.cache_len() * bits as usize / 8;
+            let scales = h.slots * h.capacity;
+            (
+                None,
+                Some((
+                    view16(slice::<u8>(k)?, k.1, n, "k cache")?,
+                    view16(slice::<u8>(v)?, v.1, n, "v cache")?,
+                    view(slice::<f32>(k_scale)?, k_scale.1, scales, "k cache scales")?,
+                    view(slice::<f32>(v_scale)?, v_scale.1, scales, "v cache scales")?,
+                )),
+            )
+        }
+    };
+    let kind = match caches.bits() {
+        0 => String::new(),
+        b => format!("kv{b}_"),
+    };
     let splits = h.capacity.div_ceil(ATTN_CHUNK);
     let scratch_len = attention_scratch(h);
     let dt = suffix(T::DTYPE)?;
@@ -490,16 +665,20 @@ fn attention_t<T: CudaDType + DeviceRepr + WithDType>(
         }
     }
     let chunk = ATTN_CHUNK as u32;
-    let f = function(&dev, &format!("decode_attn_d{}_{dt}", h.hd))?;
+    let f = function(&dev, &format!("decode_attn_{kind}d{}_{dt}", h.hd))?;
     {
         let mut p = Params::new(&stream);
         // The caches are written in place (one row per slot and KV head).
-        p.input(&qkvv)
-            .input(&cv)
-            .input(&sv)
-            .input(&pv)
-            .input(&kv)
-            .input(&vv);
+        p.input(&qkvv).input(&cv).input(&sv).input(&pv);
+        match (&float_caches, &code_caches) {
+            (Some((kv, vv)), _) => p
+                .input(kv)
+                .input(vv)
+                .optional::<f32>(None::<&CudaSlice<f32>>)
+                .optional::<f32>(None::<&CudaSlice<f32>>),
+            (None, Some((kv, vv, ks, vs))) => p.input(kv).input(vv).input(ks).input(vs),
+            (None, None) => unreachable!("caches exist"),
+        };
         match (&ov, y.as_mut()) {
             (Some(o), _) => p.input(o),
             (None, Some(y)) => p.output(y),

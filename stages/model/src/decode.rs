@@ -245,20 +245,19 @@ fn attention_probs(scores: &Tensor) -> Result<Tensor> {
 /// matrix product: per-output-channel weight quantization and per-token activation quantization
 /// of the shared input give the same values stacked or apart.
 struct LayerWeights {
-    qkv: Tensor,
+    qkv: StepWeight,
     qkv_bias: Option<Tensor>,
     /// Qwen3's per-head norms of q and k.
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    o: Tensor,
+    o: StepWeight,
     o_bias: Option<Tensor>,
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: StepWeight,
+    down: StepWeight,
 }
 
 impl LayerWeights {
     fn new(blk: &crate::llama::Block, q: &QuantConfig, dtype: DType) -> Result<Self> {
-        let w = |l: &Linear| -> Result<Tensor> { l.effective_weight(q)?.detach().to_dtype(dtype) };
         let a = &blk.attn;
         let qkv_bias = match (&a.q_proj.bias, &a.k_proj.bias, &a.v_proj.bias) {
             (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?.to_dtype(dtype)?),
@@ -267,16 +266,99 @@ impl LayerWeights {
         let cast = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
             t.as_ref().map(|t| t.detach().to_dtype(dtype)).transpose()
         };
+        let device = blk.input_layernorm.device();
+        let stack = |ls: &[&Linear]| StepWeight::stack(ls, q, dtype, device);
         Ok(Self {
-            qkv: Tensor::cat(&[w(&a.q_proj)?, w(&a.k_proj)?, w(&a.v_proj)?], 0)?,
+            qkv: stack(&[&a.q_proj, &a.k_proj, &a.v_proj])?,
             qkv_bias,
             q_norm: cast(&a.q_norm)?,
             k_norm: cast(&a.k_norm)?,
-            o: w(&a.o_proj)?,
+            o: stack(&[&a.o_proj])?,
             o_bias: cast(&a.o_proj.bias)?,
-            gate_up: Tensor::cat(&[w(&blk.mlp.gate_proj)?, w(&blk.mlp.up_proj)?], 0)?,
-            down: w(&blk.mlp.down_proj)?,
+            gate_up: stack(&[&blk.mlp.gate_proj, &blk.mlp.up_proj])?,
+            down: stack(&[&blk.mlp.down_proj])?,
         })
+    }
+}
+
+/// A (stacked) projection weight [out, in] as the batched step multiplies it.
+enum StepWeight {
+    /// Dense, in the compute dtype.
+    Dense(Tensor),
+    /// A packed student on a GPU: 4-bit codes u8 [out, in / 2] and f32 scales [out, groups]
+    /// (`lowbit::PackedLinear`'s layout), read directly by the GEMV; larger batches dequantize
+    /// one weight at a time for cuBLAS.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Q4 {
+        codes: Tensor,
+        scales: Tensor,
+        group: usize,
+    },
+}
+
+impl StepWeight {
+    /// The projections `ls` (sharing their input) stacked along the output dim.
+    fn stack(
+        ls: &[&Linear],
+        q: &QuantConfig,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let packed: Option<Vec<&crate::lowbit::PackedLinear>> = ls
+            .iter()
+            .map(|l| match &l.weight {
+                crate::llama::Weight::Packed(p) if p.gpu_ready() => Some(&**p),
+                _ => None,
+            })
+            .collect();
+        let gpu =
+            cfg!(feature = "cuda") && device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16);
+        if let (true, Some(ps)) = (gpu, packed) {
+            let (codes, scales) = crate::lowbit::PackedLinear::stacked_parts(&ps, device)?;
+            let group = ps[0].group();
+            return Ok(Self::Q4 {
+                codes,
+                scales,
+                group,
+            });
+        }
+        let ws = ls
+            .iter()
+            .map(|l| {
+                l.effective_weight(q)?
+                    .detach()
+                    .to_device(device)?
+                    .to_dtype(dtype)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::Dense(Tensor::cat(&ws, 0)?))
+    }
+
+    /// Output rows.
+    fn rows(&self) -> Result<usize> {
+        match self {
+            Self::Dense(w) => w.dim(0),
+            Self::Q4 { codes, .. } => codes.dim(0),
+        }
+    }
+
+    /// The dense weight: itself, or dequantized from the codes on the device (a transient
+    /// copy for one product).
+    fn dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => Ok(w.clone()),
+            #[cfg(feature = "cuda")]
+            Self::Q4 {
+                codes,
+                scales,
+                group,
+            } => crate::lowbit::packed_gpu::dequantize(codes, scales, *group, dtype),
+            #[cfg(not(feature = "cuda"))]
+            Self::Q4 { .. } => {
+                let _ = dtype;
+                bail!("decode: 4-bit step weights need a build with the `cuda` feature")
+            }
+        }
     }
 }
 
@@ -396,12 +478,19 @@ impl StepInputs {
 /// with a snapshot of the model's decoding weights (a second copy of the projections: make a
 /// new cache after changing the model).
 pub struct BatchCache {
+    /// Per layer: [slots, nkv, capacity, hd] in the compute dtype, or for a low-bit cache the
+    /// codes u8 [slots, capacity, nkv · hd · bits / 8] (see `gpu_kernels::decode::Caches`).
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// A low-bit cache's f32 scales per layer, [slots, capacity] (empty for a float cache).
+    k_scale: Vec<Tensor>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    v_scale: Vec<Tensor>,
+    format: KvCacheFormat,
     lens: Vec<usize>,
     capacity: usize,
     layers: Vec<LayerWeights>,
-    lm_head: Tensor,
+    lm_head: StepWeight,
     /// Which kernels run a step's pieces.
     kernels: StepKernels,
     /// A step's activations when every piece runs on gpu-kernels.
@@ -469,18 +558,59 @@ impl Workspace {
 
 impl BatchCache {
     pub fn new(model: &Llama, slots: usize, capacity: usize) -> Result<Self> {
+        Self::with_format(model, slots, capacity, KvCacheFormat::Float)
+    }
+
+    /// A cache holding K/V as `format` says: the compute dtype, or (on a GPU, through
+    /// gpu-kernels' attention) int8/int4 codes with one scale per token, the trained K/V
+    /// quantizer's. llama.cpp's q8_0/q4_0 layouts run only on the CPU's per-sequence caches.
+    pub fn with_format(
+        model: &Llama,
+        slots: usize,
+        capacity: usize,
+        format: KvCacheFormat,
+    ) -> Result<Self> {
         let c = &model.cfg;
         let capacity = capacity.min(c.max_position_embeddings);
-        let shape = (slots, c.num_key_value_heads, capacity, c.head_dim);
-        let zeros = || Tensor::zeros(shape, model.compute, &model.device);
-        let kernels = StepKernels::new(model, slots, capacity);
+        let kernels = StepKernels::new(model, slots, capacity, format);
+        let bits = match format {
+            KvCacheFormat::Float => 0,
+            _ => match format.token_bits() {
+                Some(b) if kernels.attention => b as usize,
+                _ => bail!(
+                    "a {} K/V cache in batched decoding needs gpu-kernels' attention: a CUDA build on a GPU in bf16/f16, KV heads × head size a multiple of 32 for int4, no q/k norm, and a student whose K/V quantizer (if any) is the cache's: post-RoPE, unrotated, same bits (use the per-sequence CPU decoder otherwise)",
+                    format.name()
+                ),
+            },
+        };
+        let layers = c.num_hidden_layers;
+        let (nkv, hd) = (c.num_key_value_heads, c.head_dim);
+        let buffers = || -> Result<Vec<Tensor>> {
+            (0..layers)
+                .map(|_| match bits {
+                    0 => Tensor::zeros((slots, nkv, capacity, hd), model.compute, &model.device),
+                    b => Tensor::zeros(
+                        (slots, capacity, nkv * hd * b / 8),
+                        DType::U8,
+                        &model.device,
+                    ),
+                })
+                .collect()
+        };
+        let scales = || -> Result<Vec<Tensor>> {
+            match bits {
+                0 => Ok(Vec::new()),
+                _ => (0..layers)
+                    .map(|_| Tensor::zeros((slots, capacity), DType::F32, &model.device))
+                    .collect(),
+            }
+        };
         Ok(Self {
-            k: (0..c.num_hidden_layers)
-                .map(|_| zeros())
-                .collect::<Result<_>>()?,
-            v: (0..c.num_hidden_layers)
-                .map(|_| zeros())
-                .collect::<Result<_>>()?,
+            k: buffers()?,
+            v: buffers()?,
+            k_scale: scales()?,
+            v_scale: scales()?,
+            format,
             lens: vec![0; slots],
             capacity,
             layers: model
@@ -488,11 +618,24 @@ impl BatchCache {
                 .iter()
                 .map(|b| LayerWeights::new(b, &model.quant, model.compute))
                 .collect::<Result<_>>()?,
-            lm_head: model.lm_head.detach().to_dtype(model.compute)?,
+            lm_head: StepWeight::Dense(model.lm_head.detach().to_dtype(model.compute)?),
             kernels,
             workspace: Workspace::new(model, kernels, slots, capacity)?,
             graph: None,
         })
+    }
+
+    pub fn format(&self) -> KvCacheFormat {
+        self.format
+    }
+
+    /// Bytes the cache holds per token of one slot, over all layers (K and V, scales
+    /// included).
+    pub fn bytes_per_token(&self) -> usize {
+        let row: usize = self.k[0].elem_count() / (self.slots() * self.capacity);
+        let dtype = self.k[0].dtype().size_in_bytes();
+        let scales = if self.k_scale.is_empty() { 0 } else { 4 };
+        2 * self.k.len() * (row * dtype + scales)
     }
 
     /// Runs each later step as one CUDA graph launch instead of hundreds of kernel launches.
@@ -656,10 +799,11 @@ impl Llama {
         l: usize,
     ) -> Result<Tensor> {
         let h = StepKernels::heads(self, cache.slots(), cache.capacity);
-        let (kc, vc) = (&cache.k[l], &cache.v[l]);
+        let scales = cache.k_scale.get(l).zip(cache.v_scale.get(l));
+        let caches = (&cache.k[l], &cache.v[l], scales, cache.format.token_bits());
         let rope = (&self.rope.cos, &self.rope.sin);
         let into = cache.workspace.as_ref().map(|w| (&w.y, w.scratch.as_ref()));
-        gpu::attention(qkv, rope, pos, (kc, vc), h, into)
+        gpu::attention(qkv, rope, pos, caches, h, into)
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -744,18 +888,29 @@ struct StepKernels {
 }
 
 impl StepKernels {
-    fn new(model: &Llama, slots: usize, capacity: usize) -> Self {
+    fn new(model: &Llama, slots: usize, capacity: usize, format: KvCacheFormat) -> Self {
         let q = &model.quant;
-        let plain = cfg!(feature = "cuda")
+        let gpu = cfg!(feature = "cuda")
             && model.device.is_cuda()
-            && matches!(model.compute, DType::BF16 | DType::F16)
-            && q.a_bits.is_none()
-            && q.kv_bits.is_none();
-        // The attention kernel applies RoPE straight to the projections: no q/k norm between.
-        let attention_plain = plain && !model.cfg.qk_norm;
+            && matches!(model.compute, DType::BF16 | DType::F16);
+        // The attention kernel applies RoPE straight to the projections (no q/k norm between)
+        // and quantizes K/V only as a code cache does: post-RoPE, per token, unrotated.
+        let kv_fits = match (q.kv_bits, format) {
+            (None, KvCacheFormat::Float) => true,
+            (None, f) => f.token_bits().is_some(),
+            (Some(b), f) => {
+                f.token_bits() == Some(b)
+                    && q.kv_point == KvPoint::PostRope
+                    && q.kv_rotation == crate::qconfig::KvRotation::None
+            }
+        };
+        let bits = format.token_bits().unwrap_or(0);
         Self {
-            attention: attention_plain && Self::heads_fit(model, slots, capacity),
-            gemv: plain && slots <= GEMV_MAX_SLOTS,
+            attention: gpu
+                && kv_fits
+                && !model.cfg.qk_norm
+                && Self::heads_fit(model, slots, capacity, bits),
+            gemv: gpu && q.a_bits.is_none() && slots <= GEMV_MAX_SLOTS,
         }
     }
 
@@ -772,19 +927,28 @@ impl StepKernels {
     }
 
     #[cfg(feature = "cuda")]
-    fn heads_fit(model: &Llama, slots: usize, capacity: usize) -> bool {
+    fn heads_fit(model: &Llama, slots: usize, capacity: usize, bits: u32) -> bool {
         Self::heads(model, slots, capacity).fit()
+            && gpu_kernels::decode::cache_fits(
+                bits,
+                model.cfg.head_dim,
+                model.cfg.num_key_value_heads,
+            )
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn heads_fit(_: &Llama, _: usize, _: usize) -> bool {
+    fn heads_fit(_: &Llama, _: usize, _: usize, _: u32) -> bool {
         false
     }
 
     /// Whether the GEMV takes products with this weight [out, in].
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn gemv_takes(&self, w: &Tensor) -> bool {
-        self.gemv && w.dim(1).is_ok_and(|k| k.is_multiple_of(8))
+    fn gemv_takes(&self, w: &StepWeight) -> bool {
+        self.gemv
+            && match w {
+                StepWeight::Dense(w) => w.dim(1).is_ok_and(|k| k.is_multiple_of(8)),
+                StepWeight::Q4 { codes, .. } => codes.dim(1).is_ok_and(|h| h.is_multiple_of(16)),
+            }
     }
 
     /// `rms_norm(x) · wᵀ` (written into `into` by the GEMV).
@@ -792,7 +956,7 @@ impl StepKernels {
         &self,
         x: &Tensor,
         nw: &Tensor,
-        w: &Tensor,
+        w: &StepWeight,
         eps: f64,
         q: &QuantConfig,
         into: Option<&Tensor>,
@@ -806,14 +970,14 @@ impl StepKernels {
             return g.run(x, w, into);
         }
         let _ = into;
-        project(&norm(x, nw, eps)?, w, None, q)
+        project(&norm(x, nw, eps)?, &w.dense(x.dtype())?, None, q)
     }
 
     /// `res + y · wᵀ` (written into `into` by the GEMV; `into` may be `res`).
     fn project_add(
         &self,
         y: &Tensor,
-        w: &Tensor,
+        w: &StepWeight,
         res: &Tensor,
         q: &QuantConfig,
         into: Option<&Tensor>,
@@ -827,7 +991,7 @@ impl StepKernels {
             return g.run(y, w, into);
         }
         let _ = into;
-        res + project(y, w, None, q)?
+        res + project(y, &w.dense(y.dtype())?, None, q)?
     }
 
     /// `silu(h · gateᵀ) · (h · upᵀ)` with `h = rms_norm(x)`, `gate_up` = [gate; up] (written
@@ -836,7 +1000,7 @@ impl StepKernels {
         &self,
         x: &Tensor,
         nw: &Tensor,
-        gate_up: &Tensor,
+        gate_up: &StepWeight,
         eps: f64,
         q: &QuantConfig,
         into: Option<&Tensor>,
@@ -851,13 +1015,13 @@ impl StepKernels {
             return g.run(x, gate_up, into);
         }
         let _ = into;
-        let gu = project(&norm(x, nw, eps)?, gate_up, None, q)?;
-        let inter = gate_up.dim(0)? / 2;
+        let gu = project(&norm(x, nw, eps)?, &gate_up.dense(x.dtype())?, None, q)?;
+        let inter = gate_up.rows()? / 2;
         gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?
     }
 
     /// f32 logits `rms_norm(x) · lm_headᵀ`.
-    fn logits(&self, x: &Tensor, nw: &Tensor, lm_head: &Tensor, eps: f64) -> Result<Tensor> {
+    fn logits(&self, x: &Tensor, nw: &Tensor, lm_head: &StepWeight, eps: f64) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.gemv_takes(lm_head) {
             let g = gpu::Gemv {
@@ -867,7 +1031,7 @@ impl StepKernels {
             };
             return g.run(x, lm_head, None);
         }
-        row_matmul(&norm(x, nw, eps)?, lm_head)?.to_dtype(DType::F32)
+        row_matmul(&norm(x, nw, eps)?, &lm_head.dense(x.dtype())?)?.to_dtype(DType::F32)
     }
 }
 
@@ -877,9 +1041,10 @@ const GEMV_MAX_SLOTS: usize = 8;
 /// gpu-kernels' decode kernels on candle tensors (which must live on a CUDA device).
 #[cfg(feature = "cuda")]
 mod gpu {
+    use super::StepWeight;
     use candle_core::op::BackpropOp;
     use candle_core::{bail, CudaStorage, Layout, Result, Shape, Storage, StorageRef, Tensor};
-    use gpu_kernels::decode::{self as k, GemvOptions, Heads};
+    use gpu_kernels::decode::{self as k, Caches, GemvOptions, GemvWeight, Heads};
 
     type Guard<'a> = (StorageRef<'a>, &'a Layout);
 
@@ -906,10 +1071,28 @@ mod gpu {
 
     impl Gemv<'_> {
         /// `x [s, k] · w [n, k]ᵀ` with the extras, into `into` (returned) or a new tensor.
-        pub fn run(&self, x: &Tensor, w: &Tensor, into: Option<&Tensor>) -> Result<Tensor> {
+        pub fn run(&self, x: &Tensor, w: &StepWeight, into: Option<&Tensor>) -> Result<Tensor> {
             let x = x.contiguous()?;
             let nw = self.norm.map(|(g, _)| g.to_dtype(x.dtype())).transpose()?;
-            let (gx, gw) = (x.storage_and_layout(), w.storage_and_layout());
+            let (wt, extra) = match w {
+                StepWeight::Dense(w) => (w, None),
+                StepWeight::Q4 {
+                    codes,
+                    scales,
+                    group,
+                } => (codes, Some((scales, *group))),
+            };
+            let gx = x.storage_and_layout();
+            let gw = wt.storage_and_layout();
+            let gsc = extra.map(|(s, _)| s.storage_and_layout());
+            let weight = match (&gsc, extra) {
+                (Some(gs), Some((_, group))) => GemvWeight::Q4 {
+                    codes: arg(&gw)?,
+                    scales: arg(gs)?,
+                    group,
+                },
+                _ => GemvWeight::Dense(arg(&gw)?),
+            };
             let gn = nw.as_ref().map(|g| g.storage_and_layout());
             let gr = self.residual.map(|r| r.storage_and_layout());
             let opts = GemvOptions {
@@ -924,15 +1107,16 @@ mod gpu {
             match into {
                 Some(out) => {
                     let go = out.storage_and_layout();
-                    k::gemv_into(arg(&gx)?, arg(&gw)?, opts, arg(&go)?)?;
+                    k::gemv_weight(arg(&gx)?, weight, opts, Some(arg(&go)?))?;
                     Ok(out.clone())
                 }
                 None => {
-                    let y = k::gemv(arg(&gx)?, arg(&gw)?, opts)?;
+                    let y = k::gemv_weight(arg(&gx)?, weight, opts, None)?
+                        .expect("gemv allocates its output");
                     let n = if self.swiglu {
-                        w.dim(0)? / 2
+                        w.rows()? / 2
                     } else {
-                        w.dim(0)?
+                        w.rows()?
                     };
                     Ok(tensor(y, (x.dim(0)?, n)))
                 }
@@ -946,28 +1130,47 @@ mod gpu {
         qkv: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         pos: &Tensor,
-        (kc, vc): (&Tensor, &Tensor),
+        (kc, vc, scales, bits): CacheTensors,
         h: Heads,
         into: Option<(&Tensor, Option<&Tensor>)>,
     ) -> Result<Tensor> {
         let qkv = qkv.contiguous()?;
         let g = [&qkv, cos, sin, pos, kc, vc].map(|t| t.storage_and_layout());
+        let gsc = scales.map(|(ks, vs)| (ks.storage_and_layout(), vs.storage_and_layout()));
         let [a, b, c, d, e, f] = &g;
         let (a, b, c, d, e, f) = (arg(a)?, arg(b)?, arg(c)?, arg(d)?, arg(e)?, arg(f)?);
+        let caches = match (&gsc, bits) {
+            (Some((ks, vs)), Some(bits)) => Caches::Codes {
+                bits,
+                k: e,
+                v: f,
+                k_scale: arg(ks)?,
+                v_scale: arg(vs)?,
+            },
+            _ => Caches::Float { k: e, v: f },
+        };
         match into {
             Some((out, scratch)) => {
                 let go = out.storage_and_layout();
                 let gs = scratch.map(|t| t.storage_and_layout());
                 let sc = gs.as_ref().map(arg).transpose()?;
-                k::attention_into(a, b, c, d, e, f, h, arg(&go)?, sc)?;
+                k::attention_into(a, b, c, d, caches, h, arg(&go)?, sc)?;
                 Ok(out.clone())
             }
             None => {
-                let y = k::attention(a, b, c, d, e, f, h)?;
+                let y = k::attention(a, b, c, d, caches, h)?;
                 Ok(tensor(y, (h.slots, h.nh * h.hd)))
             }
         }
     }
+
+    /// A layer's caches: K, V, a low-bit cache's (K, V) scales, and its bits.
+    pub type CacheTensors<'a> = (
+        &'a Tensor,
+        &'a Tensor,
+        Option<(&'a Tensor, &'a Tensor)>,
+        Option<u32>,
+    );
 }
 
 /// RMSNorm for decoding: candle's fused kernel (one launch instead of nine, accumulating in
@@ -1112,6 +1315,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A low-bit batch cache needs gpu-kernels' attention; elsewhere it is refused with what
+    /// it needs, and a float batch cache counts its bytes per token.
+    #[test]
+    fn low_bit_batch_caches_are_refused_without_the_gpu_kernels() {
+        let m = tiny_model(QuantConfig::none());
+        for f in [
+            KvCacheFormat::Int8,
+            KvCacheFormat::Int4,
+            KvCacheFormat::Q4_0,
+        ] {
+            let Err(e) = BatchCache::with_format(&m, 2, 8, f) else {
+                panic!("{f:?} batch cache on the CPU")
+            };
+            let e = e.to_string();
+            assert!(e.contains(&format!("a {} K/V cache", f.name())), "{e}");
+            assert!(e.contains("per-sequence CPU decoder"), "{e}");
+        }
+        let c = BatchCache::with_format(&m, 2, 8, KvCacheFormat::Float).unwrap();
+        // 2 layers x (K and V) x 2 KV heads x head size 4 x 4 bytes.
+        assert_eq!(c.bytes_per_token(), 2 * 2 * 2 * 4 * 4);
+        assert_eq!(c.format(), KvCacheFormat::Float);
     }
 
     /// The batched path (what GPUs run) gives the per-sequence path's logits, with slots at

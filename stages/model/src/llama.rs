@@ -22,7 +22,7 @@ pub enum Weight {
     /// Low-rank weights inside the quantizer (`lrqat`): quantizes itself, whatever
     /// `QuantConfig::w_bits` says.
     LowRankQ(crate::lowrank_q::LowRankQWeight),
-    /// Frozen low-bit codes and scales, multiplied from the codes on the CPU (a packed export,
+    /// Frozen low-bit codes and scales, multiplied from the codes (a packed export,
     /// or a student's grid made on load): the student as it runs after training.
     Packed(std::sync::Arc<crate::lowbit::PackedLinear>),
 }
@@ -381,7 +381,8 @@ pub fn is_projection_weight(name: &str) -> bool {
 
 impl Llama {
     /// Loads `folder` with the 7 projections of every layer kept as low-bit codes and scales
-    /// (`Weight::Packed`), multiplied from the codes on the CPU: a packed export's grids as
+    /// (`Weight::Packed`), multiplied from the codes (on a GPU, the decoding step's GEMV reads
+    /// them; other products dequantize one weight at a time): a packed export's grids as
     /// stored, or else each weight's MinMax grid of `quant.w_bits` (per `w_group`, scales in
     /// `w_scale`: the weight fake quantizer's codes), made on load and the f32 weight dropped.
     /// Activations and K/V are quantized as `quant` says.
@@ -390,9 +391,6 @@ impl Llama {
         quant: QuantConfig,
         device: &Device,
     ) -> Result<Self> {
-        if !device.is_cpu() {
-            bail!("packed weights run on the CPU (use --device cpu)");
-        }
         let (mut dense, mut grids) = folder.load_packed(device)?;
         let dir = folder.dir.display();
         let mut projections = HashMap::new();

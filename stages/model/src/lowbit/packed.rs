@@ -46,6 +46,8 @@ pub struct PackedLinear {
     data: Vec<u8>,
     /// [rows, groups per row].
     scales: Vec<f32>,
+    /// The codes and scales uploaded to a GPU, made on first use there (`device_parts`).
+    on_device: std::sync::OnceLock<(candle_core::Tensor, candle_core::Tensor)>,
 }
 
 impl PackedLinear {
@@ -78,7 +80,99 @@ impl PackedLinear {
             layout,
             data,
             scales: g.scales.clone(),
+            on_device: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether the GPU kernels take this weight: 4-bit blocks, rows of whole blocks.
+    pub fn gpu_ready(&self) -> bool {
+        self.layout == Layout::Q4Blocks && self.cols.is_multiple_of(BLOCK)
+    }
+
+    /// The codes u8 [rows, cols / 2] and scales f32 [rows, groups] on `device` (for
+    /// `gpu_ready` weights), uploaded once: the GPU holds the codes, never a dense copy.
+    pub fn device_parts(
+        &self,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)> {
+        if !self.gpu_ready() {
+            candle_core::bail!(
+                "packed weight [{}, {}] with {} bits: the GPU kernels take 4-bit codes in rows of whole 32-value blocks",
+                self.rows,
+                self.cols,
+                self.bits
+            );
+        }
+        let upload = || -> candle_core::Result<_> {
+            let codes =
+                candle_core::Tensor::from_slice(&self.data, (self.rows, self.cols / 2), device)?;
+            let scales =
+                candle_core::Tensor::from_slice(&self.scales, (self.rows, self.groups()), device)?;
+            Ok((codes, scales))
+        };
+        if let Some(p) = self.on_device.get() {
+            if p.0.device().same_device(device) {
+                return Ok(p.clone());
+            }
+            return upload();
+        }
+        let p = upload()?;
+        Ok(self.on_device.get_or_init(|| p).clone())
+    }
+
+    /// The codes and scales of `ps` (`gpu_ready`, with one width and group) stacked along the
+    /// rows and uploaded to `device`: projections that share their input multiply as one.
+    pub fn stacked_parts(
+        ps: &[&PackedLinear],
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor)> {
+        let Some(first) = ps.first() else {
+            candle_core::bail!("packed weight: nothing to stack")
+        };
+        if let Some(p) = ps
+            .iter()
+            .find(|p| !p.gpu_ready() || p.cols != first.cols || p.group != first.group)
+        {
+            candle_core::bail!(
+                "packed weights [{}, {}] (group {}) and [{}, {}] (group {}) cannot be stacked for the GPU",
+                first.rows,
+                first.cols,
+                first.group,
+                p.rows,
+                p.cols,
+                p.group
+            );
+        }
+        let rows: usize = ps.iter().map(|p| p.rows).sum();
+        let data: Vec<u8> = ps.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let scales: Vec<f32> = ps.iter().flat_map(|p| p.scales.iter().copied()).collect();
+        Ok((
+            candle_core::Tensor::from_vec(data, (rows, first.cols / 2), device)?,
+            candle_core::Tensor::from_vec(scales, (rows, first.groups()), device)?,
+        ))
+    }
+
+    /// Values per scale along a row (`cols` when per channel).
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// The dense weight [rows, cols] in `dtype` on `device`: on a GPU dequantized there from
+    /// the codes (a transient copy for one product), elsewhere from the host codes.
+    pub fn dense_on(
+        &self,
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda()
+            && self.gpu_ready()
+            && matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16)
+        {
+            let (codes, scales) = self.device_parts(device)?;
+            return gpu::dequantize(&codes, &scales, self.group, dtype);
+        }
+        self.dense_tensor()?.to_device(device)?.to_dtype(dtype)
     }
 
     /// Columns rounded up to whole blocks (the 4-bit layout's padded row).
@@ -145,11 +239,24 @@ impl PackedLinear {
         a_bits: Option<u32>,
         bias: Option<&candle_core::Tensor>,
     ) -> candle_core::Result<candle_core::Tensor> {
-        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        if !x.device().is_cpu() {
+            // A GPU: the weight dequantized per product (the decoding step reads the codes
+            // directly), activations fake-quantized as in training.
+            let x = match a_bits {
+                Some(b) => quant::fake_quant(x, b, None)?,
+                None => x.clone(),
+            };
+            let w = self.dense_on(x.device(), x.dtype())?;
+            let y = crate::llama::matmul_t(&x, &w)?;
+            return match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                None => Ok(y),
+            };
+        }
+        if x.dtype() != candle_core::DType::F32 {
             candle_core::bail!(
-                "packed weights run on the CPU in f32; got {:?} on {:?} (use --device cpu --dtype f32)",
-                x.dtype(),
-                x.device()
+                "packed weights run on the CPU in f32; got {:?} (use --dtype f32)",
+                x.dtype()
             );
         }
         let mut dims = x.dims().to_vec();
@@ -303,6 +410,35 @@ impl PackedLinear {
             }
         }
         y
+    }
+}
+
+/// The GPU side: gpu-kernels' dequantization on candle tensors.
+#[cfg(feature = "cuda")]
+pub(crate) mod gpu {
+    use candle_core::{bail, DType, Result, Storage, Tensor};
+
+    pub fn dequantize(
+        codes: &Tensor,
+        scales: &Tensor,
+        group: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (rows, half) = codes.dims2()?;
+        let out = Tensor::zeros((rows, 2 * half), dtype, codes.device())?;
+        {
+            let (gc, gs, go) = (
+                codes.storage_and_layout(),
+                scales.storage_and_layout(),
+                out.storage_and_layout(),
+            );
+            let (Storage::Cuda(c), Storage::Cuda(s), Storage::Cuda(o)) = (&*gc.0, &*gs.0, &*go.0)
+            else {
+                bail!("packed weight: dequantizing on a GPU needs CUDA tensors")
+            };
+            gpu_kernels::decode::dequant_q4_into((c, gc.1), (s, gs.1), group, (o, go.1))?;
+        }
+        Ok(out)
     }
 }
 
