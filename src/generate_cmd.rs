@@ -106,26 +106,8 @@ impl GenerateArgs {
     }
 }
 
-/// Runs the generate stage with a progress bar on stderr; shared with `pipeline run`.
-pub fn generate_with_progress(
-    compute: &model::Compute,
-    teacher: &Path,
-    out: &Path,
-    cfg: &GenerateConfig,
-    range: Option<std::ops::Range<usize>>,
-    force: bool,
-) -> Result<generate::GenerateReport> {
-    generate_on_devices_with_progress(
-        std::slice::from_ref(compute),
-        teacher,
-        out,
-        cfg,
-        range,
-        force,
-    )
-}
-
-/// `generate_with_progress` with one teacher per device.
+/// Runs the generate stage with a progress bar on stderr, one teacher per device (shared with
+/// `pipeline run`).
 pub fn generate_on_devices_with_progress(
     computes: &[model::Compute],
     teacher: &Path,

@@ -28,8 +28,9 @@ pub struct RunTable {
 }
 
 impl RunTable {
-    /// The train stage's ranks: one per entry of `devices`, else `device` alone.
-    pub fn train_computes(&self) -> Result<Vec<model::Compute>> {
+    /// The devices of the generate and train stages: one per entry of `devices` (a teacher or a
+    /// rank each), else `device` alone.
+    pub fn computes(&self) -> Result<Vec<model::Compute>> {
         match &self.devices {
             Some(d) => crate::compute_args::open_devices(d, self.dtype, "[run] devices"),
             None => Ok(vec![model::Compute::open(self.device, self.dtype)?]),
@@ -441,7 +442,7 @@ mod tests {
         };
         let path = Path::new("p.toml");
         let p = PipelineFile::parse(&text("[\"cpu\", \"cpu\"]"), path, &[]).unwrap();
-        assert_eq!(p.run.train_computes().unwrap().len(), 2);
+        assert_eq!(p.run.computes().unwrap().len(), 2);
         let err = |d: &str| {
             format!(
                 "{:#}",

@@ -342,8 +342,9 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
         let t0 = Instant::now();
         match s {
             "generate" => {
-                crate::generate_cmd::generate_with_progress(
-                    &compute,
+                // `[run] devices`: one teacher per device on slices of the shards.
+                crate::generate_cmd::generate_on_devices_with_progress(
+                    &p.run.computes()?,
                     &p.teacher.model,
                     &stage_dir(&run, s),
                     &p.generate,
@@ -378,7 +379,7 @@ pub fn run(toml: &Path, sets: &[String], force: &[String]) -> Result<()> {
                     student.base = Some(stage_dir(&run, "quantize"));
                 }
                 let job = train::TrainJob {
-                    computes: p.run.train_computes()?,
+                    computes: p.run.computes()?,
                     ..train::TrainJob::new(
                         &p.teacher.model,
                         &stage_dir(&run, "generate"),
