@@ -77,7 +77,7 @@ fn continue_prompt(
             folder.config.usable_context()
         );
     }
-    let mut cache = model::decode::SeqCache::with_format(&model, total, format)?;
+    let mut cache = Cache::new(&model, total, format)?;
     let params = generate::sampler::SamplingParams {
         temperature: a.temperature,
         top_k: None,
@@ -87,7 +87,7 @@ fn continue_prompt(
     let t0 = Instant::now();
     let mut logits = None;
     for &t in &prompt_ids {
-        logits = Some(model.decode_step(&[t], &mut [&mut cache])?);
+        logits = Some(cache.step(&model, t)?);
     }
     let mut ids = Vec::with_capacity(a.max_tokens);
     for _ in 0..a.max_tokens {
@@ -102,7 +102,7 @@ fn continue_prompt(
         if folder.config.eos_token_ids.contains(&next) || ids.len() == a.max_tokens {
             break;
         }
-        logits = Some(model.decode_step(&[next], &mut [&mut cache])?);
+        logits = Some(cache.step(&model, next)?);
     }
     let secs = t0.elapsed().as_secs_f64();
     let cache_bytes_per_token = cache.bytes_per_token();
@@ -117,6 +117,55 @@ fn continue_prompt(
         prompt_ids,
         ids,
     })
+}
+
+/// One sequence's cache: the CPU's per-sequence decoder, or on a GPU a one-slot batch cache
+/// (whose kernels read low-bit caches and 4-bit weights).
+enum Cache {
+    Seq(model::decode::SeqCache),
+    Slot(Box<model::BatchCache>, usize),
+}
+
+impl Cache {
+    fn new(
+        model: &model::Llama,
+        total: usize,
+        format: model::lowbit::KvCacheFormat,
+    ) -> Result<Self> {
+        Ok(if model.device.is_cpu() {
+            Cache::Seq(model::decode::SeqCache::with_format(model, total, format)?)
+        } else {
+            Cache::Slot(
+                Box::new(model::BatchCache::with_format(model, 1, total, format)?),
+                0,
+            )
+        })
+    }
+
+    /// Logits [1, vocab] after feeding `t`.
+    fn step(&mut self, model: &model::Llama, t: u32) -> Result<candle_core::Tensor> {
+        Ok(match self {
+            Cache::Seq(c) => model.decode_step(&[t], &mut [c])?,
+            Cache::Slot(c, n) => {
+                *n += 1;
+                model.decode_slots(&[Some(t)], c)?
+            }
+        })
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        match self {
+            Cache::Seq(c) => c.bytes_per_token(),
+            Cache::Slot(c, _) => c.bytes_per_token(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Cache::Seq(c) => c.len(),
+            Cache::Slot(_, n) => *n,
+        }
+    }
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
