@@ -4,8 +4,9 @@
 # pipelines/llmqat.toml's [train] settings (K/V equalization off for both: lrqat refuses it),
 # each at the learning rates LRS. ppl on ../shared/data/tinystories-valid-64k.txt for every
 # run; the best learning rate of each (bits, activations, method) also on the full
-# ../shared/data/tinystories-valid.txt. Writes benchmarks/lrqat-vs-qat-stories260k.json.
-#   [BITS="4 3"] [ACTS="none a8kv4"] scripts/lrqat_vs_qat.sh [WORK_DIR] [STEPS] ["LR LR ..."]
+# ../shared/data/tinystories-valid.txt. Writes benchmarks/lrqat-vs-qat-$MODEL.json.
+#   [MODEL=stories260k|tinystories-656k] [BITS="4 3"] [ACTS="none a8kv4"] [RANK=16] \
+#     scripts/lrqat_vs_qat.sh [WORK_DIR] [STEPS] ["LR LR ..."]
 # Rows accumulate in WORK_DIR/rows.jsonl over invocations (a finished run is not retrained),
 # so a grid can be run in parts; the table takes the last row of each setting.
 set -euo pipefail
@@ -14,7 +15,9 @@ W=${1:-runs/lrqat-vs-qat}
 STEPS=${2:-100}
 LRS=${3:-"1e-3 3e-3"}
 B=${PIPELINE:-target/release/pipeline}
-T=../shared/models/stories260k
+MODEL=${MODEL:-stories260k}
+RANK=${RANK:-16}
+T=../shared/models/$MODEL
 X=../shared/data/tinystories-valid-64k.txt
 FULL=../shared/data/tinystories-valid.txt
 mkdir -p "$W"
@@ -42,7 +45,7 @@ for bits in ${BITS:-4 3}; do
                 d="$W/train-w$bits-$act-$m-$lr"
                 grep -q "\"dir\": \"$d/student\"" "$out" && continue
                 [ -d "$d/student" ] || "$B" train --teacher $T --corpus "$W/corpus" --out "$d" --config "$W/train.toml" \
-                    --method $m --w-bits $bits "${aflags[@]}" --steps "$STEPS" --lr "$lr" --log-every 50 >/dev/null 2>"$d.log" || { cat "$d.log"; exit 1; }
+                    --method $m $([ $m = lrqat ] && echo --lora-rank $RANK --lora-alpha $RANK) --w-bits $bits "${aflags[@]}" --steps "$STEPS" --lr "$lr" --log-every 50 >/dev/null 2>"$d.log" || { cat "$d.log"; exit 1; }
                 # The qat folder holds f32 masters (quantized on load); the lrqat folder holds its merged grid.
                 eflags=("${aflags[@]}")
                 [ $m = qat ] && eflags+=(--w-bits $bits)
@@ -52,9 +55,9 @@ for bits in ${BITS:-4 3}; do
         done
     done
 done
-python3 - "$out" "$B" "$FULL" "$W" "$STEPS" "$LRS" "$X" "$T" <<'PY'
+python3 - "$out" "$B" "$FULL" "$W" "$STEPS" "$LRS" "$X" "$T" "$MODEL" "$RANK" <<'PY'
 import json, subprocess, sys
-rows_path, B, full, W, steps, lrs, x64, teacher = sys.argv[1:]
+rows_path, B, full, W, steps, lrs, x64, teacher, model, rank = sys.argv[1:]
 rows = list({(r["w_bits"], r["act"], r["method"], r["lr"]): r for r in map(json.loads, open(rows_path))}.values())
 def ppl(d, text, flags):
     o = subprocess.run([B, "eval", "--model", d, "--text", text, "--json", *flags.split()], capture_output=True, text=True, check=True)
@@ -70,10 +73,10 @@ for (bits, act, m), r in sorted(best.items()):
     table.append({"w_bits": bits, "act": act, "method": m, "best_lr": r["lr"], "ppl_64k": r["ppl_64k"],
                   "ppl_full_valid": ppl(r["dir"], full, r["eval_flags"]),
                   "rtn_ppl_64k": ppl(teacher, x64, rtn_flags)})
-res = {"command": f"scripts/lrqat_vs_qat.sh {W} {steps} \"{lrs}\" (BITS and ACTS: see grid)", "grid": sorted({(r["w_bits"], r["act"], r["lr"]) for r in rows}), "model": "stories260k", "steps": int(steps),
-       "lrqat": {"lora_rank": 16, "lora_alpha": 16, "phi_dtype": "int8"},
+res = {"command": f"scripts/lrqat_vs_qat.sh {W} {steps} \"{lrs}\" (BITS and ACTS: see grid)", "grid": sorted({(r["w_bits"], r["act"], r["lr"]) for r in rows}), "model": model, "steps": int(steps),
+       "lrqat": {"lora_rank": int(rank), "lora_alpha": int(rank), "phi_dtype": "int8"},
        "teacher_ppl_64k": ppl(teacher, x64, ""), "best": table,
        "all_runs": [{k: v for k, v in r.items() if k not in ("dir", "eval_flags")} for r in rows]}
-json.dump(res, open("benchmarks/lrqat-vs-qat-stories260k.json", "w"), indent=1)
+json.dump(res, open(f"benchmarks/lrqat-vs-qat-{model}.json", "w"), indent=1)
 print(json.dumps(table, indent=1))
 PY
