@@ -1,16 +1,19 @@
 //! A projection as a frozen block-quantized base plus a trainable low-rank adapter (QLoRA,
 //! LoftQ): W = dequant(Q) + (alpha / r) B A in peft's orientation (A: r x in, B: out x r).
-//! The base stays quantized in memory (one code index per value and one f32 scale per
-//! block) and is dequantized inside each forward pass.
+//! The base stays quantized in memory (code indices two to a byte for code books of up to 16
+//! values, one f32 scale per block) and is dequantized inside each forward pass.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
-/// A block-quantized weight: value i is `code[codes[i]] * scales[i / block]`.
+/// A block-quantized weight: value i is `code[index i] * scales[i / block]`.
 #[derive(Clone, Debug)]
 pub struct BlockwiseWeight {
     pub shape: (usize, usize),
-    /// One code index per value, row-major (u8).
+    /// The code indices, row-major (u8): with up to 16 code values two to a byte (index 2j in
+    /// the low nibble of byte j, 2j + 1 in the high one), else one per byte.
     pub codes: Tensor,
+    /// Whether `codes` holds two indices per byte.
+    pub nibbles: bool,
     /// One scale per block (f32).
     pub scales: Tensor,
     /// The code book (f32).
@@ -39,9 +42,21 @@ impl BlockwiseWeight {
             candle_core::bail!("code index {c} outside a code book of {}", code.len());
         }
         let k = code.len();
+        // A 4-bit base holds half a byte per value, as bitsandbytes stores it.
+        let nibbles = k <= 16;
+        let codes = if nibbles {
+            codes
+                .chunks(2)
+                .map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4))
+                .collect()
+        } else {
+            codes
+        };
+        let len = codes.len();
         Ok(Self {
             shape,
-            codes: Tensor::from_vec(codes, n, device)?,
+            codes: Tensor::from_vec(codes, len, device)?,
+            nibbles,
             scales: Tensor::from_vec(scales, n.div_ceil(block), device)?,
             code: Tensor::from_vec(code, k, device)?,
             block,
@@ -51,7 +66,7 @@ impl BlockwiseWeight {
     /// The f32 weight [out, in]: code times block scale, in f32 as bitsandbytes computes it.
     pub fn dequantize(&self) -> Result<Tensor> {
         let n = self.shape.0 * self.shape.1;
-        let values = self.code.index_select(&self.codes, 0)?;
+        let values = self.code.index_select(&self.indices()?, 0)?;
         let full = n / self.block;
         let mut parts = Vec::with_capacity(2);
         if full > 0 {
@@ -68,6 +83,23 @@ impl BlockwiseWeight {
             parts.push(v.broadcast_mul(&s)?);
         }
         Tensor::cat(&parts, 0)?.reshape(self.shape)
+    }
+
+    /// One code index per value ([n]), unpacked from the nibbles where packed: candle has no
+    /// bitwise ops, so the split runs in f32 (exact for 0..=255).
+    pub fn indices(&self) -> Result<Tensor> {
+        if !self.nibbles {
+            // As u32: candle's index_select reads a u8 index of 255 as "no index" (a zero).
+            return self.codes.to_dtype(DType::U32);
+        }
+        let n = self.shape.0 * self.shape.1;
+        let p = self.codes.to_dtype(DType::F32)?;
+        let hi = (&p / 16.0)?.floor()?;
+        let lo = (&p - (&hi * 16.0)?)?;
+        Tensor::stack(&[&lo, &hi], 1)?
+            .flatten_all()?
+            .narrow(0, 0, n)?
+            .to_dtype(DType::U8)
     }
 
     /// Bytes this weight holds in memory.
@@ -129,6 +161,36 @@ mod tests {
             .map(|(i, &c)| book[c as usize] * scales[i / 4])
             .collect();
         assert_eq!(got, want);
+        // Ten 2-bit indices in five bytes (an odd count would leave half a byte).
+        assert!(w.nibbles);
+        assert_eq!(w.codes.elem_count(), 5);
+        let idx: Vec<u8> = w.indices().unwrap().to_vec1().unwrap();
+        assert_eq!(idx, codes);
         assert!(BlockwiseWeight::new((2, 5), codes, 4, book.to_vec(), vec![1.0; 2], &dev).is_err());
+    }
+
+    /// An odd number of 4-bit indices leaves half a byte; a code book of more than 16 values
+    /// keeps a byte per index, and index 255 reads its code value (candle's u8 index_select
+    /// gave 0 for it).
+    #[test]
+    fn indices_survive_packing() {
+        let dev = Device::Cpu;
+        let codes = vec![15u8, 0, 7];
+        let book: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let w = BlockwiseWeight::new((1, 3), codes.clone(), 2, book, vec![1.0; 2], &dev).unwrap();
+        assert_eq!(w.codes.elem_count(), 2);
+        assert_eq!(w.indices().unwrap().to_vec1::<u8>().unwrap(), codes);
+        let wide: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let codes = vec![255u8, 16, 128];
+        let w = BlockwiseWeight::new((1, 3), codes.clone(), 2, wide, vec![2.0; 2], &dev).unwrap();
+        assert!(!w.nibbles);
+        let got: Vec<f32> = w
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, vec![510.0, 32.0, 256.0]);
     }
 }
