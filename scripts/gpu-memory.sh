@@ -4,6 +4,7 @@
 # (NF4 + double quantization base) and lrqat (rank 16), each with and without
 # `--checkpoint-activations`. Run on the GPU machine with .xz/pipeline.xz from
 # scripts/build-cuda.sh:   scripts/gpu-memory.sh        (writes $OUT/gpu-memory.jsonl)
+# METHODS="qat qlora" limits the methods.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -33,6 +34,7 @@ CONFIGS=(
 for c in "${CONFIGS[@]}"; do
   method=${c%%|*}
   flags=${c#*|}
+  [[ " ${METHODS:-qat qlora lrqat} " == *" $method "* ]] || continue
   for ck in "" "--checkpoint-activations"; do
     step "$method $ck"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$W/mem.log" &
