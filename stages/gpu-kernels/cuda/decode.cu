@@ -232,7 +232,7 @@ __device__ __forceinline__ float q4_block_dot(const uint4 &wv, const float *xf) 
   return d;
 }
 
-template <typename T, int S, bool SWIGLU, bool NORM, int U = 6>
+template <typename T, int S, bool SWIGLU, bool NORM, int U = 4>
 __device__ void gemv_q4(const uint8_t *__restrict__ w, const float *__restrict__ scales,
                         const T *__restrict__ x, const T *__restrict__ g, const T *res, void *out,
                         uint32_t n, uint32_t k, uint32_t groups, uint32_t group_blocks, float eps,
@@ -258,56 +258,41 @@ __device__ void gemv_q4(const uint8_t *__restrict__ w, const float *__restrict__
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r][s] = 0.0f;
   }
-  // The first round of codes and its scales (constant data) load before the wait.
   uint4 wv[R][U];
-  float sc[R][U];
   load_round_q4<T, R, U>(wv, rows, lane, blocks);
   uint32_t dep = 0;
 #pragma unroll
   for (int u = 0; u < U; ++u)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint32_t b = lane + 32 * u;
-      sc[r][u] = b < blocks ? __ldg(srow[r] + b / group_blocks) : 0.0f;
-      dep |= wv[r][u].x;
-    }
+    for (int r = 0; r < R; ++r) dep |= wv[r][u].x;
   wait_previous_after(dep);
   for (uint32_t b0 = lane; b0 < blocks; b0 += 32 * U) {
-    if (b0 != lane) {
-      load_round_q4<T, R, U>(wv, rows, b0, blocks);
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const uint32_t b = b0 + 32 * u;
-          sc[r][u] = b < blocks ? __ldg(srow[r] + b / group_blocks) : 0.0f;
-        }
-    }
+    if (b0 != lane) load_round_q4<T, R, U>(wv, rows, b0, blocks);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const uint32_t b = b0 + 32 * u;
-      if (b < blocks) {
-        float gf[32];
-        if (NORM)
+      if (b >= blocks) break;
+      float sc[R], gf[32];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) unpack8(load16(g + 32 * b + 8 * i), gf + 8 * i, T());
+      for (int r = 0; r < R; ++r) sc[r] = __ldg(srow[r] + b / group_blocks);
+      if (NORM)
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-          float xf[32];
+        for (int i = 0; i < 4; ++i) unpack8(load16(g + 32 * b + 8 * i), gf + 8 * i, T());
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            unpack8(load16(x + (uint64_t)s * k + 32 * b + 8 * i), xf + 8 * i, T());
-          if (NORM) {
+      for (int s = 0; s < S; ++s) {
+        float xf[32];
 #pragma unroll
-            for (int i = 0; i < 32; ++i) {
-              ss[s] = fmaf(xf[i], xf[i], ss[s]);
-              xf[i] *= gf[i];
-            }
+        for (int i = 0; i < 4; ++i)
+          unpack8(load16(x + (uint64_t)s * k + 32 * b + 8 * i), xf + 8 * i, T());
+        if (NORM) {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            ss[s] = fmaf(xf[i], xf[i], ss[s]);
+            xf[i] *= gf[i];
           }
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            acc[r][s] = fmaf(sc[r][u], q4_block_dot(wv[r][u], xf), acc[r][s]);
         }
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][s] = fmaf(sc[r], q4_block_dot(wv[r][u], xf), acc[r][s]);
       }
     }
   }
