@@ -77,3 +77,16 @@ pub fn kill_at_random_moments(
     }
     kills
 }
+
+/// The files of `dir` whose names `keep` accepts, as (name, bytes), sorted by name.
+pub fn folder_bytes(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .filter(|(n, _)| keep(n))
+        .map(|(n, p)| (n, std::fs::read(p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}

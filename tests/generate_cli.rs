@@ -47,19 +47,7 @@ fn gen_ok(out: &Path, extra: &[&str]) -> String {
 
 /// Every shard file's bytes, by name.
 fn shard_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
+    folder_bytes(dir, |n| n.ends_with(".parquet"))
 }
 
 #[test]

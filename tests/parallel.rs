@@ -54,18 +54,7 @@ fn gen_ok(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> String {
 
 /// Every file of a corpus folder (shards and manifest) by name.
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
+    folder_bytes(dir, |_| true)
 }
 
 fn manifest(dir: &Path) -> serde_json::Value {
