@@ -101,6 +101,9 @@ pub struct TrainArgs {
     /// LoRA alpha (qlora; scale alpha / r; default 16).
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// Dropout on each adapter's input while training, in [0, 1) (qlora, loftq; default 0).
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
     /// Projections with adapters, comma separated (qlora; default all seven).
     #[arg(long, value_delimiter = ',')]
     pub lora_targets: Option<Vec<String>>,
@@ -178,6 +181,7 @@ impl TrainArgs {
         set(&mut s, "base", self.base.clone())?;
         set(&mut s, "lora_rank", self.lora_rank)?;
         set(&mut s, "lora_alpha", self.lora_alpha)?;
+        set(&mut s, "lora_dropout", self.lora_dropout)?;
         set(&mut s, "lora_targets", self.lora_targets.clone())?;
         set(&mut s, "loftq_iters", self.loftq_iters)?;
         set(&mut s, "phi_dtype", self.phi_dtype)?;

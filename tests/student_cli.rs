@@ -364,6 +364,10 @@ fn qlora_bad_settings_fail_naming_the_key() {
             "student.lora_rank = 65: larger than",
         ),
         (
+            vec!["--method", "qlora", "--base", bs, "--lora-dropout", "1"],
+            "student.lora_dropout = 1: allowed values are numbers in [0, 1)",
+        ),
+        (
             vec![
                 "--method",
                 "qlora",
@@ -432,7 +436,7 @@ fn qlora_run_survives_sigkill_byte_identical() {
                 "[run]\nname = \"k\"\ndirectory = \"{}\"\n[teacher]\nmodel = \"{}\"\n\
                  [generate]\nsamples = 64\nmax_tokens = 48\nshard_size = 16\nseed = 3\n\
                  [quantize]\nformat = \"nf4\"\n\
-                 [student]\nmethod = \"qlora\"\nlora_rank = 8\n\
+                 [student]\nmethod = \"qlora\"\nlora_rank = 8\nlora_dropout = 0.1\n\
                  [train]\nsteps = 300\nbatch = 4\nseq_len = 48\nlr = 2e-3\nschedule = \"cosine\"\n\
                  warmup_steps = 5\nlog_every = 10\ncheckpoint_every = 3\nkeep_checkpoints = 2\n\
                  [eval]\ntext = \"{}\"\nmax_tokens = 1000\n",

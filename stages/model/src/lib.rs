@@ -32,7 +32,7 @@ pub use folder::{check_finite, ModelFolder, TeacherFingerprint};
 pub use grad_sink::{GradSink, GradSinks};
 pub use hub::HubSource;
 pub use llama::{Linear, Llama, Weight};
-pub use lora::{BlockwiseWeight, LoraWeight};
+pub use lora::{BlockwiseWeight, LoraDropout, LoraWeight};
 pub use lowrank_q::{LowRankQWeight, PhiDtype};
 pub use qconfig::{parse_bits, KvPoint, KvRotation, QuantConfig};
 

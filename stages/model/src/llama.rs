@@ -95,6 +95,13 @@ impl Linear {
             Some(b) => quant::fake_quant_ste(x, b, None)?,
             None => x.clone(),
         };
+        if let Weight::Lora(l) = &self.weight {
+            let y = l.forward(&x)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                None => Ok(y),
+            };
+        }
         // Quantized in f32 on the master weight, then cast to the compute dtype (a no-op in f32).
         let w = self.effective_weight(q)?.to_dtype(x.dtype())?;
         let y = matmul_t(&x, &w)?;

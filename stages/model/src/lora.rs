@@ -3,7 +3,10 @@
 //! The base stays quantized in memory (code indices two to a byte for code books of up to 16
 //! values, one f32 scale per block) and is dequantized inside each forward pass.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A block-quantized weight: value i is `code[index i] * scales[i / block]`.
 #[derive(Clone, Debug)]
@@ -111,13 +114,16 @@ impl BlockwiseWeight {
 /// A frozen base with a low-rank adapter.
 #[derive(Clone, Debug)]
 pub struct LoraWeight {
-    pub base: std::sync::Arc<BlockwiseWeight>,
+    pub base: Arc<BlockwiseWeight>,
     /// [r, in]
     pub a: Tensor,
     /// [out, r]
     pub b: Tensor,
     /// alpha / r
     pub scale: f64,
+    /// peft's `lora_dropout` on the adapter's input while training, and this projection's
+    /// number in its mask stream.
+    pub dropout: Option<(Arc<LoraDropout>, u64)>,
 }
 
 impl LoraWeight {
@@ -126,11 +132,182 @@ impl LoraWeight {
         let ba = self.b.matmul(&self.a)?;
         self.base.dequantize()? + (ba * self.scale)?
     }
+
+    /// y = x dequant(base)ᵀ + scale · (dropout(x) Aᵀ) Bᵀ, in peft's order, x [.., in] in the
+    /// compute dtype. The base's product is one graph node whose backward gives x's gradient
+    /// only: candle's matmul would also compute (and keep until the step ends) a full-size
+    /// gradient of the frozen base. The dequantized base lives only inside that node's forward
+    /// and backward, so the base stays 4-bit between them.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let base = x.apply_op1(FrozenProduct {
+            base: self.base.clone(),
+        })?;
+        let xa = match &self.dropout {
+            Some((d, id)) => match d.mask(*id, x)? {
+                Some(m) => (x * m)?,
+                None => x.clone(),
+            },
+            None => x.clone(),
+        };
+        let dt = x.dtype();
+        let low = crate::llama::matmul_t(
+            &crate::llama::matmul_t(&xa, &self.a.to_dtype(dt)?)?,
+            &self.b.to_dtype(dt)?,
+        )?;
+        base + (low * self.scale)?
+    }
+}
+
+/// peft's `lora_dropout`: while a training pass is on (`begin`), each adapter's input value is
+/// zeroed with probability p and the rest scaled by 1 / (1 - p). The mask is a hash of (seed,
+/// pass, projection, position), not a random stream, so a resumed run and a recomputed
+/// (checkpointed) block draw the same masks, on any device.
+#[derive(Debug)]
+pub struct LoraDropout {
+    p: f64,
+    seed: u64,
+    /// The current training pass (a micro-batch), or `OFF` (evaluation, export).
+    pass: AtomicU64,
+}
+
+const OFF: u64 = u64::MAX;
+
+impl LoraDropout {
+    pub fn new(p: f64, seed: u64) -> Self {
+        Self {
+            p,
+            seed,
+            pass: AtomicU64::new(OFF),
+        }
+    }
+
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// Masks from now on are pass `key`'s (`key` < u64::MAX).
+    pub fn begin(&self, key: u64) {
+        self.pass.store(key.min(OFF - 1), Ordering::SeqCst);
+    }
+
+    /// No dropout until the next `begin`.
+    pub fn end(&self) {
+        self.pass.store(OFF, Ordering::SeqCst);
+    }
+
+    /// The mask (0 or 1 / (1 - p) per value, x's shape, dtype and device) for projection `id`,
+    /// or None outside a training pass.
+    fn mask(&self, id: u64, x: &Tensor) -> Result<Option<Tensor>> {
+        let pass = self.pass.load(Ordering::SeqCst);
+        if pass == OFF || self.p == 0.0 {
+            return Ok(None);
+        }
+        let stream = mix(mix(mix(self.seed) ^ pass) ^ id);
+        let keep = 1.0 / (1.0 - self.p);
+        // A value survives when the top 24 bits of its hash, as a fraction, reach p.
+        let threshold = (self.p * (1u64 << 24) as f64).ceil() as u64;
+        let n = x.elem_count();
+        let m: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                if (mix(stream ^ i) >> 40) >= threshold {
+                    keep as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(m, x.shape(), &Device::Cpu)?
+                .to_dtype(x.dtype())?
+                .to_device(x.device())?,
+        ))
+    }
+}
+
+/// splitmix64's finaliser: a well-mixed 64-bit hash of a 64-bit key.
+fn mix(z: u64) -> u64 {
+    let z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// x · dequant(base)ᵀ with a backward for x alone (the base is frozen).
+struct FrozenProduct {
+    base: Arc<BlockwiseWeight>,
+}
+
+impl FrozenProduct {
+    /// The product on candle's ops, from an input storage wrapped as a tensor.
+    fn product(&self, x: Storage, l: &Layout) -> Result<Storage> {
+        let (Some((start, end)), true) = (l.contiguous_offsets(), l.dims().len() >= 2) else {
+            candle_core::bail!("lora base product: contiguous input of rank >= 2 expected")
+        };
+        // A view of the first `end` values (the storage may hold more).
+        let x = Tensor::from_storage(x, end, BackpropOp::none(), false)
+            .narrow(0, start, end - start)?
+            .reshape(l.shape())?;
+        let w = self
+            .base
+            .dequantize()?
+            .to_device(x.device())?
+            .to_dtype(x.dtype())?;
+        let y = crate::llama::matmul_t(&x, &w)?.contiguous()?;
+        let (s, yl) = y.storage_and_layout();
+        s.try_clone(yl)
+    }
+
+    fn shape(&self, l: &Layout) -> Shape {
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("rank >= 2") = self.base.shape.0;
+        Shape::from(dims)
+    }
+}
+
+impl CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "lora-base-product"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.product(Storage::Cpu(s.clone()), l)? {
+            Storage::Cpu(y) => Ok((y, self.shape(l))),
+            _ => candle_core::bail!("lora base product: the CPU product left the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = Storage::Cuda(s.try_clone(l)?);
+        match self.product(x, l)? {
+            Storage::Cuda(y) => Ok((y, self.shape(l))),
+            _ => candle_core::bail!("lora base product: the GPU product left the GPU"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = self
+            .base
+            .dequantize()?
+            .to_device(x.device())?
+            .to_dtype(grad.dtype())?;
+        // dx [.., in] = dy [.., out] · w [out, in]
+        let dims = grad.dims();
+        let rows = grad.elem_count() / dims[dims.len() - 1];
+        let dx = grad.reshape((rows, dims[dims.len() - 1]))?.matmul(&w)?;
+        Ok(Some(dx.reshape(x.shape())?))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Var;
 
     #[test]
     fn dequantize_handles_a_short_last_block() {
@@ -167,6 +344,113 @@ mod tests {
         let idx: Vec<u8> = w.indices().unwrap().to_vec1().unwrap();
         assert_eq!(idx, codes);
         assert!(BlockwiseWeight::new((2, 5), codes, 4, book.to_vec(), vec![1.0; 2], &dev).is_err());
+    }
+
+    /// A base of `out` x `inp` in 16 code values, blocks of 8, with an adapter of rank 3.
+    fn adapter(
+        out: usize,
+        inp: usize,
+        dropout: Option<Arc<LoraDropout>>,
+    ) -> (LoraWeight, [Var; 2]) {
+        let dev = Device::Cpu;
+        let codes: Vec<u8> = (0..out * inp)
+            .map(|i| ((i * 7 + i / 5) % 16) as u8)
+            .collect();
+        let book: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 8.0).collect();
+        let scales: Vec<f32> = (0..(out * inp).div_ceil(8))
+            .map(|i| 0.5 + (i % 3) as f32 * 0.25)
+            .collect();
+        let base = BlockwiseWeight::new((out, inp), codes, 8, book, scales, &dev).unwrap();
+        let a = Var::randn(0f32, 0.5, (3, inp), &dev).unwrap();
+        let b = Var::randn(0f32, 0.5, (out, 3), &dev).unwrap();
+        let w = LoraWeight {
+            base: Arc::new(base),
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 2.0,
+            dropout: dropout.map(|d| (d, 5)),
+        };
+        (w, [a, b])
+    }
+
+    /// peft's order (base product, then the adapter's) gives the merged weight's outputs and
+    /// gradients for x, A and B, up to summation order.
+    #[test]
+    fn forward_and_gradients_match_the_merged_weight() {
+        let (w, [a, b]) = adapter(12, 20, None);
+        let x = Var::randn(0f32, 1.0, (2, 3, 20), &Device::Cpu).unwrap();
+        let close = |p: &Tensor, q: &Tensor, what: &str| {
+            let d = (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "{what}: {d}");
+        };
+        let y = w.forward(x.as_tensor()).unwrap();
+        let merged = crate::llama::matmul_t(x.as_tensor(), &w.effective().unwrap()).unwrap();
+        close(&y, &merged, "forward");
+        let probe = Tensor::randn(0f32, 1.0, y.shape(), &Device::Cpu).unwrap();
+        let g1 = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&merged * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, what) in [
+            (x.as_tensor(), "x"),
+            (a.as_tensor(), "A"),
+            (b.as_tensor(), "B"),
+        ] {
+            close(g1.get(v).unwrap(), g2.get(v).unwrap(), what);
+        }
+    }
+
+    /// Dropout acts only inside a pass, draws the same mask when a pass is replayed and
+    /// another one in the next pass, and keeps about 1 - p of the adapter's inputs.
+    #[test]
+    fn dropout_masks_replay_and_switch_off() {
+        let d = Arc::new(LoraDropout::new(0.25, 7));
+        let (w, _) = adapter(12, 20, Some(d.clone()));
+        let (plain, _) = adapter(12, 20, None);
+        let plain = LoraWeight {
+            a: w.a.clone(),
+            b: w.b.clone(),
+            ..plain
+        };
+        let x = Tensor::randn(0f32, 1.0, (4, 20), &Device::Cpu).unwrap();
+        let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let off = v(w.forward(&x).unwrap());
+        assert_eq!(off, v(plain.forward(&x).unwrap()));
+        d.begin(3);
+        let first = v(w.forward(&x).unwrap());
+        assert_eq!(first, v(w.forward(&x).unwrap()));
+        assert_ne!(first, off);
+        d.begin(4);
+        assert_ne!(first, v(w.forward(&x).unwrap()));
+        d.end();
+        assert_eq!(off, v(w.forward(&x).unwrap()));
+        d.begin(3);
+        let m = v(d
+            .mask(
+                5,
+                &Tensor::zeros(100_000, DType::F32, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+            .unwrap());
+        let kept = m.iter().filter(|&&k| k != 0.0).count() as f64 / m.len() as f64;
+        assert!((kept - 0.75).abs() < 0.01, "{kept}");
+        assert!(m.iter().all(|&k| k == 0.0 || k == 1.0 / 0.75));
     }
 
     /// An odd number of 4-bit indices leaves half a byte; a code book of more than 16 values

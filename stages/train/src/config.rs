@@ -601,9 +601,9 @@ impl StudentConfig {
                     l.lora_alpha
                 );
             }
-            if l.lora_dropout != 0.0 {
+            if !(0.0..1.0).contains(&l.lora_dropout) {
                 bail!(
-                    "student.lora_dropout = {}: only 0 is supported (the synthetic corpus is never repeated, and a dropout mask would need its own resumable random stream)",
+                    "student.lora_dropout = {}: allowed values are numbers in [0, 1)",
                     l.lora_dropout
                 );
             }

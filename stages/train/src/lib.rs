@@ -631,6 +631,10 @@ fn train_rank(
             // and a rank's loss weighs by its share of the micro-batch's tokens (1 alone).
             let weight = batch.share / cfg.grad_accum as f64;
             let scaled = |d: &loss::Distill| d.loss.affine(weight, 0.0);
+            // Dropout masks of this micro-batch (and rank), the same when it is replayed.
+            if let Some(d) = &stu.dropout {
+                d.begin((batch.index as u64) * world as u64 + rank as u64);
+            }
             let (d, g) = if cfg.checkpoint_activations {
                 let keep: Vec<&Tensor> = stu.params.iter().map(|p| p.var.as_tensor()).collect();
                 let (d, g) = stu.model.backward_checkpointed(&ids, &keep, |logits| {
@@ -658,6 +662,9 @@ fn train_rank(
                 prof.mark("backward")?;
                 (d, g)
             };
+            if let Some(d) = &stu.dropout {
+                d.end();
+            }
             let mut value = d.loss.to_scalar::<f32>()? as f64;
             if injected_fault("loss", step) {
                 value = f64::NAN;

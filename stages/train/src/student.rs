@@ -7,13 +7,15 @@ use crate::config::{LoraConfig, Method, StudentConfig, TrainConfig, PROJECTIONS}
 use crate::optim::Param;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
-use model::{BlockwiseWeight, Llama, LlamaConfig, LoraWeight, QuantConfig, Weight};
+use model::{BlockwiseWeight, Llama, LlamaConfig, LoraDropout, LoraWeight, QuantConfig, Weight};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub struct Student {
     pub model: Llama,
     pub params: Vec<Param>,
+    /// The adapters' input dropout (`lora_dropout` > 0), switched on for each training pass.
+    pub dropout: Option<Arc<LoraDropout>>,
     method: Method,
 }
 
@@ -262,6 +264,7 @@ impl Student {
         Ok(Self {
             model,
             params,
+            dropout: None,
             method: Method::Qat,
         })
     }
@@ -282,14 +285,16 @@ impl Student {
         let r = lora.lora_rank;
         let mut projections = HashMap::new();
         let mut params = Vec::new();
+        let dropout = (lora.lora_dropout > 0.0)
+            .then(|| Arc::new(LoraDropout::new(lora.lora_dropout, cfg.seed)));
         for l in 0..mcfg.num_hidden_layers {
-            for n in PROJECTIONS {
+            for (j, n) in PROJECTIONS.iter().enumerate() {
                 let prefix = projection_prefix(l, n);
                 let q = base.blockwise.get(&format!("{prefix}.weight")).with_context(|| {
                     format!("student.base: `{prefix}.weight` is not block-quantized in the base (see [quantize] skip)")
                 })?;
                 let (out, inp) = q.shape;
-                if !lora.lora_targets.iter().any(|t| t == n) {
+                if !lora.lora_targets.iter().any(|t| t == *n) {
                     // Not adapted: the frozen base as a dense weight.
                     projections.insert(prefix, Weight::Dense(q.dequantize()?));
                     continue;
@@ -317,6 +322,9 @@ impl Student {
                         a: a.as_tensor().clone(),
                         b: b.as_tensor().clone(),
                         scale: lora.scale(),
+                        dropout: dropout
+                            .clone()
+                            .map(|d| (d, (l * PROJECTIONS.len() + j) as u64)),
                     }),
                 );
                 params.push(Param { name: ka, var: a });
@@ -334,6 +342,7 @@ impl Student {
         Ok(Self {
             model,
             params,
+            dropout,
             method: Method::Qlora,
         })
     }
@@ -420,6 +429,7 @@ impl Student {
         Ok(Self {
             model,
             params,
+            dropout: None,
             method: Method::Lrqat,
         })
     }
