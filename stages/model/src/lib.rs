@@ -15,6 +15,7 @@ pub mod fused_block;
 pub mod fused_ops;
 pub mod gguf;
 pub mod grad_sink;
+mod graph_node;
 pub mod hub;
 pub mod kv_rotation;
 pub mod llama;

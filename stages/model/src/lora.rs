@@ -3,8 +3,7 @@
 //! The base stays quantized in memory (code indices two to a byte for code books of up to 16
 //! values, one f32 scale per block) and is dequantized inside each forward pass.
 
-use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -238,29 +237,13 @@ struct FrozenProduct {
 }
 
 impl FrozenProduct {
-    /// The product on candle's ops, from an input storage wrapped as a tensor.
-    fn product(&self, x: Storage, l: &Layout) -> Result<Storage> {
-        let (Some((start, end)), true) = (l.contiguous_offsets(), l.dims().len() >= 2) else {
-            candle_core::bail!("lora base product: contiguous input of rank >= 2 expected")
-        };
-        // A view of the first `end` values (the storage may hold more).
-        let x = Tensor::from_storage(x, end, BackpropOp::none(), false)
-            .narrow(0, start, end - start)?
-            .reshape(l.shape())?;
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
         let w = self
             .base
             .dequantize()?
             .to_device(x.device())?
             .to_dtype(x.dtype())?;
-        let y = crate::llama::matmul_t(&x, &w)?.contiguous()?;
-        let (s, yl) = y.storage_and_layout();
-        s.try_clone(yl)
-    }
-
-    fn shape(&self, l: &Layout) -> Shape {
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().expect("rank >= 2") = self.base.shape.0;
-        Shape::from(dims)
+        crate::llama::matmul_t(x, &w)
     }
 }
 
@@ -270,10 +253,7 @@ impl CustomOp1 for FrozenProduct {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.product(Storage::Cpu(s.clone()), l)? {
-            Storage::Cpu(y) => Ok((y, self.shape(l))),
-            _ => candle_core::bail!("lora base product: the CPU product left the CPU"),
-        }
+        crate::graph_node::on_cpu(&[(s, l)], |t| self.product(&t[0]))
     }
 
     #[cfg(feature = "cuda")]
@@ -282,12 +262,7 @@ impl CustomOp1 for FrozenProduct {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = Storage::Cuda(s.try_clone(l)?);
-        match self.product(x, l)? {
-            Storage::Cuda(y) => Ok((y, self.shape(l))),
-            _ => candle_core::bail!("lora base product: the GPU product left the GPU"),
-        }
+        crate::graph_node::on_cuda(&[(s, l)], |t| self.product(&t[0]))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -17,7 +17,7 @@
 //! the learning rate in size whatever the parameter's scale, and s0 is ~1e-2, so a step on s
 //! itself would be a 10% change at lr 1e-3.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
 /// How Phi0 = W0 / s0 is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +53,96 @@ pub struct LowRankQWeight {
     pub bits: u32,
     /// Values per scale along the input dimension; None = the whole row.
     pub group: Option<usize>,
+}
+
+/// q [out, in] times s [out, groups], each scale over its group of the row.
+fn times(q: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let (out, inp) = q.dims2()?;
+    let groups = s.dim(1)?;
+    q.reshape((out, groups, inp / groups))?
+        .broadcast_mul(&s.unsqueeze(2)?)?
+        .reshape((out, inp))
+}
+
+/// W_hat = s0 m clamp(round(Phi0 + scale A B)) as one graph node of (A, B, m). The backward
+/// is the straight-through estimator: round passes the gradient, the clamp passes it only
+/// inside the grid, and m gets sum over each group of dW_hat q s0.
+struct Quantizer {
+    /// The weight's frozen parts (its A, B and m are the node's inputs).
+    w: LowRankQWeight,
+}
+
+impl Quantizer {
+    fn value(&self, a: &Tensor, b: &Tensor, m: &Tensor) -> Result<Tensor> {
+        let (lo, hi) = self.w.bounds();
+        let q = quant::round_half_even(&self.w.z(a, b)?)?.clamp(lo, hi)?;
+        times(&q, &self.w.s0.mul(m)?)
+    }
+}
+
+impl CustomOp3 for Quantizer {
+    fn name(&self) -> &'static str {
+        "lrqat-quantizer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::graph_node::on_cpu(&[(s1, l1), (s2, l2), (s3, l3)], |t| {
+            self.value(&t[0], &t[1], &t[2])
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::graph_node::on_cuda(&[(s1, l1), (s2, l2), (s3, l3)], |t| {
+            self.value(&t[0], &t[1], &t[2])
+        })
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        m: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (lo, hi) = self.w.bounds();
+        let r = quant::round_half_even(&self.w.z(a, b)?)?;
+        let q = r.clamp(lo, hi)?;
+        let inside = r.ge(lo)?.mul(&r.le(hi)?)?.to_dtype(DType::F32)?;
+        let s0 = &self.w.s0;
+        let (out, inp) = g.dims2()?;
+        let groups = s0.dim(1)?;
+        let g = g.to_dtype(DType::F32)?;
+        let g3 = g.reshape((out, groups, inp / groups))?;
+        // The same ops, in the same order, as candle's backward of the unfused graph.
+        let gm = g3
+            .mul(&q.reshape((out, groups, inp / groups))?)?
+            .sum_keepdim(2)?
+            .reshape((out, groups))?
+            .mul(s0)?;
+        let gq = times(&g, &s0.mul(m)?)?;
+        let gab = (gq.mul(&inside)? * self.w.scale)?;
+        let ga = gab.matmul(&b.t()?)?;
+        let gb = a.t()?.matmul(&gab)?;
+        Ok((Some(ga), Some(gb), Some(gm)))
+    }
 }
 
 impl LowRankQWeight {
@@ -142,33 +232,37 @@ impl LowRankQWeight {
 
     /// (integers as f32) * s, broadcast over each group.
     fn times_scales(&self, q: &Tensor) -> Result<Tensor> {
-        let (out, inp) = q.dims2()?;
-        let s = self.scales()?;
-        let groups = s.dim(1)?;
-        q.reshape((out, groups, inp / groups))?
-            .broadcast_mul(&s.unsqueeze(2)?)?
-            .reshape((out, inp))
+        times(q, &self.scales()?)
+    }
+
+    /// z = Phi0 + scale A B (f32 [out, in]).
+    fn z(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.phi()? + (a.matmul(b)? * self.scale)?
     }
 
     /// The trained integers clamp(round(Phi0 + scale A B)) as f32 [out, in] (values only).
     pub fn integers(&self) -> Result<Tensor> {
-        let z = (self.phi()? + (self.a.matmul(&self.b)? * self.scale)?)?.detach();
+        let z = self.z(&self.a, &self.b)?.detach();
         let (lo, hi) = self.bounds();
         quant::round_half_even(&z)?.clamp(lo, hi)
     }
 
-    /// W_hat for the forward pass, with gradients to A, B and m.
+    /// W_hat for the forward pass, with gradients to A, B and m: one graph node (`Quantizer`),
+    /// so that the full-size intermediates (Phi0 as f32, z, its rounding, the range mask) live
+    /// only inside its forward and backward.
     pub fn effective(&self) -> Result<Tensor> {
-        let z = (self.phi()? + (self.a.matmul(&self.b)? * self.scale)?)?;
-        let zd = z.detach();
-        let (lo, hi) = self.bounds();
-        let r = quant::round_half_even(&zd)?;
-        let q = r.clamp(lo, hi)?;
-        // Straight-through inside the grid, nothing outside: (zd - z) is exactly 0 forward
-        // with gradient -1; masked by `inside`, and q minus it keeps q's exact values.
-        let inside = r.ge(lo)?.mul(&r.le(hi)?)?.to_dtype(DType::F32)?;
-        let q = q.sub(&zd.sub(&z)?.mul(&inside)?)?;
-        self.times_scales(&q)
+        self.a.apply_op3(
+            &self.b,
+            &self.m,
+            Quantizer {
+                w: Self {
+                    a: self.a.detach(),
+                    b: self.b.detach(),
+                    m: self.m.detach(),
+                    ..self.clone()
+                },
+            },
+        )
     }
 
     /// The merged weight: integers times scales, the same f32 values as [`Self::effective`].
