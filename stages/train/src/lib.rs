@@ -633,7 +633,7 @@ fn train_rank(
             let scaled = |d: &loss::Distill| d.loss.affine(weight, 0.0);
             // Dropout masks of this micro-batch (and rank), the same when it is replayed.
             if let Some(d) = &stu.dropout {
-                d.begin((batch.index as u64) * world as u64 + rank as u64);
+                d.begin(batch.index * world as u64 + rank as u64);
             }
             let (d, g) = if cfg.checkpoint_activations {
                 let keep: Vec<&Tensor> = stu.params.iter().map(|p| p.var.as_tensor()).collect();
