@@ -13,8 +13,9 @@
 use crate::llama::{quant_kv, rms_norm, softmax_last, Attention, Linear, Llama, Rope};
 use crate::lowbit::{KvCacheFormat, KvCodes};
 use crate::qconfig::{KvPoint, QuantConfig};
-use crate::rowmatmul::row_matmul;
+use crate::rowmatmul::{row_matmul, Bf16Rows};
 use candle_core::{bail, DType, Result, Tensor};
+use std::sync::Arc;
 
 pub(crate) mod graph;
 
@@ -27,6 +28,76 @@ pub struct SeqCache {
     format: KvCacheFormat,
     len: usize,
     capacity: usize,
+    /// The model's weights as `decode_step` reads them, shared by the caches of a batch.
+    weights: Option<Arc<SeqWeights>>,
+}
+
+/// A snapshot of the projection weights for `decode_step` on the CPU in f32: each weight whose
+/// values are all bf16 values (a bf16 checkpoint upcast) is held as bf16, so a step reads half
+/// the bytes for the same products; the others are read from the model as they are. Taken at a
+/// cache's first step: make new caches after changing the model's weights.
+struct SeqWeights {
+    /// The model it was taken from (`Llama::lm_head`'s id).
+    source: candle_core::TensorId,
+    /// Per layer: q, k, v, o, gate, up, down.
+    layers: Vec<[Option<Bf16Rows>; 7]>,
+    lm_head: Option<Bf16Rows>,
+}
+
+impl SeqWeights {
+    fn new(model: &Llama) -> Result<Self> {
+        let cpu_f32 = model.device.is_cpu() && model.compute == DType::F32;
+        let exact = |l: &Linear| -> Result<Option<Bf16Rows>> {
+            match &l.weight {
+                crate::llama::Weight::Dense(w) if cpu_f32 && model.quant.w_bits.is_none() => {
+                    Bf16Rows::exact(w)
+                }
+                _ => Ok(None),
+            }
+        };
+        let layers = model
+            .blocks
+            .iter()
+            .map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
+                Ok([
+                    exact(&a.q_proj)?,
+                    exact(&a.k_proj)?,
+                    exact(&a.v_proj)?,
+                    exact(&a.o_proj)?,
+                    exact(&m.gate_proj)?,
+                    exact(&m.up_proj)?,
+                    exact(&m.down_proj)?,
+                ])
+            })
+            .collect::<Result<_>>()?;
+        let lm_head = match cpu_f32 {
+            true => Bf16Rows::exact(&model.lm_head)?,
+            false => None,
+        };
+        Ok(Self {
+            source: model.lm_head.id(),
+            layers,
+            lm_head,
+        })
+    }
+
+    /// The snapshot of `model` that one of `caches` holds, or a new one; every cache then
+    /// holds it.
+    fn shared(model: &Llama, caches: &mut [&mut SeqCache]) -> Result<Arc<Self>> {
+        let id = model.lm_head.id();
+        let held = caches
+            .iter()
+            .find_map(|c| c.weights.as_ref().filter(|w| w.source == id).cloned());
+        let w = match held {
+            Some(w) => w,
+            None => Arc::new(Self::new(model)?),
+        };
+        for c in caches.iter_mut() {
+            c.weights = Some(w.clone());
+        }
+        Ok(w)
+    }
 }
 
 impl SeqCache {
@@ -72,6 +143,7 @@ impl SeqCache {
             format,
             len: 0,
             capacity,
+            weights: None,
         })
     }
 
@@ -124,6 +196,27 @@ impl Linear {
             .transpose()?;
         project(x, &w, bias.as_ref(), q)
     }
+
+    /// `forward_rows` from the weight's bf16 snapshot when it has one.
+    fn forward_rows_from(
+        &self,
+        x: &Tensor,
+        q: &QuantConfig,
+        w: Option<&Bf16Rows>,
+    ) -> Result<Tensor> {
+        let Some(w) = w else {
+            return self.forward_rows(x, q);
+        };
+        let x = match q.a_bits {
+            Some(b) => quant::fake_quant(x, b, None)?,
+            None => x.clone(),
+        };
+        let y = w.matmul(&x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+            None => Ok(y),
+        }
+    }
 }
 
 impl Llama {
@@ -157,6 +250,7 @@ impl Llama {
             cfg.check_context(c.len + 1)
                 .map_err(candle_core::Error::Msg)?;
         }
+        let sw = SeqWeights::shared(self, caches)?;
         let ids = Tensor::from_slice(tokens, bsz, &self.device)?;
         let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
         let pos = Tensor::from_slice(&pos, bsz, &self.device)?;
@@ -178,13 +272,14 @@ impl Llama {
             .index_select(&ids, 0)?
             .to_dtype(self.compute)?;
         for (l, blk) in self.blocks.iter().enumerate() {
+            let [wq, wk, wv, wo, wg, wu, wd] = sw.layers[l].each_ref().map(Option::as_ref);
             let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
             let eps = cfg.rms_norm_eps;
-            let qs = blk.attn.q_proj.forward_rows(&h, q)?;
+            let qs = blk.attn.q_proj.forward_rows_from(&h, q, wq)?;
             let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
-            let k = blk.attn.k_proj.forward_rows(&h, q)?;
+            let k = blk.attn.k_proj.forward_rows_from(&h, q, wk)?;
             let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
-            let v = blk.attn.v_proj.forward_rows(&h, q)?;
+            let v = blk.attn.v_proj.forward_rows_from(&h, q, wv)?;
             let v = if direct { v } else { quant_kv(&v, q, hd)? };
             if q.kv_point == KvPoint::PreRope {
                 k = quant_kv(&k, q, hd)?;
@@ -215,17 +310,20 @@ impl Llama {
                 ys.push(att.matmul(&vc)?.reshape((1, nh * hd))?);
             }
             let y = Tensor::cat(&ys, 0)?;
-            x = (x + blk.attn.o_proj.forward_rows(&y, q)?)?;
+            x = (x + blk.attn.o_proj.forward_rows_from(&y, q, wo)?)?;
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let g = blk.mlp.gate_proj.forward_rows(&h, q)?.silu()?;
-            let u = blk.mlp.up_proj.forward_rows(&h, q)?;
-            x = (x + blk.mlp.down_proj.forward_rows(&(g * u)?, q)?)?;
+            let g = blk.mlp.gate_proj.forward_rows_from(&h, q, wg)?.silu()?;
+            let u = blk.mlp.up_proj.forward_rows_from(&h, q, wu)?;
+            x = (x + blk.mlp.down_proj.forward_rows_from(&(g * u)?, q, wd)?)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
         }
         let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        row_matmul(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32)
+        match &sw.lm_head {
+            Some(w) => w.matmul(&x),
+            None => row_matmul(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32),
+        }
     }
 }
 

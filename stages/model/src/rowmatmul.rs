@@ -8,27 +8,67 @@
 //! SIMD kernels keep that order exactly and only compute many elements at once: a tile of
 //! weight rows times batch rows, each weight chunk loaded once for the whole tile.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// A weight element: f32, or a bf16 held as its bits (widened to f32 exactly).
+trait Elem: Copy + Send + Sync {
+    fn f32(self) -> f32;
+
+    /// Eight elements from `p` as f32 lanes.
+    ///
+    /// SAFETY: AVX2; `p` points at eight readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Elem for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+
 /// Combines the eight running sums in the fixed tree, then adds the tail products in order.
-fn finish(acc: &[f32; 8], a_tail: &[f32], b_tail: &[f32]) -> f32 {
+#[inline(always)]
+fn finish<W: Elem>(acc: &[f32; 8], a_tail: &[f32], b_tail: &[W]) -> f32 {
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in a_tail.iter().zip(b_tail) {
-        s += x * y;
+        s += x * y.f32();
     }
     s
 }
 
 /// The portable dot product (the reference the SIMD kernels match bit for bit).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<W: Elem>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for j in 0..8 {
-            acc[j] += x[j] * y[j];
+            acc[j] += x[j] * y[j].f32();
         }
     }
     finish(&acc, ra, rb)
@@ -39,7 +79,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
-    Avx,
+    Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -52,8 +92,8 @@ fn kernel() -> Kernel {
         return Kernel::Avx512;
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        return Kernel::Avx;
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return Kernel::Avx2;
     }
     Kernel::Portable
 }
@@ -76,7 +116,14 @@ impl Out {
 }
 
 /// `y[i, o] = dot(x[i], w[o])` for all `i < b` and the weight rows `rows`.
-fn rows_portable(x: &[f32], w: &[f32], b: usize, k: usize, rows: std::ops::Range<usize>, y: Out) {
+fn rows_portable<W: Elem>(
+    x: &[f32],
+    w: &[W],
+    b: usize,
+    k: usize,
+    rows: std::ops::Range<usize>,
+    y: Out,
+) {
     for o in rows {
         let wr = &w[o * k..(o + 1) * k];
         for i in 0..b {
@@ -88,14 +135,14 @@ fn rows_portable(x: &[f32], w: &[f32], b: usize, k: usize, rows: std::ops::Range
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{finish, Out};
+    use super::{finish, Elem, Out};
     use std::arch::x86_64::*;
 
     /// One tile: `R` weight rows from `o`, `C` batch rows from `i`.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const C: usize>(
+    unsafe fn tile<W: Elem, const R: usize, const C: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         k: usize,
         o: usize,
         i: usize,
@@ -111,7 +158,7 @@ mod avx {
                 *v = _mm256_loadu_ps(xp.add(ci * k + c * 8));
             }
             for (r, row) in acc.iter_mut().enumerate() {
-                let wv = _mm256_loadu_ps(wp.add(r * k + c * 8));
+                let wv = W::load8(wp.add(r * k + c * 8));
                 for (a, xv) in row.iter_mut().zip(&xv) {
                     *a = _mm256_add_ps(*a, _mm256_mul_ps(*xv, wv));
                 }
@@ -131,9 +178,9 @@ mod avx {
 
     /// All batch rows against `R` weight rows from `o`, `C` batch rows at a time.
     #[inline(always)]
-    unsafe fn rows_of<const R: usize, const C: usize>(
+    unsafe fn rows_of<W: Elem, const R: usize, const C: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         b: usize,
         k: usize,
         o: usize,
@@ -141,13 +188,13 @@ mod avx {
     ) {
         let mut i = 0;
         while i + C <= b {
-            tile::<R, C>(x, w, k, o, i, y);
+            tile::<W, R, C>(x, w, k, o, i, y);
             i += C;
         }
         match b - i {
-            3 => tile::<R, 3>(x, w, k, o, i, y),
-            2 => tile::<R, 2>(x, w, k, o, i, y),
-            1 => tile::<R, 1>(x, w, k, o, i, y),
+            3 => tile::<W, R, 3>(x, w, k, o, i, y),
+            2 => tile::<W, R, 2>(x, w, k, o, i, y),
+            1 => tile::<W, R, 1>(x, w, k, o, i, y),
             _ => {}
         }
     }
@@ -155,9 +202,9 @@ mod avx {
     /// `y[i, o] = dot(x[i], w[o])` for all `i < b` and the weight rows `rows`: tiles of `R`
     /// weight rows by `C` batch rows, or at batch 1 of `R1` weight rows.
     #[inline(always)]
-    unsafe fn rows_tiled<const R: usize, const C: usize, const R1: usize>(
+    unsafe fn rows_tiled<W: Elem, const R: usize, const C: usize, const R1: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         b: usize,
         k: usize,
         rows: std::ops::Range<usize>,
@@ -166,55 +213,62 @@ mod avx {
         let mut o = rows.start;
         if b == 1 {
             while o + R1 <= rows.end {
-                tile::<R1, 1>(x, w, k, o, 0, y);
+                tile::<W, R1, 1>(x, w, k, o, 0, y);
                 o += R1;
             }
         }
         while o + R <= rows.end {
-            rows_of::<R, C>(x, w, b, k, o, y);
+            rows_of::<W, R, C>(x, w, b, k, o, y);
             o += R;
         }
         while o < rows.end {
-            rows_of::<1, C>(x, w, b, k, o, y);
+            rows_of::<W, 1, C>(x, w, b, k, o, y);
             o += 1;
         }
     }
 
-    /// AVX: 16 ymm registers hold 12 sums, 3 inputs and a weight chunk.
+    /// AVX2: 16 ymm registers hold 12 sums, 3 inputs and a weight chunk.
     ///
-    /// SAFETY: the CPU has AVX; `x` is [b, k], `w` holds `rows`, `y` is [b, n] with no other
+    /// SAFETY: the CPU has AVX2; `x` is [b, k], `w` holds `rows`, `y` is [b, n] with no other
     /// thread writing these rows' columns.
-    #[target_feature(enable = "avx")]
-    pub unsafe fn rows(
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn rows<W: Elem>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         b: usize,
         k: usize,
         rows: std::ops::Range<usize>,
         y: Out,
     ) {
-        rows_tiled::<4, 3, 8>(x, w, b, k, rows, y)
+        rows_tiled::<W, 4, 3, 8>(x, w, b, k, rows, y)
     }
 
     /// The same ymm code with AVX-512VL's 32 registers: 16 sums, 4 inputs, a weight chunk (on
     /// Zen 4, which splits zmm work in two, ymm tiles run as fast as zmm ones).
     ///
     /// SAFETY: as `rows`, with AVX-512F and VL.
-    #[target_feature(enable = "avx,avx512f,avx512vl")]
-    pub unsafe fn rows_512(
+    #[target_feature(enable = "avx2,avx512f,avx512vl")]
+    pub unsafe fn rows_512<W: Elem>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         b: usize,
         k: usize,
         rows: std::ops::Range<usize>,
         y: Out,
     ) {
-        rows_tiled::<4, 4, 8>(x, w, b, k, rows, y)
+        rows_tiled::<W, 4, 4, 8>(x, w, b, k, rows, y)
     }
 }
 
 /// `x [b, k] · w [n, k]ᵀ -> [b, n]`, parallel over weight rows, each read once for the batch.
-fn matmul_rows(x: &[f32], w: &[f32], b: usize, n: usize, k: usize, kernel: Kernel) -> Vec<f32> {
+fn matmul_rows<W: Elem>(
+    x: &[f32],
+    w: &[W],
+    b: usize,
+    n: usize,
+    k: usize,
+    kernel: Kernel,
+) -> Vec<f32> {
     let mut y = vec![0f32; b * n];
     let out = Out {
         ptr: y.as_mut_ptr(),
@@ -224,9 +278,9 @@ fn matmul_rows(x: &[f32], w: &[f32], b: usize, n: usize, k: usize, kernel: Kerne
     let block = 32;
     let run = |rows: std::ops::Range<usize>| match kernel {
         Kernel::Portable => rows_portable(x, w, b, k, rows, out),
-        // SAFETY: `kernel()` saw AVX; shapes are checked by the caller; tasks own disjoint rows.
+        // SAFETY: `kernel()` saw AVX2; shapes are checked by the caller; tasks own disjoint rows.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx => unsafe { avx::rows(x, w, b, k, rows, out) },
+        Kernel::Avx2 => unsafe { avx::rows(x, w, b, k, rows, out) },
         // SAFETY: as above, with AVX-512F and VL seen.
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 => unsafe { avx::rows_512(x, w, b, k, rows, out) },
@@ -284,6 +338,69 @@ pub fn row_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A weight [n, k] whose f32 values are all bf16 values (a bf16 checkpoint upcast), held as
+/// bf16: `matmul` gives `row_matmul`'s bits (the widening is exact) from half the bytes.
+pub struct Bf16Rows {
+    bits: Vec<u16>,
+    n: usize,
+    k: usize,
+}
+
+impl Bf16Rows {
+    /// `w` [n, k] f32 on the CPU as bf16, or `None` when a value would not survive (or `w` is
+    /// elsewhere or another dtype).
+    pub fn exact(w: &Tensor) -> Result<Option<Self>> {
+        if !w.device().is_cpu() || w.dtype() != candle_core::DType::F32 {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let v = &v[start..end];
+        if v.par_iter().any(|x| x.to_bits() & 0xffff != 0) {
+            return Ok(None);
+        }
+        let bits = v.par_iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+        Ok(Some(Self { bits, n, k }))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bits.len() * 2
+    }
+
+    /// `x [B, k] · selfᵀ -> [B, n]` (f32, CPU).
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for Bf16Rows {
+    fn name(&self) -> &'static str {
+        "row-matmul-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("row-matmul-bf16: f32 input expected")
+        };
+        let Some((xo, xe)) = l.contiguous_offsets() else {
+            candle_core::bail!("row-matmul-bf16: contiguous input expected")
+        };
+        let (b, k) = l.shape().dims2()?;
+        if k != self.k {
+            candle_core::bail!("row-matmul-bf16: inner dims differ ({k} vs {})", self.k);
+        }
+        let y = matmul_rows(&x[xo..xe], &self.bits, b, self.n, k, kernel());
+        Ok((CpuStorage::F32(y), Shape::from((b, self.n))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,8 +430,8 @@ mod tests {
         let mut ks = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx") {
-                ks.push(Kernel::Avx);
+            if std::arch::is_x86_feature_detected!("avx2") {
+                ks.push(Kernel::Avx2);
             }
             if kernel() == Kernel::Avx512 {
                 ks.push(Kernel::Avx512);
@@ -355,6 +472,45 @@ mod tests {
         }
     }
 
+    /// A bf16-exact weight gives the f32 weight's bits; any other is refused.
+    #[test]
+    fn bf16_rows_match_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, n, k) in &[(1, 40, 64), (16, 37, 576), (5, 9, 29)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?
+                .to_dtype(candle_core::DType::BF16)?
+                .to_dtype(candle_core::DType::F32)?;
+            let x = Tensor::randn(0f32, 1.0, (b, k), &dev)?;
+            let h = Bf16Rows::exact(&w)?.expect("bf16 values");
+            let bits = |t: Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits(h.matmul(&x)?)?, bits(row_matmul(&x, &w)?)?);
+            let wb: Vec<u16> = w
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| (v.to_bits() >> 16) as u16)
+                .collect();
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let want = bits(row_matmul(&x, &w)?)?;
+            for kern in kernels() {
+                let got: Vec<u32> = matmul_rows(&xv, &wb, b, n, k, kern)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                assert_eq!(got, want, "{kern:?}");
+            }
+        }
+        let w = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+        assert!(Bf16Rows::exact(&w)?.is_none());
+        Ok(())
+    }
+
     /// Speed of the kernels at the 135M-class shapes (run with `--ignored --nocapture`).
     #[test]
     #[ignore]
@@ -367,8 +523,15 @@ mod tests {
         ] {
             let x = vec![0.5f32; b * k];
             let w = vec![0.25f32; n * k];
+            let wb = vec![0x3e80u16; n * k];
             for kern in kernels() {
                 let reps = 20;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(matmul_rows(&x, &wb, b, n, k, kern));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                println!("{kern:?} bf16 b {b} n {n} k {k}: {:.3} ms", s * 1e3);
                 let t = std::time::Instant::now();
                 for _ in 0..reps {
                     std::hint::black_box(matmul_rows(&x, &w, b, n, k, kern));
