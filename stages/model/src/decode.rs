@@ -15,6 +15,7 @@ use crate::lowbit::{KvCacheFormat, KvCodes};
 use crate::qconfig::{KvPoint, QuantConfig};
 use crate::rowmatmul::{row_matmul, Bf16Rows};
 use candle_core::{bail, DType, Result, Tensor};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 pub(crate) mod graph;
@@ -290,16 +291,14 @@ impl Llama {
                 k = quant_kv(&k.reshape((bsz, nkv * hd))?, q, hd)?.reshape((bsz, nkv, hd))?;
             }
             let v = v.reshape((bsz, nkv, hd))?;
-            let mut ys = Vec::with_capacity(bsz);
-            for (i, c) in caches.iter_mut().enumerate() {
+            let attend = |(i, c): (usize, &mut &mut SeqCache)| -> Result<Tensor> {
                 let n = c.len;
                 if let Some(codes) = c.codes.get_mut(l) {
                     // Low-bit cache: store this token's codes, attend from the codes.
                     let row = |t: &Tensor| t.get(i)?.flatten_all()?.to_vec1::<f32>();
                     codes.write(n, &row(&k)?, &row(&v)?);
                     let y = codes.attend(&row(&qs)?, n + 1, nh, nkv, hd, scale as f32);
-                    ys.push(Tensor::from_vec(y, (1, nh * hd), &self.device)?);
-                    continue;
+                    return Tensor::from_vec(y, (1, nh * hd), &self.device);
                 }
                 c.k[l].slice_set(&k.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
                 c.v[l].slice_set(&v.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
@@ -307,8 +306,23 @@ impl Llama {
                 let vc = c.v[l].narrow(1, 0, n + 1)?;
                 let qi = qs.get(i)?.reshape((nkv, rep, hd))?;
                 let att = attention_probs(&(qi.matmul(&kc.t()?)? * scale)?)?;
-                ys.push(att.matmul(&vc)?.reshape((1, nh * hd))?);
-            }
+                att.matmul(&vc)?.reshape((1, nh * hd))
+            };
+            // On the CPU these small ops run on one thread each: the sequences go in parallel
+            // (each writes only its own cache).
+            let ys = if self.device.is_cpu() && bsz > 1 {
+                caches
+                    .par_iter_mut()
+                    .enumerate()
+                    .map(attend)
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                caches
+                    .iter_mut()
+                    .enumerate()
+                    .map(attend)
+                    .collect::<Result<Vec<_>>>()?
+            };
             let y = Tensor::cat(&ys, 0)?;
             x = (x + blk.attn.o_proj.forward_rows_from(&y, q, wo)?)?;
             let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;

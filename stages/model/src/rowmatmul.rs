@@ -138,21 +138,33 @@ mod avx {
     use super::{finish, Elem, Out};
     use std::arch::x86_64::*;
 
-    /// One tile: `R` weight rows from `o`, `C` batch rows from `i`.
+    /// One tile: the `R` weight rows at the start of `w` against batch rows `i..i + C`, into
+    /// output columns `col..col + R`. With `ahead`, the cache lines of the `R` rows after the
+    /// tile's are fetched as the tile goes (the next tile's weights arrive while this one
+    /// computes).
     #[inline(always)]
     unsafe fn tile<W: Elem, const R: usize, const C: usize>(
         x: &[f32],
         w: &[W],
         k: usize,
-        o: usize,
         i: usize,
+        col: usize,
         y: Out,
+        ahead: bool,
     ) {
         let chunks = k / 8;
         let xp = x.as_ptr().add(i * k);
-        let wp = w.as_ptr().add(o * k);
+        let wp = w.as_ptr();
+        // Chunks per 64-byte line.
+        let line = 64 / (8 * std::mem::size_of::<W>());
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         for c in 0..chunks {
+            if ahead && c % line == 0 {
+                for r in 0..R {
+                    let p = wp.wrapping_add((R + r) * k + c * 8);
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                }
+            }
             let mut xv = [_mm256_setzero_ps(); C];
             for (ci, v) in xv.iter_mut().enumerate() {
                 *v = _mm256_loadu_ps(xp.add(ci * k + c * 8));
@@ -166,41 +178,45 @@ mod avx {
         }
         let tail = chunks * 8;
         for (r, row) in acc.iter().enumerate() {
-            let wr = &w[(o + r) * k..(o + r + 1) * k];
+            let wr = &w[r * k..(r + 1) * k];
             for (ci, a) in row.iter().enumerate() {
                 let mut lanes = [0f32; 8];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
                 let xr = &x[(i + ci) * k..(i + ci + 1) * k];
-                y.set(i + ci, o + r, finish(&lanes, &xr[tail..], &wr[tail..]));
+                y.set(i + ci, col + r, finish(&lanes, &xr[tail..], &wr[tail..]));
             }
         }
     }
 
-    /// All batch rows against `R` weight rows from `o`, `C` batch rows at a time.
+    /// All batch rows against the `R` weight rows at the start of `w`, `C` batch rows at a time,
+    /// into output columns `col..col + R`.
     #[inline(always)]
     unsafe fn rows_of<W: Elem, const R: usize, const C: usize>(
         x: &[f32],
         w: &[W],
         b: usize,
         k: usize,
-        o: usize,
+        col: usize,
         y: Out,
+        ahead: bool,
     ) {
         let mut i = 0;
         while i + C <= b {
-            tile::<W, R, C>(x, w, k, o, i, y);
+            tile::<W, R, C>(x, w, k, i, col, y, ahead && i == 0);
             i += C;
         }
+        let ahead = ahead && i == 0;
         match b - i {
-            3 => tile::<W, R, 3>(x, w, k, o, i, y),
-            2 => tile::<W, R, 2>(x, w, k, o, i, y),
-            1 => tile::<W, R, 1>(x, w, k, o, i, y),
+            3 => tile::<W, R, 3>(x, w, k, i, col, y, ahead),
+            2 => tile::<W, R, 2>(x, w, k, i, col, y, ahead),
+            1 => tile::<W, R, 1>(x, w, k, i, col, y, ahead),
             _ => {}
         }
     }
 
     /// `y[i, o] = dot(x[i], w[o])` for all `i < b` and the weight rows `rows`: tiles of `R`
-    /// weight rows by `C` batch rows, or at batch 1 of `R1` weight rows.
+    /// weight rows by `C` batch rows, or at batch 1 of `R1` weight rows. Narrow weights
+    /// (bf16) shared by several tiles are widened once into f32 rows first.
     #[inline(always)]
     unsafe fn rows_tiled<W: Elem, const R: usize, const C: usize, const R1: usize>(
         x: &[f32],
@@ -213,16 +229,33 @@ mod avx {
         let mut o = rows.start;
         if b == 1 {
             while o + R1 <= rows.end {
-                tile::<W, R1, 1>(x, w, k, o, 0, y);
+                tile::<W, R1, 1>(x, &w[o * k..], k, 0, o, y, true);
                 o += R1;
             }
         }
+        let widen = std::mem::size_of::<W>() < 4 && b > C;
+        let mut wide = vec![0f32; if widen { R * k } else { 0 }];
         while o + R <= rows.end {
-            rows_of::<W, R, C>(x, w, b, k, o, y);
+            let wr = &w[o * k..];
+            if widen {
+                for (d, s) in wide.iter_mut().zip(&wr[..R * k]) {
+                    *d = s.f32();
+                }
+                // The widening streamed these rows; fetch the next ones meanwhile.
+                for r in 0..R {
+                    for c in (0..k).step_by(64 / std::mem::size_of::<W>()) {
+                        let p = wr.as_ptr().wrapping_add((R + r) * k + c);
+                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    }
+                }
+                rows_of::<f32, R, C>(x, &wide, b, k, o, y, false);
+            } else {
+                rows_of::<W, R, C>(x, wr, b, k, o, y, true);
+            }
             o += R;
         }
         while o < rows.end {
-            rows_of::<W, 1, C>(x, w, b, k, o, y);
+            rows_of::<W, 1, C>(x, &w[o * k..], b, k, o, y, false);
             o += 1;
         }
     }
