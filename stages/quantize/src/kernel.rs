@@ -3,13 +3,80 @@
 //! the sums the reconstruction error needs, so nothing of the tensor's size is allocated
 //! besides the packed output. The code choice is the library's (nearest code, a value on a
 //! float32 midpoint goes to the lower code, x / absmax by division); the tests check
-//! equality with the library, which matches bitsandbytes bit for bit.
+//! equality with the library, which matches bitsandbytes bit for bit. Where the CPU has
+//! AVX-512, [`avx512`] runs the blocks of code books of up to 16 codes; the portable code
+//! below runs the others (and everything elsewhere).
 
 use quant::{double_quantize, BlockScales, CodeBook};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Blocks handed to one rayon task: large enough that scheduling costs nothing.
 const BLOCKS_PER_TASK: usize = 256;
+
+/// A tensor's values as stored: f32, or the little-endian bytes of f16 / bf16 values, which
+/// the kernel widens (exactly) block by block instead of copying the tensor to f32 first.
+#[derive(Clone, Copy)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u8]),
+    Bf16(&'a [u8]),
+}
+
+impl<'a> Values<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F16(b) | Values::Bf16(b) => b.len() / 2,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `start..end`.
+    fn slice(&self, start: usize, end: usize) -> Values<'a> {
+        match *self {
+            Values::F32(v) => Values::F32(&v[start..end]),
+            Values::F16(b) => Values::F16(&b[2 * start..2 * end]),
+            Values::Bf16(b) => Values::Bf16(&b[2 * start..2 * end]),
+        }
+    }
+
+    /// The values as f32 in `out` (of the same length).
+    fn widen(&self, out: &mut [f32]) {
+        match self {
+            Values::F32(v) => out.copy_from_slice(v),
+            Values::Bf16(b) => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            Values::F16(b) => {
+                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+                }
+            }
+        }
+    }
+}
+
+/// IEEE half to single precision (exact: every f16 is an f32).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match exp {
+        // Zero or subnormal: man * 2^-24, exact in f32.
+        0 => (man as f32 * (1.0 / 16_777_216.0)).to_bits() | sign,
+        31 => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
 
 /// A tensor quantized block-wise, codes already packed MSB first (pack_bits' layout).
 pub struct PackedTensor {
@@ -19,12 +86,12 @@ pub struct PackedTensor {
     pub rel_error: f64,
 }
 
-/// Per-block sums for the error: r = x - code * absmax (the f32 absmax), c = code.
+/// Per-block sums for the error with double quantization: r = x - code * absmax (the f32
+/// absmax), c = code. The sums of x^2 and r^2 only matter per tensor.
 #[derive(Clone, Copy, Default)]
 struct BlockSums {
-    rr: f64,
-    rc: f64,
-    cc: f64,
+    rc: f32,
+    cc: f32,
 }
 
 /// Quantizes `x` in blocks of `block` values (a power of two of at least 32, so every whole
@@ -35,6 +102,46 @@ pub fn quantize_pack(
     codebook: CodeBook,
     double_quant: bool,
 ) -> PackedTensor {
+    quantize_values(Values::F32(x), block, codebook, double_quant)
+}
+
+/// [`quantize_pack`] for values as stored (f32, f16 or bf16).
+pub fn quantize_values(
+    x: Values,
+    block: usize,
+    codebook: CodeBook,
+    double_quant: bool,
+) -> PackedTensor {
+    quantize_with(x, block, codebook, double_quant, Kernel::best())
+}
+
+/// Which implementation runs the blocks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    /// Plain Rust (vectorized by the compiler; recompiled for AVX2 where the CPU has it).
+    Portable,
+    /// Explicit AVX-512, for code books of at most 16 codes.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            return Kernel::Avx512;
+        }
+        Kernel::Portable
+    }
+}
+
+fn quantize_with(
+    x: Values,
+    block: usize,
+    codebook: CodeBook,
+    double_quant: bool,
+    kernel: Kernel,
+) -> PackedTensor {
     let bits = codebook.bits() as usize;
     let code = codebook.values();
     let uniform_qmax = match codebook {
@@ -44,45 +151,51 @@ pub fn quantize_pack(
     assert!(block <= MAX_BLOCK, "block size {block} above {MAX_BLOCK}");
     let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
     debug_assert!(block >= 8 && (block * bits).is_multiple_of(8));
-    let n_blocks = x.len().div_ceil(block);
-    let mut packed = vec![0u8; (x.len() * bits).div_ceil(8)];
+    #[cfg(target_arch = "x86_64")]
+    let simd = match kernel {
+        Kernel::Avx512 => avx512::Tables::new(&code, &mids, bits),
+        Kernel::Portable => None,
+    };
+    let n = x.len();
+    let n_blocks = n.div_ceil(block);
+    let mut packed = vec![0u8; (n * bits).div_ceil(8)];
     let mut absmax = vec![0f32; n_blocks];
     let mut sums = vec![BlockSums::default(); n_blocks];
     let task_vals = BLOCKS_PER_TASK * block;
     let task_bytes = task_vals * bits / 8;
+    let task = Task {
+        block,
+        bits,
+        code: &code,
+        mids: &mids,
+        uniform_qmax,
+    };
 
-    let sxx: f64 = packed
+    // Per-task sums added in task order, so the error does not depend on rayon's splits.
+    let totals: Vec<(f64, f64)> = packed
         .par_chunks_mut(task_bytes)
-        .zip(x.par_chunks(task_vals))
         .zip(absmax.par_chunks_mut(BLOCKS_PER_TASK))
         .zip(sums.par_chunks_mut(BLOCKS_PER_TASK))
-        .map(|(((out, x), amax), sums)| {
-            let task = Task {
-                block,
-                bits,
-                code: &code,
-                mids: &mids,
-                uniform_qmax,
-            };
+        .enumerate()
+        .map(|(i, ((out, amax), sums))| {
+            let x = x.slice(i * task_vals, n.min((i + 1) * task_vals));
+            #[cfg(target_arch = "x86_64")]
+            if let Some(t) = &simd {
+                return avx512::run(t, x, block, double_quant, out, amax, sums);
+            }
             task.run_dispatch(out, x, amax, sums)
         })
-        .sum();
+        .collect();
+    let sxx: f64 = totals.iter().map(|t| t.0).sum();
+    let mut err: f64 = totals.iter().map(|t| t.1).sum();
 
     let scales = if double_quant {
-        double_quantize(&absmax)
+        let scales = double_quantize(&absmax);
+        err += scale_error(&scales, &absmax, &sums);
+        scales
     } else {
-        BlockScales::F32(absmax.clone())
+        BlockScales::F32(absmax)
     };
-    // With stored scale s instead of the absmax a: x - c s = r + c (a - s).
-    let stored = scales.values();
-    let err: f64 = sums
-        .par_iter()
-        .zip(absmax.par_iter().zip(stored.par_iter()))
-        .map(|(b, (&a, &s))| {
-            let d = a as f64 - s as f64;
-            b.rr + 2.0 * d * b.rc + d * d * b.cc
-        })
-        .sum();
     let rel_error = if sxx > 0.0 {
         (err.max(0.0) / sxx).sqrt()
     } else {
@@ -93,6 +206,37 @@ pub fn quantize_pack(
         scales,
         rel_error,
     }
+}
+
+/// What the stored scales s add to the error over the absmax a: with x - c s = r + c (a - s),
+/// the sum over blocks of 2 (a - s) sum(r c) + (a - s)^2 sum(c c).
+fn scale_error(scales: &BlockScales, absmax: &[f32], sums: &[BlockSums]) -> f64 {
+    let BlockScales::Double {
+        q,
+        nested_absmax,
+        nested_block,
+        offset,
+        code,
+    } = scales
+    else {
+        return 0.0;
+    };
+    // Per task, then added in order (deterministic).
+    let parts: Vec<f64> = (0..absmax.len().div_ceil(BLOCKS_PER_TASK))
+        .into_par_iter()
+        .map(|t| {
+            let range = t * BLOCKS_PER_TASK..absmax.len().min((t + 1) * BLOCKS_PER_TASK);
+            range
+                .map(|b| {
+                    // The stored scale, as BlockScales::values computes it.
+                    let s = code[q[b] as usize] * nested_absmax[b / nested_block] + offset;
+                    let d = absmax[b] as f64 - s as f64;
+                    2.0 * d * sums[b].rc as f64 + d * d * sums[b].cc as f64
+                })
+                .sum::<f64>()
+        })
+        .collect();
+    parts.iter().sum()
 }
 
 /// Independent accumulators, so the reductions below vectorize and do not wait on one
@@ -227,8 +371,9 @@ fn pack(codes: &[u32], out: &mut [u8], bits: usize) {
     }
 }
 
-/// Per-task buffers for one block's codes and code values.
+/// Per-task buffers for one block's values (widened from f16 / bf16), codes and code values.
 struct Scratch {
+    x: Vec<f32>,
     codes: Vec<u32>,
     values: Vec<f32>,
 }
@@ -245,20 +390,38 @@ struct Task<'a> {
 impl Task<'_> {
     /// The blocks of one rayon task; returns their sum of x^2.
     #[inline(always)]
-    fn run(&self, out: &mut [u8], x: &[f32], amax: &mut [f32], sums: &mut [BlockSums]) -> f64 {
-        let mut sxx = 0f64;
+    fn run(
+        &self,
+        out: &mut [u8],
+        x: Values,
+        amax: &mut [f32],
+        sums: &mut [BlockSums],
+    ) -> (f64, f64) {
+        let (mut sxx, mut srr) = (0f64, 0f64);
         let out_block = self.block * self.bits / 8;
         let mut scratch = Scratch {
+            x: vec![0f32; self.block],
             codes: vec![0u32; self.block],
             values: vec![0f32; self.block],
         };
-        for (((o, xb), a), s) in out
+        let n = x.len();
+        for (b, ((o, a), s)) in out
             .chunks_mut(out_block)
-            .zip(x.chunks(self.block))
             .zip(amax.iter_mut())
             .zip(sums.iter_mut())
+            .enumerate()
+            .take(n.div_ceil(self.block))
         {
-            let (blk_sxx, blk) = quantize_block(
+            let xb = x.slice(b * self.block, n.min((b + 1) * self.block));
+            let xb = match xb {
+                Values::F32(v) => v,
+                other => {
+                    let buf = &mut scratch.x[..other.len()];
+                    other.widen(buf);
+                    &*buf
+                }
+            };
+            let (xx, rr, blk) = quantize_block(
                 xb,
                 o,
                 self.code,
@@ -266,12 +429,14 @@ impl Task<'_> {
                 self.uniform_qmax,
                 self.bits,
                 a,
-                &mut scratch,
+                &mut scratch.codes,
+                &mut scratch.values,
             );
-            sxx += blk_sxx;
+            sxx += xx;
+            srr += rr;
             *s = blk;
         }
-        sxx
+        (sxx, srr)
     }
 
     /// [`Task::run`] compiled a second time for AVX2 (twice the vector width, and
@@ -280,10 +445,10 @@ impl Task<'_> {
     fn run_dispatch(
         &self,
         out: &mut [u8],
-        x: &[f32],
+        x: Values,
         amax: &mut [f32],
         sums: &mut [BlockSums],
-    ) -> f64 {
+    ) -> (f64, f64) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // Safety: the CPU supports AVX2, checked just above.
@@ -297,15 +462,15 @@ impl Task<'_> {
     unsafe fn run_avx2(
         &self,
         out: &mut [u8],
-        x: &[f32],
+        x: Values,
         amax: &mut [f32],
         sums: &mut [BlockSums],
-    ) -> f64 {
+    ) -> (f64, f64) {
         self.run(out, x, amax, sums)
     }
 }
 
-/// One block: absmax, codes packed into `out`, error sums. Returns (sum x^2, sums).
+/// One block: absmax, codes packed into `out`, error sums. Returns (sum x^2, sum r^2, sums).
 #[allow(clippy::too_many_arguments)] // the hot path: plain arguments, nothing to unpack
 #[inline(always)]
 fn quantize_block(
@@ -316,16 +481,17 @@ fn quantize_block(
     uniform_qmax: Option<f32>,
     bits: usize,
     amax_out: &mut f32,
-    scratch: &mut Scratch,
-) -> (f64, BlockSums) {
+    codes: &mut [u32],
+    values: &mut [f32],
+) -> (f64, f64, BlockSums) {
     let amax = absmax(x);
     *amax_out = amax;
-    let codes = &mut scratch.codes[..x.len()];
+    let codes = &mut codes[..x.len()];
     pick_codes(x, amax, codes, mids, uniform_qmax);
     pack(codes, out, bits);
 
     // The code values first (a gather), then sums that stay in vector registers.
-    let cvals = &mut scratch.values[..x.len()];
+    let cvals = &mut values[..x.len()];
     for (cv, &c) in cvals.iter_mut().zip(codes.iter()) {
         *cv = code[c as usize];
     }
@@ -352,10 +518,10 @@ fn quantize_block(
     let sum = |a: [f32; LANES]| a.iter().map(|&v| v as f64).sum::<f64>();
     (
         sum(xx),
+        sum(rr),
         BlockSums {
-            rr: sum(rr),
-            rc: sum(rc),
-            cc: sum(cc),
+            rc: sum(rc) as f32,
+            cc: sum(cc) as f32,
         },
     )
 }
@@ -446,5 +612,238 @@ mod tests {
             "nf4 {nf4} should beat int4 {e4} on bell-shaped data"
         );
         assert!(nf2 > nf4 && nf2 < 1.0, "nf2 {nf2}");
+    }
+}
+
+/// The kernels against a plain scalar reference on inputs built to break them.
+#[cfg(test)]
+mod adversarial {
+    use super::*;
+    use quant::pack_bits;
+
+    const BOOKS: [CodeBook; 7] = [
+        CodeBook::Nf4,
+        CodeBook::Nf3,
+        CodeBook::Nf2,
+        CodeBook::Int(8),
+        CodeBook::Int(4),
+        CodeBook::Int(3),
+        CodeBook::Int(2),
+    ];
+
+    /// The rule written out: absmax by f32::max, x / absmax (0 for an all-zero block), the
+    /// number of midpoints below it.
+    fn reference(x: &[f32], block: usize, cb: CodeBook) -> (Vec<u8>, Vec<f32>) {
+        let code = cb.values();
+        let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let mut codes = Vec::with_capacity(x.len());
+        let mut absmax = Vec::new();
+        for b in x.chunks(block) {
+            let a = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            absmax.push(a);
+            for &v in b {
+                let n = if a > 0.0 { v / a } else { 0.0 };
+                codes.push(mids.iter().filter(|&&m| m < n).count() as u8);
+            }
+        }
+        (pack_bits(&codes, cb.bits()), absmax)
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            k.push(Kernel::Avx512);
+        }
+        k
+    }
+
+    /// Deterministic pseudo-random bits.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    /// Blocks of 64 built around one absmax each: values exactly on every midpoint (and
+    /// one ulp either side), on every code, ±0, ±absmax, NaN, inf, subnormals, all-zero,
+    /// all -0, all-NaN blocks; then random values.
+    fn nasty(cb: CodeBook) -> Vec<f32> {
+        let code = cb.values();
+        let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let mut next = rng(99);
+        let mut x = Vec::new();
+        // Powers of two keep m * absmax exact, so x / absmax lands on the midpoint itself.
+        for amax in [
+            1.0f32,
+            0.5,
+            2.0,
+            1.0 / 1024.0,
+            0.37,
+            3.0e-3,
+            1.0e30,
+            1.0e-38,
+            1.0e-40,
+        ] {
+            let mut b = vec![amax, -amax, 0.0, -0.0];
+            for &m in mids.iter().chain(&code) {
+                let v = m * amax;
+                b.extend([v, -v, v.next_up(), v.next_down(), (-v).next_up()]);
+            }
+            for chunk in b.chunks(63) {
+                let mut blk = chunk.to_vec();
+                blk.push(amax);
+                while blk.len() < 64 {
+                    let r = (next() >> 40) as f32 / (1u64 << 24) as f32;
+                    blk.push((2.0 * r - 1.0) * amax);
+                }
+                x.extend(blk);
+            }
+        }
+        let special = |f: &dyn Fn(usize) -> f32| (0..64).map(f).collect::<Vec<f32>>();
+        x.extend(special(&|_| 0.0));
+        x.extend(special(&|_| -0.0));
+        x.extend(special(&|_| f32::NAN));
+        x.extend(special(&|i| if i % 3 == 0 { f32::NAN } else { 0.0 }));
+        x.extend(special(&|i| {
+            if i == 7 {
+                f32::NAN
+            } else {
+                i as f32 / 63.0
+            }
+        }));
+        x.extend(special(&|i| if i == 5 { f32::INFINITY } else { i as f32 }));
+        x.extend(special(&|i| {
+            if i == 5 {
+                f32::NEG_INFINITY
+            } else {
+                -(i as f32)
+            }
+        }));
+        x.extend(special(&|i| f32::from_bits(i as u32 * 997)));
+        x.extend(special(&|i| {
+            f32::MAX * if i % 2 == 0 { 1.0 } else { -0.75 }
+        }));
+        for _ in 0..64 * 40 {
+            let r = (next() >> 40) as f32 / (1u64 << 24) as f32;
+            x.push((r - 0.5) * 0.1);
+        }
+        x
+    }
+
+    #[test]
+    fn every_kernel_equals_the_reference_on_nasty_values() {
+        for cb in BOOKS {
+            let x = nasty(cb);
+            for block in [32, 64, 128, 4096] {
+                // Whole blocks, and a short last block of every length mod 32 and more.
+                for cut in [0, 1, 2, 15, 16, 17, 31, 33, 63, 95] {
+                    let x = &x[..x.len() - cut];
+                    let (want, want_amax) = reference(x, block, cb);
+                    let mut errors = Vec::new();
+                    for k in kernels() {
+                        let q = quantize_with(Values::F32(x), block, cb, false, k);
+                        assert_eq!(q.packed, want, "{k:?} {cb:?} block {block} cut {cut}");
+                        let BlockScales::F32(a) = &q.scales else {
+                            panic!("plain scales")
+                        };
+                        let same = a
+                            .iter()
+                            .zip(&want_amax)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{k:?} {cb:?} block {block} cut {cut}: absmax");
+                        errors.push(q.rel_error);
+                    }
+                    // The error sums differ only in rounding order (NaN where the input has
+                    // NaN or inf).
+                    let e0 = errors[0];
+                    for e in &errors[1..] {
+                        assert!(
+                            (e.is_nan() && e0.is_nan()) || (e - e0).abs() <= 1e-5 * e0,
+                            "{cb:?} block {block} cut {cut}: error {e} vs {e0}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn double_quantized_kernels_agree() {
+        let x: Vec<f32> = nasty(CodeBook::Nf4)
+            .into_iter()
+            .filter(|v| v.is_finite() && v.abs() < 1e3)
+            .collect();
+        for cb in BOOKS {
+            let lib = quant::quantize_blockwise(&x, &[x.len()], 64, cb, true).unwrap();
+            let mut errors = Vec::new();
+            for k in kernels() {
+                let q = quantize_with(Values::F32(&x), 64, cb, true, k);
+                assert_eq!(q.packed, lib.packed(), "{k:?} {cb:?}");
+                assert_eq!(q.scales, lib.absmax, "{k:?} {cb:?}");
+                errors.push(q.rel_error);
+            }
+            for e in &errors[1..] {
+                assert!(
+                    (e - errors[0]).abs() <= 1e-5 * errors[0],
+                    "{cb:?}: {errors:?}"
+                );
+            }
+        }
+    }
+
+    /// Every bf16 and f16 bit pattern, read as stored, quantizes as its f32 value does.
+    #[test]
+    fn half_inputs_widen_exactly() {
+        let bits: Vec<u16> = (0..=u16::MAX).collect();
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let bf16: Vec<f32> = bits
+            .iter()
+            .map(|&b| f32::from_bits((b as u32) << 16))
+            .collect();
+        let f16: Vec<f32> = bits.iter().map(|&b| f16_to_f32(b)).collect();
+        for k in kernels() {
+            for cb in [CodeBook::Nf4, CodeBook::Int(3), CodeBook::Int(8)] {
+                for (half, wide) in [(Values::Bf16(&bytes), &bf16), (Values::F16(&bytes), &f16)] {
+                    // Odd lengths too, so the masked tail reads of the half inputs run.
+                    for len in [bits.len(), 1000, 999, 17] {
+                        let a = quantize_with(half.slice(0, len), 64, cb, false, k);
+                        let b = quantize_with(Values::F32(&wide[..len]), 64, cb, false, k);
+                        assert_eq!(a.packed, b.packed, "{k:?} {cb:?} len {len}");
+                        assert_eq!(a.scales, b.scales, "{k:?} {cb:?} len {len}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_widening_spot_checks() {
+        assert_eq!(f16_to_f32(0x3C00), 1.0);
+        assert_eq!(f16_to_f32(0xC000), -2.0);
+        assert_eq!(f16_to_f32(0x7BFF), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x03FF), 1023.0 * 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x0400), 2f32.powi(-14));
+        assert_eq!(f16_to_f32(0x8000).to_bits(), (-0.0f32).to_bits());
+        assert_eq!(f16_to_f32(0x7C00), f32::INFINITY);
+        assert!(f16_to_f32(0x7E00).is_nan());
+    }
+
+    /// The AVX-512 kernel takes every code book of up to 16 codes (the cells of its search
+    /// table fit between their midpoints).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_covers_the_small_code_books() {
+        for cb in BOOKS {
+            let code = cb.values();
+            let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+            let t = avx512::Tables::new(&code, &mids, cb.bits() as usize);
+            assert_eq!(t.is_some(), code.len() <= 16, "{cb:?}");
+        }
     }
 }

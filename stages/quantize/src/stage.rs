@@ -5,7 +5,7 @@
 //! and the output folder inspected before anything is written; files are replaced
 //! atomically and `quantize.json` comes last.
 
-use crate::kernel::{quantize_pack, PackedTensor};
+use crate::kernel::{quantize_values, PackedTensor, Values};
 use crate::layout::{planned_tensors, tail_tensor};
 use crate::loftq::{loftq, LoftqWeight, Quantizer};
 use crate::report::{LoftqReport, QuantizeReport, TensorReport, REPORT_FILE};
@@ -174,8 +174,18 @@ pub fn quantize_folder(
                 let mut errors = (None, None);
                 let q = match s.loftq.as_ref().filter(|l| l.targets_weight(&t.name)) {
                     None => {
-                        let x = src.f32_values(t)?;
-                        quantize_pack(&x, s.block_size, s.format.codebook(), s.double_quant)
+                        // f16 / bf16 straight from the map: the kernel widens them block by
+                        // block, so no f32 copy of the tensor is made.
+                        let f32_copy;
+                        let x = match t.dtype {
+                            Dtype::BF16 => Values::Bf16(src.bytes(t)),
+                            Dtype::F16 => Values::F16(src.bytes(t)),
+                            _ => {
+                                f32_copy = src.f32_values(t)?;
+                                Values::F32(&f32_copy)
+                            }
+                        };
+                        quantize_values(x, s.block_size, s.format.codebook(), s.double_quant)
                     }
                     Some(l) => {
                         if !ready.contains_key(&t.name) {
