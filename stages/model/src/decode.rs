@@ -36,7 +36,8 @@ pub struct SeqCache {
 /// A snapshot of the projection weights for `decode_step` on the CPU in f32: each weight whose
 /// values are all bf16 values (a bf16 checkpoint upcast) is held as bf16, so a step reads half
 /// the bytes for the same products; the others are read from the model as they are. Taken at a
-/// cache's first step: make new caches after changing the model's weights.
+/// batch's first step (or shared with live caches of the same, unchanged weights): make new
+/// caches after changing the model's weights.
 struct SeqWeights {
     /// The model it was taken from (`Llama::lm_head`'s id).
     source: candle_core::TensorId,
@@ -83,16 +84,65 @@ impl SeqWeights {
         })
     }
 
-    /// The snapshot of `model` that one of `caches` holds, or a new one; every cache then
-    /// holds it.
+    /// Whether every weight held is still `model`'s (a live batch's snapshot may predate a
+    /// change of the weights).
+    fn matches(&self, model: &Llama) -> bool {
+        let linears = model.blocks.iter().flat_map(|b| {
+            let (a, m) = (&b.attn, &b.mlp);
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]
+        });
+        let held = self.layers.iter().flatten();
+        let same = |h: &Option<Bf16Rows>, w: Option<&Tensor>| match (h, w) {
+            (None, _) => true,
+            (Some(h), Some(w)) => h.same_as(w).unwrap_or(false),
+            (Some(_), None) => false,
+        };
+        fn dense(l: &Linear) -> Option<&Tensor> {
+            match &l.weight {
+                crate::llama::Weight::Dense(w) => Some(w),
+                _ => None,
+            }
+        }
+        self.layers.len() == model.blocks.len()
+            && held.zip(linears).all(|(h, l)| same(h, dense(l)))
+            && same(&self.lm_head, Some(&model.lm_head))
+    }
+
+    /// The snapshot of `model` that one of `caches` (or another live batch of caches, as
+    /// other decoding workers hold) has, or a new one; every cache then holds it.
     fn shared(model: &Llama, caches: &mut [&mut SeqCache]) -> Result<Arc<Self>> {
+        static LIVE: std::sync::Mutex<Vec<std::sync::Weak<SeqWeights>>> =
+            std::sync::Mutex::new(Vec::new());
         let id = model.lm_head.id();
         let held = caches
             .iter()
             .find_map(|c| c.weights.as_ref().filter(|w| w.source == id).cloned());
         let w = match held {
             Some(w) => w,
-            None => Arc::new(Self::new(model)?),
+            None => {
+                let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+                live.retain(|w| w.strong_count() > 0);
+                match live
+                    .iter()
+                    .filter_map(|w| w.upgrade())
+                    .find(|w| w.source == id && w.matches(model))
+                {
+                    Some(w) => w,
+                    None => {
+                        let w = Arc::new(Self::new(model)?);
+                        live.push(Arc::downgrade(&w));
+                        w
+                    }
+                }
+            }
         };
         for c in caches.iter_mut() {
             c.weights = Some(w.clone());
