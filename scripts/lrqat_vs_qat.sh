@@ -5,7 +5,7 @@
 # each at the learning rates LRS. ppl on ../shared/data/tinystories-valid-64k.txt for every
 # run; the best learning rate of each (bits, activations, method) also on the full
 # ../shared/data/tinystories-valid.txt. Writes benchmarks/lrqat-vs-qat-$MODEL.json.
-#   [MODEL=stories260k|tinystories-656k] [BITS="4 3"] [ACTS="none a8kv4"] [RANK=16] \
+#   [MODEL=stories260k|tinystories-656k] [BITS="4 3"] [ACTS="none a8kv4"] [LORA_RANK=16] \
 #     scripts/lrqat_vs_qat.sh [WORK_DIR] [STEPS] ["LR LR ..."]
 # Rows accumulate in WORK_DIR/rows.jsonl over invocations (a finished run is not retrained),
 # so a grid can be run in parts; the table takes the last row of each setting.
@@ -16,7 +16,9 @@ STEPS=${2:-100}
 LRS=${3:-"1e-3 3e-3"}
 B=${PIPELINE:-target/release/pipeline}
 MODEL=${MODEL:-stories260k}
-RANK=${RANK:-16}
+LORA_RANK=${LORA_RANK:-16}
+# RANK is torchrun's rank variable, which `pipeline train` reads: never pass it down.
+unset RANK
 T=../shared/models/$MODEL
 X=../shared/data/tinystories-valid-64k.txt
 FULL=../shared/data/tinystories-valid.txt
@@ -45,7 +47,7 @@ for bits in ${BITS:-4 3}; do
                 d="$W/train-w$bits-$act-$m-$lr"
                 grep -q "\"dir\": \"$d/student\"" "$out" && continue
                 [ -d "$d/student" ] || "$B" train --teacher $T --corpus "$W/corpus" --out "$d" --config "$W/train.toml" \
-                    --method $m $([ $m = lrqat ] && echo --lora-rank $RANK --lora-alpha $RANK) --w-bits $bits "${aflags[@]}" --steps "$STEPS" --lr "$lr" --log-every 50 >/dev/null 2>"$d.log" || { cat "$d.log"; exit 1; }
+                    --method $m $([ $m = lrqat ] && echo --lora-rank $LORA_RANK --lora-alpha $LORA_RANK) --w-bits $bits "${aflags[@]}" --steps "$STEPS" --lr "$lr" --log-every 50 >/dev/null 2>"$d.log" || { cat "$d.log"; exit 1; }
                 # The qat folder holds f32 masters (quantized on load); the lrqat folder holds its merged grid.
                 eflags=("${aflags[@]}")
                 [ $m = qat ] && eflags+=(--w-bits $bits)
@@ -55,7 +57,7 @@ for bits in ${BITS:-4 3}; do
         done
     done
 done
-python3 - "$out" "$B" "$FULL" "$W" "$STEPS" "$LRS" "$X" "$T" "$MODEL" "$RANK" <<'PY'
+python3 - "$out" "$B" "$FULL" "$W" "$STEPS" "$LRS" "$X" "$T" "$MODEL" "$LORA_RANK" <<'PY'
 import json, subprocess, sys
 rows_path, B, full, W, steps, lrs, x64, teacher, model, rank = sys.argv[1:]
 rows = list({(r["w_bits"], r["act"], r["method"], r["lr"]): r for r in map(json.loads, open(rows_path))}.values())

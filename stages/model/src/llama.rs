@@ -1027,7 +1027,10 @@ impl Llama {
             .backward()?;
         let mut collect = |from: &mut candle_core::backprop::GradStore| -> candle_core::Result<()> {
             for t in keep {
-                if let Some(gt) = from.remove(t) {
+                // Detached: a gradient made from another trainable tensor (B of A's, say)
+                // carries its last op, whose full-size operands would stay alive until the
+                // step ends.
+                if let Some(gt) = from.remove(t).map(|g| g.detach()) {
                     let sum = match grads.get(t) {
                         Some(prev) => (prev + gt)?,
                         None => gt,

@@ -122,6 +122,9 @@ impl CustomOp3 for Quantizer {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: gradients made from the trainable inputs would otherwise carry (and keep
+        // alive) this whole full-size computation for as long as they are kept.
+        let (a, b, m, g) = (&a.detach(), &b.detach(), &m.detach(), &g.detach());
         let (lo, hi) = self.w.bounds();
         let r = quant::round_half_even(&self.w.z(a, b)?)?;
         let q = r.clamp(lo, hi)?;
