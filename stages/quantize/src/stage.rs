@@ -16,12 +16,14 @@ use quant::block_folder::{
     Layout, QuantizeHeader, QuantizeSettings, WeightInfo, HEADER_FILE, LOFTQ_FILE,
 };
 use quant::blockwise::NESTED_BLOCK;
-use quant::safetensors_file::{Dtype, SafetensorsFile};
+use quant::safetensors_file::{Dtype, SafetensorsFile, TensorEntry};
 use quant::BlockScales;
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 /// Where the stage stands, for a progress bar.
@@ -154,174 +156,210 @@ pub fn quantize_folder(
         }
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
-        let mut w = StreamingWriter::create(&out.join(&fname), planned, tails, meta)?;
+        let w = StreamingWriter::create(&out.join(&fname), planned, tails, meta)?;
         // LoftQ results computed ahead, a window of matrices in parallel (one per thread).
         let mut ready: HashMap<String, Result<LoftqWeight>> = HashMap::new();
-        for (i, t) in src.tensors.iter().enumerate() {
-            progress(Progress {
-                tensor: &t.name,
-                tensors_done,
-                tensors_total,
-                bytes_done,
-                bytes_total,
-                loftq_steps_done,
-                loftq_steps_total,
-            });
-            if !s.quantizes(&t.name) {
-                w.write(&t.name, src.bytes(t))?;
-            } else {
-                let t0 = Instant::now();
-                let mut errors = (None, None);
-                let q = match s.loftq.as_ref().filter(|l| l.targets_weight(&t.name)) {
-                    None => {
-                        // f16 / bf16 straight from the map: the kernel widens them block by
-                        // block, so no f32 copy of the tensor is made.
-                        let f32_copy;
-                        let x = match t.dtype {
-                            Dtype::BF16 => Values::Bf16(src.bytes(t)),
-                            Dtype::F16 => Values::F16(src.bytes(t)),
-                            _ => {
-                                f32_copy = src.f32_values(t)?;
-                                Values::F32(&f32_copy)
+        // A writer thread takes the output while the next tensors are quantized.
+        out_bytes += std::thread::scope(|scope| -> Result<u64> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Write>(WRITE_QUEUE);
+            let writer = scope.spawn(move || write_file(w, src, rx));
+            let writer_stopped = &Cell::new(false);
+            let send = move |m| -> Result<()> {
+                tx.send(m).map_err(|_| {
+                    writer_stopped.set(true);
+                    anyhow::anyhow!("the output writer stopped")
+                })
+            };
+            let quantized = (|| -> Result<()> {
+                for (i, t) in src.tensors.iter().enumerate() {
+                    progress(Progress {
+                        tensor: &t.name,
+                        tensors_done,
+                        tensors_total,
+                        bytes_done,
+                        bytes_total,
+                        loftq_steps_done,
+                        loftq_steps_total,
+                    });
+                    if !s.quantizes(&t.name) {
+                        // Written (and its pages dropped) by the writer, straight from the map.
+                        send(Write::Mapped(t))?;
+                    } else {
+                        let t0 = Instant::now();
+                        let mut errors = (None, None);
+                        let q = match s.loftq.as_ref().filter(|l| l.targets_weight(&t.name)) {
+                            None => {
+                                // f16 / bf16 straight from the map: the kernel widens them block by
+                                // block, so no f32 copy of the tensor is made.
+                                let f32_copy;
+                                let x = match t.dtype {
+                                    Dtype::BF16 => Values::Bf16(src.bytes(t)),
+                                    Dtype::F16 => Values::F16(src.bytes(t)),
+                                    _ => {
+                                        f32_copy = src.f32_values(t)?;
+                                        Values::F32(&f32_copy)
+                                    }
+                                };
+                                quantize_values(
+                                    x,
+                                    s.block_size,
+                                    s.format.codebook(),
+                                    s.double_quant,
+                                )
+                            }
+                            Some(l) => {
+                                if !ready.contains_key(&t.name) {
+                                    let window: Vec<_> = src.tensors[i..]
+                                        .iter()
+                                        .filter(|u| {
+                                            s.quantizes(&u.name) && l.targets_weight(&u.name)
+                                        })
+                                        .take(rayon::current_num_threads())
+                                        .collect();
+                                    // The window runs on rayon's threads; this one reports each
+                                    // alternating step as it completes.
+                                    let steps = AtomicUsize::new(0);
+                                    let done: Vec<Result<LoftqWeight>> =
+                                        std::thread::scope(|scope| {
+                                            let work = scope.spawn(|| {
+                                                window
+                                                    .par_iter()
+                                                    .map(|u| {
+                                                        let x = src.f32_values(u)?;
+                                                        let step = || {
+                                                            steps.fetch_add(1, Ordering::Relaxed);
+                                                        };
+                                                        loftq(
+                                                            &x, u.shape[0], u.shape[1], l,
+                                                            &quantizer, &step,
+                                                        )
+                                                        .with_context(|| {
+                                                            format!(
+                                                                "{}: LoftQ of {}",
+                                                                src.path.display(),
+                                                                u.name
+                                                            )
+                                                        })
+                                                    })
+                                                    .collect()
+                                            });
+                                            while !work.is_finished() {
+                                                progress(Progress {
+                                                    tensor: &t.name,
+                                                    tensors_done,
+                                                    tensors_total,
+                                                    bytes_done,
+                                                    bytes_total,
+                                                    loftq_steps_done: loftq_steps_done
+                                                        + steps.load(Ordering::Relaxed),
+                                                    loftq_steps_total,
+                                                });
+                                                std::thread::sleep(
+                                                    std::time::Duration::from_millis(100),
+                                                );
+                                            }
+                                            work.join().expect("a LoftQ worker panicked")
+                                        });
+                                    loftq_steps_done += window.len() * l.iters as usize;
+                                    for (u, r) in window.iter().zip(done) {
+                                        ready.insert(u.name.clone(), r);
+                                    }
+                                    loftq_seconds += t0.elapsed().as_secs_f64();
+                                }
+                                let lw = ready.remove(&t.name).expect("computed above")?;
+                                let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+                                let (rows, cols) = (t.shape[0], t.shape[1]);
+                                adapters.push((
+                                    format!("{module}.lora_A.weight"),
+                                    vec![l.rank, cols],
+                                    lw.a,
+                                ));
+                                adapters.push((
+                                    format!("{module}.lora_B.weight"),
+                                    vec![rows, l.rank],
+                                    lw.b,
+                                ));
+                                errors = (Some(lw.plain_rel_error), Some(lw.loftq_rel_error));
+                                PackedTensor {
+                                    rel_error: lw.rel_error,
+                                    ..lw.q
+                                }
                             }
                         };
-                        quantize_values(x, s.block_size, s.format.codebook(), s.double_quant)
-                    }
-                    Some(l) => {
-                        if !ready.contains_key(&t.name) {
-                            let window: Vec<_> = src.tensors[i..]
-                                .iter()
-                                .filter(|u| s.quantizes(&u.name) && l.targets_weight(&u.name))
-                                .take(rayon::current_num_threads())
-                                .collect();
-                            // The window runs on rayon's threads; this one reports each
-                            // alternating step as it completes.
-                            let steps = AtomicUsize::new(0);
-                            let done: Vec<Result<LoftqWeight>> = std::thread::scope(|scope| {
-                                let work = scope.spawn(|| {
-                                    window
-                                        .par_iter()
-                                        .map(|u| {
-                                            let x = src.f32_values(u)?;
-                                            let step = || {
-                                                steps.fetch_add(1, Ordering::Relaxed);
-                                            };
-                                            loftq(&x, u.shape[0], u.shape[1], l, &quantizer, &step)
-                                                .with_context(|| {
-                                                    format!(
-                                                        "{}: LoftQ of {}",
-                                                        src.path.display(),
-                                                        u.name
-                                                    )
-                                                })
-                                        })
-                                        .collect()
-                                });
-                                while !work.is_finished() {
-                                    progress(Progress {
-                                        tensor: &t.name,
-                                        tensors_done,
-                                        tensors_total,
-                                        bytes_done,
-                                        bytes_total,
-                                        loftq_steps_done: loftq_steps_done
-                                            + steps.load(Ordering::Relaxed),
-                                        loftq_steps_total,
-                                    });
-                                    std::thread::sleep(std::time::Duration::from_millis(100));
-                                }
-                                work.join().expect("a LoftQ worker panicked")
-                            });
-                            loftq_steps_done += window.len() * l.iters as usize;
-                            for (u, r) in window.iter().zip(done) {
-                                ready.insert(u.name.clone(), r);
+                        quantize_seconds += t0.elapsed().as_secs_f64();
+                        quantized_input_bytes += (t.end - t.begin) as u64;
+                        let name = &t.name;
+                        let mut stored = 0usize;
+                        let mut put = |n: String, b: Vec<u8>| -> Result<()> {
+                            stored += b.len();
+                            send(Write::Tensor(n, b))
+                        };
+                        let packed_name = match s.layout {
+                            Layout::Bnb => name.clone(),
+                            Layout::Packed => format!("{name}.qcodes"),
+                        };
+                        put(packed_name, q.packed)?;
+                        put(format!("{name}.quant_map"), code_bytes.clone())?;
+                        let offset = match &q.scales {
+                            BlockScales::F32(a) => {
+                                let b: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+                                put(format!("{name}.absmax"), b)?;
+                                None
                             }
-                            loftq_seconds += t0.elapsed().as_secs_f64();
+                            BlockScales::Double {
+                                q: codes,
+                                nested_absmax,
+                                offset,
+                                nested_block,
+                                ..
+                            } => {
+                                debug_assert_eq!(*nested_block, NESTED_BLOCK);
+                                put(format!("{name}.absmax"), codes.clone())?;
+                                let b: Vec<u8> =
+                                    nested_absmax.iter().flat_map(|v| v.to_le_bytes()).collect();
+                                put(format!("{name}.nested_absmax"), b)?;
+                                put(format!("{name}.nested_quant_map"), nested_code.clone())?;
+                                if s.layout == Layout::Packed {
+                                    put(
+                                        format!("{name}.nested_offset"),
+                                        offset.to_le_bytes().to_vec(),
+                                    )?;
+                                }
+                                Some(*offset)
+                            }
+                        };
+                        if let Some(tail) = tail_tensor(name, s) {
+                            let json = quant_state_json(&t.shape, t.dtype, s.block_size, offset);
+                            stored += json.len();
+                            send(Write::Tail(tail, json.into_bytes()))?;
                         }
-                        let lw = ready.remove(&t.name).expect("computed above")?;
-                        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
-                        let (rows, cols) = (t.shape[0], t.shape[1]);
-                        adapters.push((
-                            format!("{module}.lora_A.weight"),
-                            vec![l.rank, cols],
-                            lw.a,
-                        ));
-                        adapters.push((
-                            format!("{module}.lora_B.weight"),
-                            vec![rows, l.rank],
-                            lw.b,
-                        ));
-                        errors = (Some(lw.plain_rel_error), Some(lw.loftq_rel_error));
-                        PackedTensor {
-                            rel_error: lw.rel_error,
-                            ..lw.q
-                        }
+                        reports.push(TensorReport {
+                            name: name.clone(),
+                            shape: t.shape.clone(),
+                            params: t.numel(),
+                            input_bytes: t.end - t.begin,
+                            stored_bytes: stored,
+                            bits_per_param: stored as f64 * 8.0 / t.numel().max(1) as f64,
+                            rel_error: q.rel_error,
+                            plain_rel_error: errors.0,
+                            loftq_rel_error: errors.1,
+                        });
+                        // The input is quantized: its pages can go.
+                        src.release(t);
                     }
-                };
-                quantize_seconds += t0.elapsed().as_secs_f64();
-                quantized_input_bytes += (t.end - t.begin) as u64;
-                let name = &t.name;
-                let mut stored = 0usize;
-                let mut put = |w: &mut StreamingWriter, n: String, b: &[u8]| -> Result<()> {
-                    stored += b.len();
-                    w.write(&n, b)
-                };
-                match s.layout {
-                    Layout::Bnb => put(&mut w, name.clone(), &q.packed)?,
-                    Layout::Packed => put(&mut w, format!("{name}.qcodes"), &q.packed)?,
+                    tensors_done += 1;
+                    bytes_done += (t.end - t.begin) as u64;
                 }
-                put(&mut w, format!("{name}.quant_map"), &code_bytes)?;
-                let offset = match &q.scales {
-                    BlockScales::F32(a) => {
-                        let b: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
-                        put(&mut w, format!("{name}.absmax"), &b)?;
-                        None
-                    }
-                    BlockScales::Double {
-                        q: codes,
-                        nested_absmax,
-                        offset,
-                        nested_block,
-                        ..
-                    } => {
-                        debug_assert_eq!(*nested_block, NESTED_BLOCK);
-                        put(&mut w, format!("{name}.absmax"), codes)?;
-                        let b: Vec<u8> =
-                            nested_absmax.iter().flat_map(|v| v.to_le_bytes()).collect();
-                        put(&mut w, format!("{name}.nested_absmax"), &b)?;
-                        put(&mut w, format!("{name}.nested_quant_map"), &nested_code)?;
-                        if s.layout == Layout::Packed {
-                            put(
-                                &mut w,
-                                format!("{name}.nested_offset"),
-                                &offset.to_le_bytes(),
-                            )?;
-                        }
-                        Some(*offset)
-                    }
-                };
-                if let Some(tail) = tail_tensor(name, s) {
-                    let json = quant_state_json(&t.shape, t.dtype, s.block_size, offset);
-                    stored += json.len();
-                    w.write_tail(&tail, json.as_bytes())?;
-                }
-                reports.push(TensorReport {
-                    name: name.clone(),
-                    shape: t.shape.clone(),
-                    params: t.numel(),
-                    input_bytes: t.end - t.begin,
-                    stored_bytes: stored,
-                    bits_per_param: stored as f64 * 8.0 / t.numel().max(1) as f64,
-                    rel_error: q.rel_error,
-                    plain_rel_error: errors.0,
-                    loftq_rel_error: errors.1,
-                });
+                send(Write::Finish)
+            })();
+            drop(send);
+            let written = writer.join().expect("the output writer panicked");
+            match quantized {
+                // A failed send only means the writer stopped: its error says why.
+                Err(e) if !writer_stopped.get() => Err(e),
+                _ => written,
             }
-            src.release(t);
-            tensors_done += 1;
-            bytes_done += (t.end - t.begin) as u64;
-        }
-        out_bytes += w.finish()?;
+        })?;
     }
     progress(Progress {
         tensor: "",
@@ -369,6 +407,38 @@ pub fn quantize_folder(
         serde_json::to_string_pretty(&header)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// Output tensors queued for the writer thread (each a tensor's worth of output at most).
+const WRITE_QUEUE: usize = 16;
+
+/// What the stage hands the writer thread.
+enum Write<'a> {
+    /// A planned tensor's bytes.
+    Tensor(String, Vec<u8>),
+    /// An input tensor copied as it is (its pages are dropped once written).
+    Mapped(&'a TensorEntry),
+    /// A quant-state tensor appended after the planned ones.
+    Tail(String, Vec<u8>),
+    /// Everything is written: finish the file. Without it (the stage failed) the
+    /// unfinished file is removed.
+    Finish,
+}
+
+/// The writer thread: writes what comes until `Finish`; returns the file's size.
+fn write_file(mut w: StreamingWriter, src: &SafetensorsFile, rx: Receiver<Write>) -> Result<u64> {
+    for m in rx {
+        match m {
+            Write::Tensor(name, bytes) => w.write(&name, &bytes)?,
+            Write::Mapped(t) => {
+                w.write(&t.name, src.bytes(t))?;
+                src.release(t);
+            }
+            Write::Tail(name, bytes) => w.write_tail(&name, &bytes)?,
+            Write::Finish => return w.finish(),
+        }
+    }
+    bail!("the stage stopped before the output was complete")
 }
 
 /// LoftQ's initial adapters, f32, named `<module>.lora_A.weight` / `.lora_B.weight` (the

@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 /// The largest appended tensor (a bitsandbytes quant state is about 200 bytes of JSON).
 pub const TAIL_MAX: usize = 4096;
 
+/// Bytes written between early flushes of the temp file: the disk writes while the stage
+/// still computes, so the final fsync has little left to wait for.
+const FLUSH_EVERY: usize = 32 << 20;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutTensor {
     pub name: String,
@@ -53,6 +57,8 @@ pub struct StreamingWriter {
     next_tail: usize,
     metadata: BTreeMap<String, String>,
     finished: bool,
+    /// Bytes written since the last flush.
+    unflushed: usize,
 }
 
 impl StreamingWriter {
@@ -114,6 +120,7 @@ impl StreamingWriter {
             next_tail: offset,
             metadata,
             finished: false,
+            unflushed: 0,
         })
     }
 
@@ -140,6 +147,13 @@ impl StreamingWriter {
             .write_all_at(bytes, start + slot.begin as u64)
             .with_context(|| format!("writing {}", self.tmp.display()))?;
         slot.written = true;
+        self.unflushed += bytes.len();
+        if self.unflushed >= FLUSH_EVERY {
+            self.unflushed = 0;
+            self.file
+                .sync_data()
+                .with_context(|| format!("flushing {}", self.tmp.display()))?;
+        }
         Ok(())
     }
 
