@@ -395,11 +395,11 @@ impl Bf16Rows {
             return Ok(None);
         };
         let v = &v[start..end];
-        if v.par_iter().any(|x| x.to_bits() & 0xffff != 0) {
-            return Ok(None);
-        }
-        let bits = v.par_iter().map(|x| (x.to_bits() >> 16) as u16).collect();
-        Ok(Some(Self { bits, n, k }))
+        let bits: Option<Vec<u16>> = v
+            .par_iter()
+            .map(|x| (x.to_bits() & 0xffff == 0).then_some((x.to_bits() >> 16) as u16))
+            .collect();
+        Ok(bits.map(|bits| Self { bits, n, k }))
     }
 
     /// Whether `w` still holds exactly these values.
