@@ -1,7 +1,8 @@
 //! The quantize stage: a Hugging Face model folder in, a quantized folder out. Tensors are
 //! read from the memory-mapped safetensors one at a time, quantized in parallel blocks and
-//! written at their planned place in the output (see [`crate::writer`]), so the resident
-//! memory stays near one tensor whatever the model's size. Every input header is checked
+//! written at their planned place in the output (see [`crate::writer`]) by a writer thread
+//! while the next tensors are quantized, so the resident memory stays near a few tensors
+//! whatever the model's size. Every input header is checked
 //! and the output folder inspected before anything is written; files are replaced
 //! atomically and `quantize.json` comes last.
 
