@@ -10,7 +10,8 @@
 //! QKV, RoPE + cache write + attention, O + residual, RMSNorm + gate/up + SwiGLU, down +
 //! residual), each product reading its weight at close to full memory bandwidth.
 
-use crate::llama::{quant_kv, rms_norm, softmax_last, Attention, Linear, Llama, Rope};
+use crate::block::{decoder_block, BlockPath, KvQuant};
+use crate::llama::{rms_norm, softmax_last, Attention, Linear, Llama, Rope};
 use crate::lowbit::{KvCacheFormat, KvCodes};
 use crate::qconfig::{KvPoint, QuantConfig};
 use crate::rowmatmul::{row_matmul, Bf16Rows};
@@ -280,12 +281,7 @@ impl Llama {
         }
         let cfg = &self.cfg;
         let q = &self.quant;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let rep = nh / nkv;
+        let hd = cfg.head_dim;
         let half = hd / 2;
         let format = caches.first().map_or(KvCacheFormat::Float, |c| c.format);
         if caches.iter().any(|c| c.format != format) {
@@ -293,7 +289,7 @@ impl Llama {
         }
         // A per-token integer cache of the model's own K/V bits stores the trained quantizer's
         // codes: quantize once, into the cache, not also before it.
-        let direct = format.token_bits().is_some() && format.token_bits() == q.kv_bits;
+        let stored = format.token_bits().is_some() && format.token_bits() == q.kv_bits;
         for c in caches.iter() {
             if c.len >= c.capacity {
                 bail!("decode_step: KV cache full ({} tokens)", c.capacity);
@@ -317,68 +313,26 @@ impl Llama {
             .index_select(&pos, 0)?
             .reshape((bsz, 1, half))?
             .to_dtype(self.compute)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut x = self
             .embed_tokens
             .index_select(&ids, 0)?
             .to_dtype(self.compute)?;
+        let kv = KvQuant {
+            q,
+            head_dim: hd,
+            stored,
+        };
+        let mut path = DecodeStep {
+            model: self,
+            weights: &sw,
+            layer: 0,
+            caches: &mut *caches,
+            cos,
+            sin,
+        };
         for (l, blk) in self.blocks.iter().enumerate() {
-            let [wq, wk, wv, wo, wg, wu, wd] = sw.layers[l].each_ref().map(Option::as_ref);
-            let h = rms_norm(&x, &blk.input_layernorm, cfg.rms_norm_eps)?;
-            let eps = cfg.rms_norm_eps;
-            let qs = blk.attn.q_proj.forward_rows_from(&h, q, wq)?;
-            let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
-            let k = blk.attn.k_proj.forward_rows_from(&h, q, wk)?;
-            let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
-            let v = blk.attn.v_proj.forward_rows_from(&h, q, wv)?;
-            let v = if direct { v } else { quant_kv(&v, q, hd)? };
-            if q.kv_point == KvPoint::PreRope {
-                k = quant_kv(&k, q, hd)?;
-            }
-            let qs = Rope::apply(&qs.reshape((bsz, nh, hd))?, &cos, &sin)?;
-            let mut k = Rope::apply(&k.reshape((bsz, nkv, hd))?, &cos, &sin)?;
-            if q.kv_point == KvPoint::PostRope && !direct {
-                k = quant_kv(&k.reshape((bsz, nkv * hd))?, q, hd)?.reshape((bsz, nkv, hd))?;
-            }
-            let v = v.reshape((bsz, nkv, hd))?;
-            let attend = |(i, c): (usize, &mut &mut SeqCache)| -> Result<Tensor> {
-                let n = c.len;
-                if let Some(codes) = c.codes.get_mut(l) {
-                    // Low-bit cache: store this token's codes, attend from the codes.
-                    let row = |t: &Tensor| t.get(i)?.flatten_all()?.to_vec1::<f32>();
-                    codes.write(n, &row(&k)?, &row(&v)?);
-                    let y = codes.attend(&row(&qs)?, n + 1, nh, nkv, hd, scale as f32);
-                    return Tensor::from_vec(y, (1, nh * hd), &self.device);
-                }
-                c.k[l].slice_set(&k.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
-                c.v[l].slice_set(&v.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
-                let kc = c.k[l].narrow(1, 0, n + 1)?;
-                let vc = c.v[l].narrow(1, 0, n + 1)?;
-                let qi = qs.get(i)?.reshape((nkv, rep, hd))?;
-                let att = attention_probs(&(qi.matmul(&kc.t()?)? * scale)?)?;
-                att.matmul(&vc)?.reshape((1, nh * hd))
-            };
-            // On the CPU these small ops run on one thread each: the sequences go in parallel
-            // (each writes only its own cache).
-            let ys = if self.device.is_cpu() && bsz > 1 {
-                caches
-                    .par_iter_mut()
-                    .enumerate()
-                    .map(attend)
-                    .collect::<Result<Vec<_>>>()?
-            } else {
-                caches
-                    .iter_mut()
-                    .enumerate()
-                    .map(attend)
-                    .collect::<Result<Vec<_>>>()?
-            };
-            let y = Tensor::cat(&ys, 0)?;
-            x = (x + blk.attn.o_proj.forward_rows_from(&y, q, wo)?)?;
-            let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-            let g = blk.mlp.gate_proj.forward_rows_from(&h, q, wg)?.silu()?;
-            let u = blk.mlp.up_proj.forward_rows_from(&h, q, wu)?;
-            x = (x + blk.mlp.down_proj.forward_rows_from(&(g * u)?, q, wd)?)?;
+            path.layer = l;
+            x = decoder_block(blk, l, &x, cfg.rms_norm_eps, &kv, &mut path)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
@@ -388,6 +342,76 @@ impl Llama {
             Some(w) => w.matmul(&x),
             None => row_matmul(&x, &self.lm_head.to_dtype(self.compute)?)?.to_dtype(DType::F32),
         }
+    }
+}
+
+/// The per-sequence decoding path of `block::decoder_block`: one token per row [B, ..], each
+/// row attending over its own `SeqCache`.
+struct DecodeStep<'a, 'c> {
+    model: &'a Llama,
+    weights: &'a SeqWeights,
+    layer: usize,
+    caches: &'a mut [&'c mut SeqCache],
+    /// RoPE tables at each sequence's position, [B, 1, head_dim / 2].
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl BlockPath for DecodeStep<'_, '_> {
+    fn project(&self, lin: &Linear, which: usize, x: &Tensor) -> Result<Tensor> {
+        let w = self.weights.layers[self.layer][which].as_ref();
+        lin.forward_rows_from(x, &self.model.quant, w)
+    }
+
+    fn rope(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let hd = self.model.cfg.head_dim;
+        Rope::apply(&x.reshape((x.dim(0)?, heads, hd))?, &self.cos, &self.sin)
+    }
+
+    fn per_token(&self, k: &Tensor, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let (b, nkv, hd) = k.dims3()?;
+        f(&k.reshape((b, nkv * hd))?)?.reshape((b, nkv, hd))
+    }
+
+    fn attend(&mut self, l: usize, qs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (bsz, nh, hd) = qs.dims3()?;
+        let nkv = k.dim(1)?;
+        let v = v.reshape((bsz, nkv, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let device = &self.model.device;
+        let attend = |(i, c): (usize, &mut &mut SeqCache)| -> Result<Tensor> {
+            let n = c.len;
+            if let Some(codes) = c.codes.get_mut(l) {
+                // Low-bit cache: store this token's codes, attend from the codes.
+                let row = |t: &Tensor| t.get(i)?.flatten_all()?.to_vec1::<f32>();
+                codes.write(n, &row(k)?, &row(&v)?);
+                let y = codes.attend(&row(qs)?, n + 1, nh, nkv, hd, scale as f32);
+                return Tensor::from_vec(y, (1, nh * hd), device);
+            }
+            c.k[l].slice_set(&k.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
+            c.v[l].slice_set(&v.get(i)?.reshape((nkv, 1, hd))?.contiguous()?, 1, n)?;
+            let kc = c.k[l].narrow(1, 0, n + 1)?;
+            let vc = c.v[l].narrow(1, 0, n + 1)?;
+            let qi = qs.get(i)?.reshape((nkv, nh / nkv, hd))?;
+            let att = attention_probs(&(qi.matmul(&kc.t()?)? * scale)?)?;
+            att.matmul(&vc)?.reshape((1, nh * hd))
+        };
+        // On the CPU these small ops run on one thread each: the sequences go in parallel
+        // (each writes only its own cache).
+        let ys = if device.is_cpu() && bsz > 1 {
+            self.caches
+                .par_iter_mut()
+                .enumerate()
+                .map(attend)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            self.caches
+                .iter_mut()
+                .enumerate()
+                .map(attend)
+                .collect::<Result<Vec<_>>>()?
+        };
+        Tensor::cat(&ys, 0)
     }
 }
 
@@ -1006,14 +1030,17 @@ impl AttentionOps {
         let qs = Attention::norm_heads(&qkv.narrow(1, 0, qd)?, lw.q_norm.as_ref(), hd, self.eps)?;
         let mut k =
             Attention::norm_heads(&qkv.narrow(1, qd, kvd)?, lw.k_norm.as_ref(), hd, self.eps)?;
-        let v = quant_kv(&qkv.narrow(1, qd + kvd, kvd)?, q, hd)?;
-        if q.kv_point == KvPoint::PreRope {
-            k = quant_kv(&k, q, hd)?;
-        }
+        let kv = KvQuant {
+            q,
+            head_dim: hd,
+            stored: false,
+        };
+        let v = kv.value(&qkv.narrow(1, qd + kvd, kvd)?)?;
+        k = kv.key_before_rope(k)?;
         let qs = rope(&qs.reshape((s, nh, hd))?, &self.cos, &self.sin)?;
         let mut k = rope(&k.reshape((s, nkv, hd))?, &self.cos, &self.sin)?;
-        if q.kv_point == KvPoint::PostRope {
-            k = quant_kv(&k.reshape((s, nkv * hd))?, q, hd)?;
+        if kv.after_rope() {
+            k = kv.key_after_rope(&k.reshape((s, nkv * hd))?)?;
         }
         let flat = (s * nkv * cap, hd);
         kc.reshape(flat)?.scatter_set(

@@ -5,6 +5,7 @@
 //! a per-sequence KV cache (generation). No training code lives here.
 
 pub mod attention_softmax;
+mod block;
 pub mod causal_attention;
 pub mod compressed;
 pub mod compute;

@@ -1,6 +1,7 @@
 //! The Llama-family decoder: embeddings, `num_hidden_layers` blocks of (RMSNorm, GQA attention
 //! with RoPE, RMSNorm, SwiGLU MLP), final norm and LM head. `forward` is the full-sequence,
-//! differentiable pass; `decode.rs` adds the incremental pass over a KV cache.
+//! differentiable pass; `decode.rs` adds the incremental pass over a KV cache. Both run the one
+//! decoder block of `block.rs` (the fused GPU paths aside), where the quantization points are.
 //! Quantization enters only through `QuantConfig`, applied in `Linear::forward` and `quant_kv`.
 
 use crate::attention_softmax::causal_softmax;
@@ -878,27 +879,9 @@ impl Llama {
         s: &Sequence,
         probe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
-        let (b, t) = (s.b, s.t);
         let cfg = &self.cfg;
         let q = &self.quant;
         let blk = &self.blocks[layer];
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let rep = nh / nkv;
-        // A projection's output [b, t, heads * hd] -> rotated [b, heads, t, hd]; while training on
-        // a GPU one differentiable kernel does the transpose and the rotation.
-        let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            let x = x.reshape((b, t, heads, hd))?;
-            if crate::fused_ops::available(&x) && x.track_op() {
-                crate::fused_ops::rope_transposed(&x, &s.cos32, &s.sin32)
-            } else {
-                Rope::apply(&x.transpose(1, 2)?, &s.cos, &s.sin)
-            }
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
         let sinks = self.grad_sinks.as_deref().filter(|s| !s.by_name.is_empty());
         let fused_blocks = crate::fused_block::supported(x, cfg, q, sinks)
             && self.blocks.iter().all(Block::is_dense);
@@ -915,50 +898,17 @@ impl Llama {
                 (&s.cos32, &s.sin32),
             );
         }
-        let h = rms_norm(x, &blk.input_layernorm, cfg.rms_norm_eps)?;
-        let eps = cfg.rms_norm_eps;
-        let qs = blk.attn.q_proj.forward(&h, q)?;
-        let qs = Attention::norm_heads(&qs, blk.attn.q_norm.as_ref(), hd, eps)?;
-        let k = blk.attn.k_proj.forward(&h, q)?;
-        let mut k = Attention::norm_heads(&k, blk.attn.k_norm.as_ref(), hd, eps)?;
-        let v = quant_kv(&blk.attn.v_proj.forward(&h, q)?, q, hd)?;
-        if q.kv_point == crate::qconfig::KvPoint::PreRope {
-            k = quant_kv(&k, q, hd)?;
-        }
-        let qs = rope(&qs, nh)?;
-        let mut k = rope(&k, nkv)?;
-        if q.kv_point == crate::qconfig::KvPoint::PostRope && q.kv_bits.is_some() {
-            let flat = k.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
-            k = quant_kv(&flat, q, hd)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-        }
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        probe(layer, &k, &v)?;
-        // Group the `rep` query heads that share one KV head: [b, nkv, rep * t, hd].
-        let qg = qs.reshape((b, nkv, rep * t, hd))?;
-        let y = if self.fused_attention && crate::causal_attention::supported(&qg) {
-            crate::causal_attention::causal_attention(&qg, &k, &v, t, scale)?
-        } else {
-            causal_softmax(&qg.matmul(&k.contiguous()?.t()?)?, t, scale)?.matmul(&v)?
+        let kv = crate::block::KvQuant {
+            q,
+            head_dim: cfg.head_dim,
+            stored: false,
         };
-        let y = y
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        let x = (x + blk.attn.o_proj.forward(&y, q)?)?;
-        let h = rms_norm(&x, &blk.post_attention_layernorm, cfg.rms_norm_eps)?;
-        let g = blk.mlp.gate_proj.forward(&h, q)?;
-        let u = blk.mlp.up_proj.forward(&h, q)?;
-        // The fused kernel also serves the frozen teacher in bf16/f16 (one launch instead of
-        // two); f32 keeps the tensor ops the evaluation references were checked against.
-        let fused = g.track_op() || u.track_op() || g.dtype() != DType::F32;
-        let gu = if crate::fused_ops::available(&g) && fused {
-            crate::fused_ops::swiglu(&g, &u)?
-        } else {
-            (g.silu()? * u)?
+        let mut path = FullSequence {
+            model: self,
+            s,
+            probe,
         };
-        x + blk.mlp.down_proj.forward(&gu, q)?
+        crate::block::decoder_block(blk, layer, x, cfg.rms_norm_eps, &kv, &mut path)
     }
 
     /// Final norm and LM head: logits [b, t, vocab] in f32.
@@ -1065,5 +1015,77 @@ impl Llama {
     /// The dtype the weights are stored in.
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+}
+
+/// The full-sequence path of `block::decoder_block`: x [b, t, hidden], heads as [b, heads, t,
+/// head_dim] after RoPE, causal attention over the sequence itself.
+struct FullSequence<'a> {
+    model: &'a Llama,
+    s: &'a Sequence,
+    probe: &'a mut dyn FnMut(usize, &Tensor, &Tensor) -> candle_core::Result<()>,
+}
+
+impl crate::block::BlockPath for FullSequence<'_> {
+    fn project(&self, lin: &Linear, _: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        lin.forward(x, &self.model.quant)
+    }
+
+    fn rope(&self, x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+        let (s, hd) = (self.s, self.model.cfg.head_dim);
+        let x = x.reshape((s.b, s.t, heads, hd))?;
+        // While training on a GPU one differentiable kernel does the transpose and rotation.
+        if crate::fused_ops::available(&x) && x.track_op() {
+            crate::fused_ops::rope_transposed(&x, &s.cos32, &s.sin32)
+        } else {
+            Rope::apply(&x.transpose(1, 2)?, &s.cos, &s.sin)
+        }
+    }
+
+    fn per_token(
+        &self,
+        k: &Tensor,
+        f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = (self.s.b, self.s.t);
+        let (nkv, hd) = (k.dim(1)?, k.dim(3)?);
+        f(&k.transpose(1, 2)?.reshape((b, t, nkv * hd))?)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        qs: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = (self.s.b, self.s.t);
+        let (nh, nkv, hd) = (qs.dim(1)?, k.dim(1)?, k.dim(3)?);
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        (self.probe)(layer, k, &v)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Group the query heads that share one KV head: [b, nkv, rep * t, hd].
+        let qg = qs.reshape((b, nkv, nh / nkv * t, hd))?;
+        let y = if self.model.fused_attention && crate::causal_attention::supported(&qg) {
+            crate::causal_attention::causal_attention(&qg, k, &v, t, scale)?
+        } else {
+            causal_softmax(&qg.matmul(&k.contiguous()?.t()?)?, t, scale)?.matmul(&v)?
+        };
+        y.reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))
+    }
+
+    fn swiglu(&self, g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+        // The fused kernel also serves the frozen teacher in bf16/f16 (one launch instead of
+        // two); f32 keeps the tensor ops the evaluation references were checked against.
+        let fused = g.track_op() || u.track_op() || g.dtype() != DType::F32;
+        if crate::fused_ops::available(g) && fused {
+            crate::fused_ops::swiglu(g, u)
+        } else {
+            g.silu()? * u
+        }
     }
 }
