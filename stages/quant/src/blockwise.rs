@@ -3,9 +3,11 @@
 //! for x / absmax, optional double quantization of the absmax values with bitsandbytes'
 //! dynamic 8-bit code.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
-use crate::codebook::{dynamic8, CodeBook};
+use crate::codebook::{dynamic8, CodeBook, DYNAMIC8_CODE};
 use crate::QuantError;
 
 /// Block size of the double quantization (one f32 absmax per 256 block scales).
@@ -125,33 +127,41 @@ pub fn quantize_blockwise(
 /// torch sums f32), then quantize them in blocks of 256 with the dynamic 8-bit code.
 pub fn double_quantize(absmax: &[f32]) -> BlockScales {
     let offset = torch_sum_f32(absmax) / absmax.len() as f32;
-    let centered: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-    let code = dynamic8();
-    let lut = build_quantize_lut(&code);
-    let mut q = vec![0u8; centered.len()];
+    let lut = dynamic8_lut();
+    let mut q = vec![0u8; absmax.len()];
     let nested_absmax: Vec<f32> = q
         .par_chunks_mut(NESTED_BLOCK)
-        .zip(centered.par_chunks(NESTED_BLOCK))
-        .map(|(out, x)| bnb_quantize_block(x, out, &lut))
+        .zip(absmax.par_chunks(NESTED_BLOCK))
+        // At least 32 blocks (8192 values, some microseconds) a task: a tensor of fewer
+        // runs on the calling thread, without handing work to rayon.
+        .with_min_len(32)
+        .map(|(out, x)| bnb_quantize_block(x, offset, out, lut))
         .collect();
     BlockScales::Double {
         q,
         nested_absmax,
         nested_block: NESTED_BLOCK,
         offset,
-        code,
+        code: dynamic8(),
     }
 }
 
 /// Number of bins of bitsandbytes' 8-bit quantization lookup table.
 const LUT_SIZE: usize = 65536;
 
+/// The lookup table of the dynamic 8-bit code ([`DYNAMIC8_CODE`], a constant), built on
+/// first use and shared by every later call.
+fn dynamic8_lut() -> &'static [u8; LUT_SIZE] {
+    static LUT: OnceLock<Box<[u8; LUT_SIZE]>> = OnceLock::new();
+    LUT.get_or_init(|| build_quantize_lut(&DYNAMIC8_CODE))
+}
+
 /// bitsandbytes' 8-bit lookup table (`build_quantize_lut` in csrc/cpu_ops.cpp): bin i stands
 /// for the f32 value -1 + 2i / 65535 and holds the first code whose f32 midpoint with its
 /// upper neighbour is not below that value.
-fn build_quantize_lut(code: &[f32]) -> Vec<u8> {
+fn build_quantize_lut(code: &[f32]) -> Box<[u8; LUT_SIZE]> {
     let mids: Vec<f32> = code.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
-    let mut lut = vec![0u8; LUT_SIZE];
+    let mut lut = Box::new([0u8; LUT_SIZE]);
     let mut c = 0usize;
     for (i, slot) in lut.iter_mut().enumerate() {
         let val = -1.0f32 + (2.0f32 * i as f32) / (LUT_SIZE - 1) as f32;
@@ -168,18 +178,33 @@ fn build_quantize_lut(code: &[f32]) -> Vec<u8> {
 /// mapped to a bin of the lookup table by truncating ((v + 1) * 0.5) * 65535 + 0.5, and the
 /// bin's code is taken. The 1/65535 resolution of the bins is why a few values get the
 /// farther of two neighbouring codes. Returns the block's absmax (an all-zero block gets
-/// code index 0, as in bitsandbytes).
-fn bnb_quantize_block(x: &[f32], out: &mut [u8], lut: &[u8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// code index 0, as in bitsandbytes). The block's values are `x - offset`, centred here
+/// rather than in a copy.
+fn bnb_quantize_block(x: &[f32], offset: f32, out: &mut [u8], lut: &[u8; LUT_SIZE]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max((v - offset).abs()));
     if amax == 0.0 {
         out.fill(0);
         return amax;
     }
     let inv = 1.0f32 / amax;
-    for (o, &v) in out.iter_mut().zip(x) {
-        let v = (v * inv).clamp(-1.0, 1.0);
-        let bin = ((v + 1.0) * 0.5 * (LUT_SIZE - 1) as f32 + 0.5) as usize;
-        *o = lut[bin.min(LUT_SIZE - 1)];
+    // The bins first (a loop the compiler vectorizes), then the table look-ups. max/min
+    // clamp to [-1, 1] as `clamp` does, and take NaN to -1, whose bin 0 is the one a NaN
+    // gets in bitsandbytes' truncation; so the bin is the truncation of a value in
+    // [0.5, 65535.5], and the mask changes nothing.
+    let mut bins = [0u32; NESTED_BLOCK];
+    for (out, x) in out.chunks_mut(NESTED_BLOCK).zip(x.chunks(NESTED_BLOCK)) {
+        let bins = &mut bins[..x.len()];
+        for (b, &v) in bins.iter_mut().zip(x) {
+            // Not `clamp`, which keeps NaN.
+            #[allow(clippy::manual_clamp)]
+            let v = ((v - offset) * inv).max(-1.0).min(1.0);
+            let f = (v + 1.0) * 0.5 * (LUT_SIZE - 1) as f32 + 0.5;
+            // SAFETY: f is finite and in [0.5, 65535.5] (above), so it fits an i32.
+            *b = unsafe { f.to_int_unchecked::<i32>() } as u32;
+        }
+        for (o, &b) in out.iter_mut().zip(bins.iter()) {
+            *o = lut[b as usize & (LUT_SIZE - 1)];
+        }
     }
     amax
 }
@@ -192,10 +217,10 @@ fn torch_sum_f32(x: &[f32]) -> f32 {
     const LANES: usize = 8;
     let n = x.len();
     if n < LANES {
-        return row_sum(x, 1, n)[0];
+        return row_sum::<1>(x, n)[0];
     }
     let n_vec = n / LANES;
-    let lanes = row_sum(x, LANES, n_vec);
+    let lanes = row_sum::<LANES>(x, n_vec);
     let mut acc = 0f32;
     for v in &x[n_vec * LANES..] {
         acc += v;
@@ -206,24 +231,26 @@ fn torch_sum_f32(x: &[f32]) -> f32 {
     acc
 }
 
-/// `row_sum` of SumKernel.cpp over `count` vectors of `w` lanes (vector i = x[i*w..(i+1)*w]).
-fn row_sum(x: &[f32], w: usize, count: usize) -> Vec<f32> {
-    const ILP: usize = 4;
+/// Number of interleaved accumulators of SumKernel.cpp's `row_sum`.
+const ILP: usize = 4;
+
+/// `row_sum` of SumKernel.cpp over `count` vectors of `W` lanes (vector i = x[i*W..(i+1)*W]).
+fn row_sum<const W: usize>(x: &[f32], count: usize) -> [f32; W] {
     let size = count / ILP;
-    let mut partial = multi_row_sum(x, w, ILP, size);
+    let partial = multi_row_sum::<W>(x, size);
+    let mut first = partial[0];
     for i in size * ILP..count {
-        add_lanes(&mut partial[0], &x[i * w..(i + 1) * w]);
+        add_lanes(&mut first, lanes(x, i));
     }
-    let (first, rest) = partial.split_at_mut(1);
-    for p in rest.iter() {
-        add_lanes(&mut first[0], p);
+    for p in &partial[1..] {
+        add_lanes(&mut first, p);
     }
-    first[0].clone()
+    first
 }
 
-/// `multi_row_sum` of SumKernel.cpp: `nrows` interleaved accumulators, each a cascade of 4
+/// `multi_row_sum` of SumKernel.cpp: `ILP` interleaved accumulators, each a cascade of 4
 /// levels that flushes every 2^level_power rows.
-fn multi_row_sum(x: &[f32], w: usize, nrows: usize, size: usize) -> Vec<Vec<f32>> {
+fn multi_row_sum<const W: usize>(x: &[f32], size: usize) -> [[f32; W]; ILP] {
     const LEVELS: usize = 4;
     let ceil_log2 = if size <= 2 {
         1
@@ -233,23 +260,21 @@ fn multi_row_sum(x: &[f32], w: usize, nrows: usize, size: usize) -> Vec<Vec<f32>
     let level_power = (ceil_log2 / LEVELS).max(4);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
-    let mut acc = vec![vec![vec![0f32; w]; nrows]; LEVELS];
-    let elem = |i: usize, k: usize| {
-        let s = (i * nrows + k) * w;
-        &x[s..s + w]
-    };
+    let mut acc = [[[0f32; W]; ILP]; LEVELS];
     let mut i = 0;
     while i + level_step <= size {
         for _ in 0..level_step {
             for (k, a) in acc[0].iter_mut().enumerate() {
-                add_lanes(a, elem(i, k));
+                add_lanes(a, lanes(x, i * ILP + k));
             }
             i += 1;
         }
         for j in 1..LEVELS {
-            let lower = std::mem::replace(&mut acc[j - 1], vec![vec![0f32; w]; nrows]);
-            for (a, l) in acc[j].iter_mut().zip(&lower) {
+            // Level j - 1 flushes into level j and restarts from zero.
+            let (lower, upper) = acc.split_at_mut(j);
+            for (a, l) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
                 add_lanes(a, l);
+                *l = [0f32; W];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -258,12 +283,12 @@ fn multi_row_sum(x: &[f32], w: usize, nrows: usize, size: usize) -> Vec<Vec<f32>
     }
     while i < size {
         for (k, a) in acc[0].iter_mut().enumerate() {
-            add_lanes(a, elem(i, k));
+            add_lanes(a, lanes(x, i * ILP + k));
         }
         i += 1;
     }
-    let mut out = std::mem::take(&mut acc[0]);
-    for level in acc.iter().skip(1) {
+    let mut out = acc[0];
+    for level in &acc[1..] {
         for (o, l) in out.iter_mut().zip(level) {
             add_lanes(o, l);
         }
@@ -271,7 +296,12 @@ fn multi_row_sum(x: &[f32], w: usize, nrows: usize, size: usize) -> Vec<Vec<f32>
     out
 }
 
-fn add_lanes(acc: &mut [f32], v: &[f32]) {
+/// Vector i of `W` lanes: x[i*W..(i+1)*W].
+fn lanes<const W: usize>(x: &[f32], i: usize) -> &[f32; W] {
+    x[i * W..(i + 1) * W].try_into().unwrap()
+}
+
+fn add_lanes<const W: usize>(acc: &mut [f32; W], v: &[f32; W]) {
     for (a, b) in acc.iter_mut().zip(v) {
         *a += b;
     }
@@ -395,6 +425,55 @@ pub fn dequantize_packed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_lut_is_the_dynamic8_lut_built_once() {
+        let a = dynamic8_lut();
+        assert_eq!(a, &*build_quantize_lut(&dynamic8()));
+        assert!(std::ptr::eq(a, dynamic8_lut()));
+    }
+
+    #[test]
+    fn block_bins_match_the_scalar_formula() {
+        // bitsandbytes' scalar steps, NaN and infinities included.
+        let reference = |x: &[f32], offset: f32, lut: &[u8; LUT_SIZE]| -> Vec<u8> {
+            let amax = x.iter().fold(0f32, |m, v| m.max((v - offset).abs()));
+            if amax == 0.0 {
+                return vec![0; x.len()];
+            }
+            let inv = 1.0f32 / amax;
+            x.iter()
+                .map(|&v| {
+                    let v = ((v - offset) * inv).clamp(-1.0, 1.0);
+                    let bin = ((v + 1.0) * 0.5 * (LUT_SIZE - 1) as f32 + 0.5) as usize;
+                    lut[bin.min(LUT_SIZE - 1)]
+                })
+                .collect()
+        };
+        let lut = dynamic8_lut();
+        let mut x: Vec<f32> = (0..700)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        x.extend([f32::NAN, -0.0, 0.0, 1.0, -1.0, 1e-7, -1e-7]);
+        let mut with_inf = x.clone();
+        with_inf.push(f32::INFINITY);
+        for (x, offset) in [
+            (&x, 0.0),
+            (&x, 0.3),
+            (&with_inf, 0.0),
+            (&vec![f32::NAN; 5], 0.0),
+        ] {
+            let mut got = vec![0u8; x.len()];
+            for (o, c) in got.chunks_mut(NESTED_BLOCK).zip(x.chunks(NESTED_BLOCK)) {
+                bnb_quantize_block(c, offset, o, lut);
+            }
+            let want: Vec<u8> = x
+                .chunks(NESTED_BLOCK)
+                .flat_map(|c| reference(c, offset, lut))
+                .collect();
+            assert_eq!(got, want, "offset {offset}");
+        }
+    }
 
     #[test]
     fn dequantize_packed_equals_dequantize() {
