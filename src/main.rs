@@ -71,7 +71,17 @@ enum Command {
     },
 }
 
+/// How long an idle worker of candle's CPU thread pool spins before it sleeps, unless the user
+/// sets it. candle's default (25,000 spins after every parallel elementwise op) keeps a third
+/// thread busy beside rayon's two on a 2-core machine: QAT training at the 135M shape ran 13%
+/// slower with it (benchmarks/cpu-vs-pytorch.json, issue 22).
+const CANDLE_SPIN_LIMIT: &str = "64";
+
 fn main() {
+    // Before any candle op starts the pool, which reads the variable once.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(a) => eval_cmd::run(a),
