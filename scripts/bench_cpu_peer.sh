@@ -29,6 +29,22 @@ echo "PyTorch side ..." >&2
 python3 benchmarks/cpu_peer.py --model "$M" --text "$TEXT" --eval-tokens "$EVAL_TOKENS" \
   --train-steps $((TRAIN_STEPS - 1)) >"$W/pytorch.json"
 
+# The machine's ceiling for matrix products: PyTorch's f32 GEMM at 2 threads on square
+# matrices (what either side could reach if nothing but products ran).
+python3 - >"$W/gemm.json" <<'PY'
+import json, time, torch
+torch.set_num_threads(2)
+best = 0.0
+for n in (1024, 2048):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    best = max(best, 2 * n**3 * 5 / (time.perf_counter() - t) / 1e9)
+print(json.dumps({"sgemm_gflop_per_s": best}))
+PY
+
 echo "pipeline side ..." >&2
 rm -rf "$W/gen-b1" "$W/gen-b16" "$W/train" "$W/nf4"
 "$BIN" generate --teacher "$M" --out "$W/gen-b1" --samples 1 --max-tokens 65 --json >"$W/gen-b1.json"
@@ -40,6 +56,13 @@ rm -rf "$W/gen-b1" "$W/gen-b16" "$W/train" "$W/nf4"
   --w-bits 4 --a-bits 8 --kv-bits 4 --batch 2 --seq-len 128 --steps "$TRAIN_STEPS" --log-every 1 \
   --checkpoint-every "$TRAIN_STEPS" >/dev/null 2>"$W/train.err"
 cp "$W/train/train_log.jsonl" "$W/train_log.jsonl"
+# The same training with each decoder block recomputed in the backward pass (the issue allows
+# it for memory): its peak RSS and tokens/s are reported beside the plain run's.
+rm -rf "$W/train"
+/usr/bin/time -v -o "$W/train-ckpt.time" "$BIN" train --teacher "$M" --corpus "$W/gen-b16" --out "$W/train" \
+  --w-bits 4 --a-bits 8 --kv-bits 4 --batch 2 --seq-len 128 --steps "$TRAIN_STEPS" --log-every 1 \
+  --checkpoint-every "$TRAIN_STEPS" --checkpoint-activations >/dev/null 2>"$W/train-ckpt.err"
+cp "$W/train/train_log.jsonl" "$W/train_log_ckpt.jsonl"
 "$BIN" quantize --model "$M" --out "$W/nf4" --format nf4 --double-quant --json >"$W/nf4.json"
 "$BIN" bench-memcpy --mib 512 >"$W/memcpy.json"
 rm -rf "$W/train" "$W/nf4"
@@ -50,16 +73,24 @@ w, out, load, eval_tokens, args = sys.argv[1], sys.argv[2], float(sys.argv[3]), 
 rd = lambda n: json.load(open(os.path.join(w, n)))
 pt = rd("pytorch.json")
 g1, g16, ev, nf4, memcpy = rd("gen-b1.json"), rd("gen-b16.json"), rd("eval.json"), rd("nf4.json"), rd("memcpy.json")
-log = [json.loads(l) for l in open(os.path.join(w, "train_log.jsonl"))]
-timed = log[1:]  # the first step is the warmup, as on the PyTorch side
 tokens_per_step = 2 * 128
-train_tps = len(timed) * tokens_per_step / sum(tokens_per_step / l["tokens_per_second"] for l in timed)
-rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(os.path.join(w, "train.time")).read()).group(1))
+
+def train_run(log_name, time_name):
+    log = [json.loads(l) for l in open(os.path.join(w, log_name))]
+    timed = log[1:]  # the first step is the warmup, as on the PyTorch side
+    tps = len(timed) * tokens_per_step / sum(tokens_per_step / l["tokens_per_second"] for l in timed)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(os.path.join(w, time_name)).read()).group(1))
+    return log, tps, rss
+
+log, train_tps, rss_kib = train_run("train_log.jsonl", "train.time")
+log_ckpt, train_tps_ckpt, rss_kib_ckpt = train_run("train_log_ckpt.jsonl", "train-ckpt.time")
 
 def gen(v, samples):
     new = v["tokens_made"] - samples  # the first token of each sample is the prompt, not decoded
-    return {"new_tokens": new, "seconds": v["seconds"], "tokens_per_second": new / v["seconds"],
-            "tool_tokens_per_second": v["tokens_per_second"]}
+    # Model load excluded, as on the PyTorch side (decoding and the shard write remain).
+    secs = v["seconds"] - v["load_seconds"]
+    return {"new_tokens": new, "seconds": secs, "load_seconds": v["load_seconds"],
+            "tokens_per_second": new / secs, "tool_tokens_per_second": v["tokens_per_second"]}
 
 def row(work, unit, p, q, goal, better="higher"):
     return {"work": work, "unit": unit, "pytorch": p, "project": q, "ratio": q / p, "goal": goal, "better": better}
@@ -72,6 +103,10 @@ rows = [
         pt["generate"]["generate"]["batch16"]["tokens_per_second"], gen(g16, 16)["tokens_per_second"], ">= 2x"),
     row("QAT W4A8KV4 + teacher online, batch 2 x 128", "tok/s", p_train["tokens_per_second"], train_tps, ">= 1.5x"),
     row("same, peak RSS", "GB", p_train["peak_rss_bytes"] / 1e9, rss_kib * 1024 / 1e9, "<= 0.6x", "lower"),
+    row("same with --checkpoint-activations (project only; PyTorch keeps activations)", "tok/s",
+        p_train["tokens_per_second"], train_tps_ckpt, ">= 1.5x"),
+    row("same with --checkpoint-activations, peak RSS", "GB", p_train["peak_rss_bytes"] / 1e9,
+        rss_kib_ckpt * 1024 / 1e9, "<= 0.6x", "lower"),
     row(f"eval fp, ctx 512, 4 windows at a time (first {eval_tokens} ids of the 64k text)", "tok/s",
         pt["eval"]["eval"]["tokens_per_second"], ev["tokens_per_second"], ">= 1.5x"),
 ]
@@ -83,16 +118,28 @@ if pt["nf4"].get("nf4"):
     r["project_share_of_memcpy"] = nf4["end_to_end_gb_per_s"] / memcpy["all_threads_gb_per_s"]
     rows.append(r)
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
+flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+simd = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
+# Work in floating-point operations, for the share of the machine each side reaches: a matrix
+# product of n weights costs 2 n flops per token forward and 4 n backward (attention at these
+# lengths adds under 3%). Training: teacher forward + student forward and backward = 8 n (a
+# recomputed forward is not counted: this is the useful work).
+n_matmul = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 49152 * 576
+for r in rows:
+    per_token = {"tok/s": 8 * n_matmul if r["work"].startswith(("QAT", "same with --checkpoint-activations (")) else 2 * n_matmul}
+    if r["unit"] == "tok/s":
+        r["gflop_per_s"] = {"pytorch": r["pytorch"] * per_token["tok/s"] / 1e9, "project": r["project"] * per_token["tok/s"] / 1e9}
 result = {
     "command": ("scripts/bench_cpu_peer.sh " + args).strip(),
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "machine": {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": load},
+    "machine": {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": load, "simd": simd,
+                "sgemm_gflop_per_s_2_threads": rd("gemm.json")["sgemm_gflop_per_s"]},
     "threads": {"pipeline": "RAYON_NUM_THREADS=2", "pytorch": "torch.set_num_threads(2), OMP_NUM_THREADS=2"},
     "model": "pipeline synth-model --shape smollm-135m (30 layers, hidden 576, 9/3 heads, vocab 49152; f32 compute)",
     "rows": rows,
     "timing": {
-        "generate": "project: seconds of `pipeline generate --json` (model load included), tokens/s counting new "
-                    "tokens only (tokens_made - samples; tool_tokens_per_second counts the first token too); "
+        "generate": "project: seconds of `pipeline generate --json` less its load_seconds (model load excluded, "
+                    "decoding and the shard write included), tokens/s counting new tokens only (tokens_made - samples; tool_tokens_per_second counts the first token too); "
                     "pytorch: " + pt["generate"]["timing"],
         "eval": "project: tokens_per_second of `pipeline eval --json` (the scoring loop); pytorch: " + pt["eval"]["timing"],
         "train": f"project: train_log.jsonl tokens_per_second of steps 2..{len(log)} (step 1 is the warmup), "
@@ -104,6 +151,7 @@ result = {
     "pipeline": {"generate_batch1": gen(g1, 1), "generate_batch16": gen(g16, 16),
                  "eval": {k: ev[k] for k in ("tokens", "windows", "seconds", "tokens_per_second", "nll") if k in ev},
                  "train_log": log, "train_peak_rss_bytes": rss_kib * 1024,
+                 "train_log_checkpointed": log_ckpt, "train_checkpointed_peak_rss_bytes": rss_kib_ckpt * 1024,
                  "nf4": {k: nf4[k] for k in ("quantize_gb_per_s", "end_to_end_gb_per_s", "seconds")},
                  "memcpy": memcpy},
     "pytorch": pt,

@@ -292,6 +292,10 @@ pub struct GenerateReport {
     pub tokens_made: u64,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// Of `seconds`, the time spent loading the teacher (once per device); the rest is
+    /// decoding and writing shards. Benchmarks compare the rest with peers that time
+    /// generation alone.
+    pub load_seconds: f64,
     pub complete: bool,
 }
 
@@ -479,6 +483,7 @@ pub fn generate_on_devices(
     });
 
     let t0 = Instant::now();
+    let mut load_seconds = 0.0;
     let mut tokens_made = 0u64;
     let mut samples_made = 0u64;
     let mut written = 0usize;
@@ -493,9 +498,11 @@ pub fn generate_on_devices(
             if ids.is_empty() {
                 continue;
             }
+            let loading = Instant::now();
             let model = Arc::new(
                 Llama::load(&folder, QuantConfig::none(), &compute.device)?.cast(compute.dtype)?,
             );
+            load_seconds += loading.elapsed().as_secs_f64();
             let job = Arc::new(worker::Job {
                 first_tokens: first_token_candidates(&tokenizer, &model),
                 model,
@@ -563,6 +570,7 @@ pub fn generate_on_devices(
         } else {
             0.0
         },
+        load_seconds,
         complete: manifest.is_complete(),
     })
 }
