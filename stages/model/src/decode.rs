@@ -45,6 +45,11 @@ struct SeqWeights {
     /// Per layer: q, k, v, o, gate, up, down.
     layers: Vec<[Option<Bf16Rows>; 7]>,
     lm_head: Option<Bf16Rows>,
+    /// A fake-quantized student's weights on the CPU, quantized once (with the id of the
+    /// weight they came from) instead of at every step: a step re-quantized every weight
+    /// (135M shape: 10.9 tokens/s against 51.6 for the f32 teacher). Same order as `layers`;
+    /// empty when the weights are not fake-quantized or are trainable.
+    quantized: Vec<[Option<(candle_core::TensorId, Tensor)>; 7]>,
 }
 
 impl SeqWeights {
@@ -78,10 +83,38 @@ impl SeqWeights {
             true => Bf16Rows::exact(&model.lm_head)?,
             false => None,
         };
+        let quantize = |l: &Linear| -> Result<Option<(candle_core::TensorId, Tensor)>> {
+            match &l.weight {
+                crate::llama::Weight::Dense(w)
+                    if model.device.is_cpu() && model.quant.w_bits.is_some() && !w.track_op() =>
+                {
+                    let q = l.effective_weight(&model.quant)?.detach();
+                    Ok(Some((w.id(), q.to_dtype(model.compute)?)))
+                }
+                _ => Ok(None),
+            }
+        };
+        let quantized = model
+            .blocks
+            .iter()
+            .map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
+                Ok([
+                    quantize(&a.q_proj)?,
+                    quantize(&a.k_proj)?,
+                    quantize(&a.v_proj)?,
+                    quantize(&a.o_proj)?,
+                    quantize(&m.gate_proj)?,
+                    quantize(&m.up_proj)?,
+                    quantize(&m.down_proj)?,
+                ])
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             source: model.lm_head.id(),
             layers,
             lm_head,
+            quantized,
         })
     }
 
@@ -112,9 +145,31 @@ impl SeqWeights {
                 _ => None,
             }
         }
+        let quantized_from_these = self
+            .quantized
+            .iter()
+            .flatten()
+            .zip(model.blocks.iter().flat_map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+            }))
+            .all(|(q, l)| match q {
+                None => true,
+                Some((id, _)) => dense(l).is_some_and(|w| w.id() == *id),
+            });
         self.layers.len() == model.blocks.len()
             && held.zip(linears).all(|(h, l)| same(h, dense(l)))
             && same(&self.lm_head, Some(&model.lm_head))
+            && (self.quantized.is_empty() || self.quantized.len() == model.blocks.len())
+            && quantized_from_these
     }
 
     /// The snapshot of `model` that one of `caches` (or another live batch of caches, as
@@ -359,6 +414,14 @@ struct DecodeStep<'a, 'c> {
 
 impl BlockPath for DecodeStep<'_, '_> {
     fn project(&self, lin: &Linear, which: usize, x: &Tensor) -> Result<Tensor> {
+        if let Some(Some((_, wq))) = self.weights.quantized.get(self.layer).map(|l| &l[which]) {
+            let bias = lin
+                .bias
+                .as_ref()
+                .map(|b| b.to_dtype(x.dtype()))
+                .transpose()?;
+            return project(x, wq, bias.as_ref(), &self.model.quant);
+        }
         let w = self.weights.layers[self.layer][which].as_ref();
         lin.forward_rows_from(x, &self.model.quant, w)
     }
