@@ -57,7 +57,7 @@ cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$TK/lib/stubs/libcuda.so" "$CUDA_D
 export CUDA_HOME=$TK CUDA_PATH=$TK CUDA_ROOT=$TK NVCC=$TK/bin/nvcc PATH=$TK/bin:$PATH
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export CARGO_TARGET_DIR=$ROOT/target-cuda
-cargo build --release --features cuda --manifest-path "$ROOT/Cargo.toml" --bin pipeline
+cargo build --release --features cuda,nccl --manifest-path "$ROOT/Cargo.toml" --bin pipeline
 
 mkdir -p "$ROOT/.xz"
 strip -o "$ROOT/.xz/pipeline" "$CARGO_TARGET_DIR/release/pipeline"

@@ -8,6 +8,7 @@ use clap::Args;
 use model::{KvPoint, KvRotation};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use train::parallel::Launch;
 use train::{Packing, Schedule, StudentConfig, TrainConfig};
 
 #[derive(Args, Debug)]
@@ -249,19 +250,87 @@ fn check_base_settings(config: Option<&Path>, student: &StudentConfig) -> Result
     Ok(())
 }
 
-/// A torchrun-style launch of several processes needs a collective between processes (NCCL),
-/// which this build does not have; one process with `--devices` runs its ranks as threads.
+/// Without the `nccl` feature a torchrun-style launch of several processes is refused: the
+/// ranks would need NCCL to sum their gradients; one process with `--devices` runs its ranks as
+/// threads.
+#[cfg(any(not(feature = "nccl"), test))]
 pub fn refuse_process_launch(var: impl Fn(&str) -> Option<String>) -> Result<()> {
-    if let Some(l) = train::parallel::Launch::from_env(var)? {
+    if let Some(l) = Launch::from_env(var)? {
         if l.world_size > 1 {
             anyhow::bail!(
-                "RANK = {} and WORLD_SIZE = {} ask for ranks in separate processes, which needs a collective between processes (NCCL) that this build lacks; run one process with --devices (e.g. cuda:0,cuda:1) instead",
+                "RANK = {} and WORLD_SIZE = {} ask for ranks in separate processes, which sum their gradients over NCCL, but this build lacks the `nccl` feature (scripts/build-cuda.sh builds it); or run one process with --devices (e.g. cuda:0,cuda:1) instead",
                 l.rank,
                 l.world_size
             );
         }
     }
     Ok(())
+}
+
+/// The launch (torchrun's variables) this process is a rank of, when its ranks sum over NCCL:
+/// always with WORLD_SIZE above 1; with WORLD_SIZE = 1 on a GPU too (a one-GPU run of the NCCL
+/// path), unless `--devices` asks for ranks as threads. Builds without the `nccl` feature
+/// refuse a launch of several processes and train a WORLD_SIZE = 1 launch as a plain run.
+fn nccl_launch(a: &TrainArgs) -> Result<Option<Launch>> {
+    let var = |v: &str| std::env::var(v).ok();
+    #[cfg(not(feature = "nccl"))]
+    {
+        refuse_process_launch(var)?;
+        let _ = a;
+        Ok(None)
+    }
+    #[cfg(feature = "nccl")]
+    Ok(Launch::from_env(var)?.filter(|l| {
+        l.world_size > 1 || (a.devices.is_none() && a.compute.device != model::DeviceSpec::Cpu)
+    }))
+}
+
+/// The GPU of a rank of a launch: cuda:LOCAL_RANK. `--device` must say cuda (an ordinal it
+/// names must be LOCAL_RANK), and `--devices` (ranks as threads) does not mix with a launch.
+#[cfg(any(feature = "nccl", test))]
+fn launch_device(
+    l: &Launch,
+    device: model::DeviceSpec,
+    devices: Option<&[model::DeviceSpec]>,
+) -> Result<model::DeviceSpec> {
+    use model::DeviceSpec;
+    let who = format!("RANK = {} of WORLD_SIZE = {}", l.rank, l.world_size);
+    if devices.is_some() {
+        anyhow::bail!(
+            "--devices runs ranks as threads of one process, but {who} makes this process one rank of a launch: drop --devices (each rank trains on cuda:LOCAL_RANK)"
+        );
+    }
+    match device {
+        DeviceSpec::Cuda(n) if n == 0 || n == l.local_rank => Ok(DeviceSpec::Cuda(l.local_rank)),
+        DeviceSpec::Cuda(n) => anyhow::bail!(
+            "--device cuda:{n}, but {who} has LOCAL_RANK = {}: a rank of a launch trains on cuda:LOCAL_RANK; pass --device cuda",
+            l.local_rank
+        ),
+        DeviceSpec::Cpu => anyhow::bail!(
+            "{who} sums gradients over NCCL between GPUs, but --device is cpu: pass --device cuda (each rank trains on cuda:LOCAL_RANK)"
+        ),
+    }
+}
+
+/// This process as one rank of a launch: its GPU, NCCL's id from rank 0 (served at
+/// MASTER_ADDR:MASTER_PORT), then the training of its slice of every batch.
+#[cfg(feature = "nccl")]
+fn train_launched(a: &TrainArgs, l: &Launch, job: train::TrainJob) -> Result<train::TrainReport> {
+    let device = launch_device(l, a.compute.device, a.devices.as_deref())?;
+    let compute = model::Compute::open(device, a.compute.dtype)?;
+    let ranks = train::nccl::NcclRanks::launch(l, &compute.device)?;
+    if l.rank == 0 {
+        eprintln!(
+            "rank 0 of {}: gradients summed over NCCL {}",
+            l.world_size,
+            train::nccl::version()?
+        );
+    }
+    let job = train::TrainJob {
+        computes: vec![compute],
+        ..job
+    };
+    train::train_launched(&job, &ranks, |_| {})
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -280,12 +349,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cfg.seq_len,
         cfg.grad_accum
     );
-    refuse_process_launch(|v| std::env::var(v).ok())?;
-    let job = train::TrainJob {
-        computes: a.compute.open_each(a.devices.as_deref())?,
-        ..train::TrainJob::new(&a.teacher, &a.corpus, &a.out, &student, &cfg)
+    let job = train::TrainJob::new(&a.teacher, &a.corpus, &a.out, &student, &cfg);
+    let r = match nccl_launch(&a)? {
+        #[cfg(feature = "nccl")]
+        Some(l) => train_launched(&a, &l, job)?,
+        _ => {
+            let job = train::TrainJob {
+                computes: a.compute.open_each(a.devices.as_deref())?,
+                ..job
+            };
+            train::train(&job, |_| {})?
+        }
     };
-    let r = train::train(&job, |_| {})?;
     let resumed = r
         .resumed_from
         .map_or(String::new(), |s| format!(" (resumed from step {s})"));
@@ -314,6 +389,62 @@ mod tests {
     fn args(extra: &[&str]) -> TrainArgs {
         let base = ["pipeline", "--teacher", "t", "--corpus", "c", "--out", "o"];
         Cli::parse_from(base.iter().chain(extra)).args
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn a_launch_of_processes_without_nccl_is_refused_naming_the_feature() {
+        let two = vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29500"),
+        ]);
+        let e = format!("{:#}", refuse_process_launch(two).unwrap_err());
+        assert!(
+            e.contains("RANK = 1 and WORLD_SIZE = 2")
+                && e.contains("lacks the `nccl` feature")
+                && e.contains("--devices"),
+            "{e}"
+        );
+        refuse_process_launch(vars(&[("RANK", "0"), ("WORLD_SIZE", "1")])).unwrap();
+        refuse_process_launch(vars(&[])).unwrap();
+    }
+
+    #[test]
+    fn a_rank_of_a_launch_trains_on_cuda_local_rank() -> Result<()> {
+        use model::DeviceSpec::{Cpu, Cuda};
+        let l = Launch {
+            rank: 3,
+            world_size: 4,
+            local_rank: 1,
+            master: Some("node0:29500".into()),
+        };
+        assert_eq!(launch_device(&l, Cuda(0), None)?, Cuda(1));
+        assert_eq!(launch_device(&l, Cuda(1), None)?, Cuda(1));
+        for (device, devices, want) in [
+            (
+                Cuda(2),
+                None,
+                "--device cuda:2, but RANK = 3 of WORLD_SIZE = 4 has LOCAL_RANK = 1",
+            ),
+            (Cpu, None, "but --device is cpu: pass --device cuda"),
+            (Cuda(0), Some(vec![Cuda(0), Cuda(1)]), "drop --devices"),
+        ] {
+            let e = format!(
+                "{:#}",
+                launch_device(&l, device, devices.as_deref()).unwrap_err()
+            );
+            assert!(e.contains(want), "{device} {devices:?}: {e}");
+        }
+        Ok(())
     }
 
     #[test]

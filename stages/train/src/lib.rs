@@ -9,12 +9,15 @@
 //! - `optim`: AdamW, learning-rate schedule, gradient clipping
 //! - `checkpoint`: checkpoint folders, verification, pruning, the final student folder
 //! - `parallel`: data-parallel ranks: the launch environment and the gradient all-reduce
+//! - `nccl` (feature `nccl`): the all-reduce over NCCL, for GPU ranks in threads or processes
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod kv_equalize;
 pub mod loss;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optim;
 pub mod parallel;
 pub mod student;
@@ -268,6 +271,161 @@ fn truncate_log(path: &Path, step: u64) -> Result<()> {
 /// gradients, and each applies the same step; rank 0 alone writes. `on_log` sees each logged
 /// step.
 pub fn train(job: &TrainJob, mut on_log: impl FnMut(&LogLine)) -> Result<TrainReport> {
+    let plan = prepare(job, job.computes.len(), true)?;
+    let computes = &job.computes;
+    if computes.len() == 1 {
+        return train_rank(job, &plan, &computes[0], None, &mut on_log);
+    }
+    let ranks = thread_ranks(computes)?;
+    std::thread::scope(|scope| {
+        let mut ranks = ranks.into_iter();
+        let first = ranks.next().expect("at least two ranks");
+        let others: Vec<_> = ranks
+            .zip(&computes[1..])
+            .map(|(r, compute)| {
+                let plan = &plan;
+                scope.spawn(move || {
+                    let res = train_rank(job, plan, compute, Some(r.as_ref()), &mut |_| {});
+                    if res.is_err() {
+                        r.abort();
+                    }
+                    res
+                })
+            })
+            .collect();
+        // Rank 0 runs here, so `on_log` need not be shared with other threads. Its collective
+        // goes before the others are joined: none outlives the run it served.
+        let res = train_rank(job, &plan, &computes[0], Some(first.as_ref()), &mut on_log);
+        if res.is_err() {
+            first.abort();
+        }
+        drop(first);
+        let mut results = vec![res];
+        for h in others {
+            results.push(
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a training rank panicked"))),
+            );
+        }
+        // The error of the rank that failed first, not that of the ranks it released.
+        let failed_first = results
+            .iter()
+            .position(|r| matches!(r, Err(e) if format!("{e}") != parallel::ABORTED));
+        match failed_first {
+            Some(i) => results.swap_remove(i),
+            None => results.swap_remove(0),
+        }
+    })
+}
+
+/// The collective of ranks that are threads of this process: NCCL between the GPUs when built
+/// with `nccl` and every rank is on a GPU, else sums through the host.
+fn thread_ranks(computes: &[Compute]) -> Result<Vec<Box<dyn Collective>>> {
+    #[cfg(feature = "nccl")]
+    if computes.iter().all(|c| c.device.is_cuda()) {
+        let devices: Vec<Device> = computes.iter().map(|c| c.device.clone()).collect();
+        let ranks = nccl::NcclRanks::threads(&devices)?;
+        return Ok(ranks
+            .into_iter()
+            .map(|r| Box::new(r) as Box<dyn Collective>)
+            .collect());
+    }
+    Ok(parallel::ThreadRanks::new(computes.len())
+        .into_iter()
+        .map(|r| Box::new(r) as Box<dyn Collective>)
+        .collect())
+}
+
+/// One rank of a launch of several processes (torchrun's variables): this process trains on
+/// `job.computes`' one device and sums its gradients through `ranks`. Rank 0 settles the output
+/// folder first (temporary files, broken checkpoints, the log) and alone writes; the others
+/// then read it, and every rank checks that all resume from the same step of the same job.
+pub fn train_launched(
+    job: &TrainJob,
+    ranks: &dyn Collective,
+    mut on_log: impl FnMut(&LogLine),
+) -> Result<TrainReport> {
+    let [compute] = job.computes.as_slice() else {
+        bail!(
+            "a rank of a launch trains on one device, not {}",
+            job.computes.len()
+        );
+    };
+    let (rank, world) = (ranks.rank(), ranks.world_size());
+    // Two rounds: rank 0 prepares while the others wait; then every rank must have a plan,
+    // and the same one, before any trains.
+    let plan = if rank == 0 {
+        let plan = prepare(job, world, true);
+        launch_checks(ranks, plan.is_ok(), None)?;
+        let plan = plan?;
+        launch_checks(ranks, true, Some(&plan))?;
+        plan
+    } else {
+        launch_checks(ranks, true, None)?;
+        let plan = prepare(job, world, false);
+        launch_checks(ranks, plan.is_ok(), plan.as_ref().ok())?;
+        plan?
+    };
+    let res = train_rank(job, &plan, compute, Some(ranks), &mut on_log);
+    if res.is_err() {
+        ranks.abort();
+    }
+    res
+}
+
+/// One sum over the ranks of a launch that tells each whether all are `ready` and, given their
+/// `plan`s, whether they agree on them: the job's fingerprint and the step and loader cursor
+/// they resume from, in pieces under 2^16 beside their squares (all ranks hold the same piece x
+/// exactly when n * sum(x^2) == sum(x)^2, and in f64 both sides are exact).
+fn launch_checks(ranks: &dyn Collective, ready: bool, plan: Option<&Plan>) -> Result<()> {
+    const PIECES: usize = 14;
+    let mut v = vec![0f64; 1 + 2 * PIECES];
+    v[0] = if ready { 1.0 } else { 0.0 };
+    if let Some(p) = plan {
+        let fp = <sha2::Sha256 as sha2::Digest>::digest(serde_json::to_vec(&p.fp)?);
+        let mut pieces: Vec<u64> = fp[..6].iter().map(|&b| b as u64).collect();
+        for x in [p.start_step, p.cursor] {
+            pieces.extend((0..4).map(|i| (x >> (16 * i)) & 0xffff));
+        }
+        for (i, x) in pieces.into_iter().enumerate() {
+            v[1 + 2 * i] = x as f64;
+            v[2 + 2 * i] = (x * x) as f64;
+        }
+    }
+    let sums = ranks.all_reduce_sum(&[Tensor::new(v.as_slice(), &Device::Cpu)?])?;
+    let s = sums
+        .first()
+        .context("all_reduce_sum returned nothing")?
+        .to_vec1::<f64>()?;
+    let world = ranks.world_size() as f64;
+    if !ready {
+        // The caller reports its own error.
+        return Ok(());
+    }
+    if s[0] != world {
+        bail!(
+            "{} of the {world} ranks could not prepare the run (see their errors), so rank {} stops too",
+            world - s[0],
+            ranks.rank()
+        );
+    }
+    if let Some(p) = plan {
+        if !(0..PIECES).all(|i| world * s[2 + 2 * i] == s[1 + 2 * i] * s[1 + 2 * i]) {
+            bail!(
+                "the ranks of this launch do not agree on the run: rank {} resumes from step {} (loader cursor {}), and another rank from another step or with other settings, teacher or corpus; every rank needs the same flags, and --out must be one folder that all ranks see",
+                ranks.rank(),
+                p.start_step,
+                p.cursor
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What every rank of a run settles before training: the checks, the fingerprint, the
+/// checkpoint to resume from. The `writer` (rank 0) also tidies `job.out`; a rank of another
+/// process reads it only, after rank 0 has (`train_launched`).
+fn prepare(job: &TrainJob, world: usize, writer: bool) -> Result<Plan> {
     let started = Instant::now();
     let (cfg, student, out) = (&job.cfg, &job.student, job.out.as_path());
     let (teacher_dir, corpus_dir) = (job.teacher.as_path(), job.corpus.as_path());
@@ -280,7 +438,7 @@ pub fn train(job: &TrainJob, mut on_log: impl FnMut(&LogLine)) -> Result<TrainRe
     if job.computes.iter().any(|c| c.dtype != dtype) {
         bail!("the devices of one run must share one compute dtype");
     }
-    data::check_ranks(cfg.batch, job.computes.len())?;
+    data::check_ranks(cfg.batch, world)?;
 
     let folder = ModelFolder::open(teacher_dir)?;
     let mcfg = folder.config.clone();
@@ -355,13 +513,24 @@ pub fn train(job: &TrainJob, mut on_log: impl FnMut(&LogLine)) -> Result<TrainRe
 
     // Find where to start: the newest checkpoint that verifies, if its settings match ours.
     let ckpt_root = out.join(CHECKPOINT_DIR);
-    fsio::create_out_dir(out)?;
-    std::fs::create_dir_all(&ckpt_root)
-        .with_context(|| format!("creating {}", ckpt_root.display()))?;
-    checkpoint::remove_temp_dirs(&ckpt_root)?;
-    checkpoint::remove_temp_dirs(out)?;
-    fsio::remove_temp_files(out)?;
-    let resume = checkpoint::newest_valid(&ckpt_root, &mut |msg| eprintln!("{msg}"))?;
+    let resume = if writer {
+        fsio::create_out_dir(out)?;
+        std::fs::create_dir_all(&ckpt_root)
+            .with_context(|| format!("creating {}", ckpt_root.display()))?;
+        checkpoint::remove_temp_dirs(&ckpt_root)?;
+        checkpoint::remove_temp_dirs(out)?;
+        fsio::remove_temp_files(out)?;
+        checkpoint::newest_valid(&ckpt_root, &mut |msg| eprintln!("{msg}"))?
+    } else {
+        // Read only: rank 0 has already set broken checkpoints aside.
+        checkpoint::list(&ckpt_root)?
+            .into_iter()
+            .rev()
+            .find_map(|(step, dir)| {
+                let state = checkpoint::verify(&dir).ok()?;
+                (state.step == step).then_some((dir, state))
+            })
+    };
     if let Some((dir, state)) = &resume {
         if let Some((key, theirs, ours)) = checkpoint::first_difference(&state.fingerprint, &fp, "")
         {
@@ -386,8 +555,10 @@ pub fn train(job: &TrainJob, mut on_log: impl FnMut(&LogLine)) -> Result<TrainRe
     let end_step = job
         .stop_after
         .map_or(cfg.steps, |s| s.clamp(start_step, cfg.steps));
-    truncate_log(&out.join(LOG_FILE), start_step)?;
-    let plan = Plan {
+    if writer {
+        truncate_log(&out.join(LOG_FILE), start_step)?;
+    }
+    Ok(Plan {
         folder,
         quant,
         base_folder,
@@ -398,48 +569,6 @@ pub fn train(job: &TrainJob, mut on_log: impl FnMut(&LogLine)) -> Result<TrainRe
         cursor,
         end_step,
         started,
-    };
-    let computes = &job.computes;
-    if computes.len() == 1 {
-        return train_rank(job, &plan, &computes[0], None, &mut on_log);
-    }
-    let ranks = parallel::ThreadRanks::new(computes.len());
-    std::thread::scope(|scope| {
-        let mut ranks = ranks.into_iter();
-        let first = ranks.next().expect("at least two ranks");
-        let others: Vec<_> = ranks
-            .zip(&computes[1..])
-            .map(|(r, compute)| {
-                let plan = &plan;
-                scope.spawn(move || {
-                    let res = train_rank(job, plan, compute, Some(&r), &mut |_| {});
-                    if res.is_err() {
-                        r.abort();
-                    }
-                    res
-                })
-            })
-            .collect();
-        // Rank 0 runs here, so `on_log` need not be shared with other threads.
-        let res = train_rank(job, &plan, &computes[0], Some(&first), &mut on_log);
-        if res.is_err() {
-            first.abort();
-        }
-        let mut results = vec![res];
-        for h in others {
-            results.push(
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a training rank panicked"))),
-            );
-        }
-        // The error of the rank that failed first, not that of the ranks it released.
-        let failed_first = results
-            .iter()
-            .position(|r| matches!(r, Err(e) if format!("{e}") != parallel::ABORTED));
-        match failed_first {
-            Some(i) => results.swap_remove(i),
-            None => results.swap_remove(0),
-        }
     })
 }
 

@@ -831,3 +831,83 @@ fn a_batch_that_does_not_split_over_the_ranks_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Each rank of a launch (`train_launched`) as a thread here, summing through `ThreadRanks`:
+/// the path a process of a torchrun-style launch takes, with NCCL replaced by the host sum.
+fn launched(jobs: Vec<TrainJob>) -> Vec<Result<train::TrainReport>> {
+    let ranks = train::parallel::ThreadRanks::new(jobs.len());
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .zip(ranks)
+        .map(|(job, r)| std::thread::spawn(move || train::train_launched(&job, &r, |_| {})))
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn launched_ranks_train_and_resume_like_threaded_ranks() -> Result<()> {
+    let run = Run::new("launched")?;
+    let mut cfg = small_cfg(6);
+    cfg.schedule = Schedule::Cosine;
+    cfg.warmup_steps = 2;
+    let threads = run.other_out("threads");
+    train(&ranks_job(&run, &threads, &cfg, 2, None), |_| {})?;
+    // Stopped after step 3 and resumed: rank 1 finds rank 0's checkpoint.
+    for stop in [Some(3), None] {
+        let jobs = (0..2)
+            .map(|_| ranks_job(&run, &run.out, &cfg, 1, stop))
+            .collect();
+        let reports = launched(jobs).into_iter().collect::<Result<Vec<_>>>()?;
+        assert_eq!(reports[1].student_dir, None, "rank 1 writes no student");
+        if stop.is_none() {
+            assert_eq!(
+                (reports[0].resumed_from, reports[1].resumed_from),
+                (Some(3), Some(3))
+            );
+        }
+    }
+    let model = |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
+    assert!(
+        model(&threads)? == model(&run.out)?,
+        "the launched ranks' student differs from the threaded ranks'"
+    );
+    let losses = |out: &Path| -> Result<Vec<(u64, f64)>> {
+        Ok(read_log(out)?.iter().map(|l| (l.step, l.loss)).collect())
+    };
+    assert_eq!(losses(&threads)?, losses(&run.out)?);
+    Ok(())
+}
+
+#[test]
+fn launched_ranks_that_disagree_or_fail_to_prepare_all_stop() -> Result<()> {
+    let run = Run::new("launched-bad")?;
+    let cfg = small_cfg(2);
+    let mut other = cfg.clone();
+    other.lr = 1e-3;
+    let errors = |results: Vec<Result<train::TrainReport>>| -> Vec<String> {
+        results
+            .into_iter()
+            .map(|r| format!("{:#}", r.expect_err("a rank went on")))
+            .collect()
+    };
+    // Another learning rate on rank 1: another job.
+    let jobs = vec![
+        ranks_job(&run, &run.out, &cfg, 1, None),
+        ranks_job(&run, &run.out, &other, 1, None),
+    ];
+    for e in errors(launched(jobs)) {
+        assert!(e.contains("do not agree on the run"), "{e}");
+    }
+    // Rank 1 cannot open its teacher; rank 0 stops too, and says why.
+    let mut broken = ranks_job(&run, &run.other_out("b"), &cfg, 1, None);
+    broken.teacher = run.other_out("no-such-teacher");
+    let jobs = vec![ranks_job(&run, &run.other_out("b"), &cfg, 1, None), broken];
+    let e = errors(launched(jobs));
+    assert!(
+        e[0].contains("1 of the 2 ranks could not prepare"),
+        "{}",
+        e[0]
+    );
+    assert!(e[1].contains("no-such-teacher"), "{}", e[1]);
+    Ok(())
+}
