@@ -263,7 +263,7 @@ mod cpu {
             let (m, v, out) = (slice(m, ml)?, slice(v, vl)?, slice_mut(dst, dst_l)?);
             let (ic1, ic2) = ((1.0 / s.c1) as f32, (1.0 / s.c2) as f32);
             let (eps, lr) = (s.eps as f32, s.lr as f32);
-            let decay = (s.weight_decay > 0.0).then(|| (1.0 - s.lr * s.weight_decay) as f32);
+            let decay = (s.weight_decay > 0.0).then_some((1.0 - s.lr * s.weight_decay) as f32);
             out.par_chunks_mut(CHUNK)
                 .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
                 .for_each(|(o, (m, v))| {
