@@ -285,13 +285,17 @@ fn nccl_launch(a: &TrainArgs) -> Result<Option<Launch>> {
     }))
 }
 
-/// The GPU of a rank of a launch: cuda:LOCAL_RANK. `--device` must say cuda (an ordinal it
-/// names must be LOCAL_RANK), and `--devices` (ranks as threads) does not mix with a launch.
+/// The GPU of a rank of a launch: cuda:LOCAL_RANK, or cuda:0 when `visible`
+/// (CUDA_VISIBLE_DEVICES) shows this process one GPU only, as a scheduler that gives each
+/// task its own GPU does (Slurm's --gpus-per-task=1 with SLURM_LOCALID above 0). `--device`
+/// must say cuda (an ordinal it names must be that GPU), and `--devices` (ranks as threads)
+/// does not mix with a launch.
 #[cfg(any(feature = "nccl", test))]
 fn launch_device(
     l: &Launch,
     device: model::DeviceSpec,
     devices: Option<&[model::DeviceSpec]>,
+    visible: Option<&str>,
 ) -> Result<model::DeviceSpec> {
     use model::DeviceSpec;
     let who = format!("RANK = {} of WORLD_SIZE = {}", l.rank, l.world_size);
@@ -300,8 +304,18 @@ fn launch_device(
             "--devices runs ranks as threads of one process, but {who} makes this process one rank of a launch: drop --devices (each rank trains on cuda:LOCAL_RANK)"
         );
     }
+    let shown = visible.map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count());
+    let gpu = match shown {
+        Some(1) => 0,
+        Some(k) if l.local_rank >= k => anyhow::bail!(
+            "{who} has LOCAL_RANK = {}, but CUDA_VISIBLE_DEVICES = {:?} shows this process {k} GPU(s): a rank of a launch trains on cuda:LOCAL_RANK among the GPUs it sees",
+            l.local_rank,
+            visible.unwrap_or_default()
+        ),
+        _ => l.local_rank,
+    };
     match device {
-        DeviceSpec::Cuda(n) if n == 0 || n == l.local_rank => Ok(DeviceSpec::Cuda(l.local_rank)),
+        DeviceSpec::Cuda(n) if n == 0 || n == gpu => Ok(DeviceSpec::Cuda(gpu)),
         DeviceSpec::Cuda(n) => anyhow::bail!(
             "--device cuda:{n}, but {who} has LOCAL_RANK = {}: a rank of a launch trains on cuda:LOCAL_RANK; pass --device cuda",
             l.local_rank
@@ -316,7 +330,13 @@ fn launch_device(
 /// MASTER_ADDR:MASTER_PORT), then the training of its slice of every batch.
 #[cfg(feature = "nccl")]
 fn train_launched(a: &TrainArgs, l: &Launch, job: train::TrainJob) -> Result<train::TrainReport> {
-    let device = launch_device(l, a.compute.device, a.devices.as_deref())?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let device = launch_device(
+        l,
+        a.compute.device,
+        a.devices.as_deref(),
+        visible.as_deref(),
+    )?;
     let compute = model::Compute::open(device, a.compute.dtype)?;
     let ranks = train::nccl::NcclRanks::launch(l, &compute.device)?;
     if l.rank == 0 {
@@ -427,8 +447,25 @@ mod tests {
             local_rank: 1,
             master: Some("node0:29500".into()),
         };
-        assert_eq!(launch_device(&l, Cuda(0), None)?, Cuda(1));
-        assert_eq!(launch_device(&l, Cuda(1), None)?, Cuda(1));
+        assert_eq!(launch_device(&l, Cuda(0), None, None)?, Cuda(1));
+        assert_eq!(launch_device(&l, Cuda(1), None, None)?, Cuda(1));
+        assert_eq!(launch_device(&l, Cuda(0), None, Some("0,1,2,3"))?, Cuda(1));
+        // A scheduler that gives each task its own GPU: the one this process sees.
+        assert_eq!(launch_device(&l, Cuda(0), None, Some("5"))?, Cuda(0));
+        let third = Launch {
+            local_rank: 2,
+            ..l.clone()
+        };
+        let e = format!(
+            "{:#}",
+            launch_device(&third, Cuda(0), None, Some("0,1")).unwrap_err()
+        );
+        assert!(
+            e.contains(
+                "LOCAL_RANK = 2, but CUDA_VISIBLE_DEVICES = \"0,1\" shows this process 2 GPU(s)"
+            ),
+            "{e}"
+        );
         for (device, devices, want) in [
             (
                 Cuda(2),
@@ -440,7 +477,7 @@ mod tests {
         ] {
             let e = format!(
                 "{:#}",
-                launch_device(&l, device, devices.as_deref()).unwrap_err()
+                launch_device(&l, device, devices.as_deref(), None).unwrap_err()
             );
             assert!(e.contains(want), "{device} {devices:?}: {e}");
         }
