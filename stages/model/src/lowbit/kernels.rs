@@ -253,6 +253,34 @@ pub fn q4_dot_i8(codes: &[u8], q: &[i8]) -> i32 {
     q4_dot_i8_lanes(codes, q)
 }
 
+/// `out[r][b] = q4_dot_i8(rows[r], &q[b * stride..][..2 * len])` for two weight rows of `len`
+/// code bytes and the `out[r].len()` tokens whose codes start every `stride` bytes of `q`.
+/// The vector path works in tiles of 2 rows x 4 tokens: each row's nibbles are unpacked
+/// once per 4 tokens and each token's codes read once per 2 rows. The sums are exact, so
+/// they equal the single dots whatever the tiling.
+pub fn q4_dot_i8_rows(rows: [&[u8]; 2], q: &[i8], stride: usize, out: [&mut [i32]; 2]) {
+    let (len, n) = (rows[0].len(), out[0].len());
+    assert!(
+        len.is_multiple_of(16)
+            && rows[1].len() == len
+            && out[1].len() == n
+            && (n == 0 || (n - 1) * stride + 2 * len <= q.len()),
+        "q4_dot_i8_rows: blocks do not fit"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Base {
+        // SAFETY: AVX2 is part of both vector instruction sets `isa()` returns, checked at
+        // run time; every load stays inside the slices (lengths checked above).
+        return unsafe { x86::q4_dot_i8_rows_avx2(rows, q, stride, out) };
+    }
+    let [o0, o1] = out;
+    for (b, (y0, y1)) in o0.iter_mut().zip(o1.iter_mut()).enumerate() {
+        let x = &q[b * stride..b * stride + 2 * len];
+        *y0 = q4_dot_i8_lanes(rows[0], x);
+        *y1 = q4_dot_i8_lanes(rows[1], x);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -287,6 +315,103 @@ mod x86 {
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
         _mm_cvtsi128_si32(s)
+    }
+
+    /// The four i32 sums of four registers of 8 lanes each.
+    #[inline(always)]
+    unsafe fn sum4(a: [__m256i; 4]) -> [i32; 4] {
+        // Within each 128-bit half: [a0, a1, a2, a3] partial sums, then both halves added.
+        let s = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+        let r = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let mut out = [0i32; 4];
+        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, r);
+        out
+    }
+
+    /// Two rows' 4-bit codes against T tokens' int8 codes: the i32 sums of each pair.
+    #[inline(always)]
+    unsafe fn tile<const T: usize>(
+        c: [*const u8; 2],
+        x: [*const i8; T],
+        blocks: usize,
+    ) -> [[__m256i; T]; 2] {
+        let ones = _mm256_set1_epi16(1);
+        let m = _mm_set1_epi8(0x0f);
+        let unpack = |c: *const u8| {
+            let b = _mm_loadu_si128(c as *const __m128i);
+            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m))
+        };
+        let mut acc = [[_mm256_setzero_si256(); T]; 2];
+        // Two blocks at a time: u <= 15 and |x| <= 128, so each pair sum of `maddubs` is at
+        // most 3840 in size and two of them add in i16 without overflow; one widening
+        // `madd` per two blocks.
+        let mut k = 0;
+        while k + 2 <= blocks {
+            let u = [unpack(c[0].add(16 * k)), unpack(c[1].add(16 * k))];
+            let v = [unpack(c[0].add(16 * k + 16)), unpack(c[1].add(16 * k + 16))];
+            for t in 0..T {
+                let x0 = _mm256_loadu_si256(x[t].add(32 * k) as *const __m256i);
+                let x1 = _mm256_loadu_si256(x[t].add(32 * k + 32) as *const __m256i);
+                for r in 0..2 {
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(u[r], x0),
+                        _mm256_maddubs_epi16(v[r], x1),
+                    );
+                    acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(p, ones));
+                }
+            }
+            k += 2;
+        }
+        if k < blocks {
+            let u = [unpack(c[0].add(16 * k)), unpack(c[1].add(16 * k))];
+            for t in 0..T {
+                let x = _mm256_loadu_si256(x[t].add(32 * k) as *const __m256i);
+                for r in 0..2 {
+                    acc[r][t] = _mm256_add_epi32(
+                        acc[r][t],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(u[r], x), ones),
+                    );
+                }
+            }
+        }
+        acc
+    }
+
+    /// The sum of one register's 8 lanes.
+    #[inline(always)]
+    unsafe fn sum8(a: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn q4_dot_i8_rows_avx2(
+        rows: [&[u8]; 2],
+        q: &[i8],
+        stride: usize,
+        out: [&mut [i32]; 2],
+    ) {
+        let (blocks, n) = (rows[0].len() / 16, out[0].len());
+        let c = [rows[0].as_ptr(), rows[1].as_ptr()];
+        let x = |b: usize| q.as_ptr().add(b * stride);
+        let [o0, o1] = out;
+        let mut b = 0;
+        while b + 4 <= n {
+            let acc = tile::<4>(c, [x(b), x(b + 1), x(b + 2), x(b + 3)], blocks);
+            let s0 = sum4(acc[0]);
+            let s1 = sum4(acc[1]);
+            o0[b..b + 4].copy_from_slice(&s0);
+            o1[b..b + 4].copy_from_slice(&s1);
+            b += 4;
+        }
+        while b < n {
+            let acc = tile::<1>(c, [x(b)], blocks);
+            o0[b] = sum8(acc[0][0]);
+            o1[b] = sum8(acc[1][0]);
+            b += 1;
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
@@ -399,6 +524,34 @@ mod tests {
             assert_eq!(dot_i8(&ia, &ib), exact);
             let close: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((base as f64 - close).abs() < 1e-4, "{base} vs {close}");
+        }
+    }
+
+    #[test]
+    fn two_rows_of_tokens_equal_their_single_dots() {
+        for blocks in [1, 2, 5, 18] {
+            let row = |s: usize| -> Vec<u8> {
+                (0..16 * blocks)
+                    .map(|i| (i * 37 + 11 + s * 101) as u8)
+                    .collect()
+            };
+            let rows = [row(0), row(1)];
+            for n in [0, 1, 3, 4, 7, 9] {
+                // Tokens every `stride` bytes, with junk between them.
+                let stride = 32 * blocks + 5;
+                let mut q: Vec<i8> = (0..n * stride).map(|i| (i * 53 + 7) as i8).collect();
+                if n > 2 {
+                    q[2 * stride] = -128;
+                    q[stride..stride + 32].iter_mut().for_each(|v| *v = 127);
+                }
+                let (mut y0, mut y1) = (vec![0; n], vec![0; n]);
+                q4_dot_i8_rows([&rows[0], &rows[1]], &q, stride, [&mut y0, &mut y1]);
+                for (b, (g0, g1)) in y0.iter().zip(&y1).enumerate() {
+                    let x = &q[b * stride..b * stride + 32 * blocks];
+                    assert_eq!(*g0, q4_dot_i8_lanes(&rows[0], x), "{blocks} blocks, n {n}");
+                    assert_eq!(*g1, q4_dot_i8_lanes(&rows[1], x), "{blocks} blocks, n {n}");
+                }
+            }
         }
     }
 

@@ -14,7 +14,7 @@
 //! not bit for bit.
 
 use super::kernels::{
-    dot_f32, dot_i8, pack_q4_blocks, q4_dot_f32, q4_dot_i8, scale_i8, unpack_q4_blocks,
+    dot_f32, dot_i8, pack_q4_blocks, q4_dot_f32, q4_dot_i8_rows, scale_i8, unpack_q4_blocks,
 };
 use quant::GridWeight;
 use rayon::prelude::*;
@@ -335,6 +335,40 @@ impl PackedLinear {
         yt.par_chunks_mut(per_task * n)
             .enumerate()
             .for_each(|(task, out)| {
+                if let (Layout::Q4Blocks, Acts::Int { q, alpha, qsum }) = (self.layout, &acts) {
+                    // The W4A8 product two rows at a time over all tokens (same integers and
+                    // the same f32 steps per output as one row and token at a time).
+                    let rows_here = out.len() / n;
+                    let mut d = [vec![0i32; n], vec![0i32; n]];
+                    for r0 in (0..rows_here).step_by(2) {
+                        // A last odd row is computed twice and written once.
+                        let rr = [r0, (r0 + 1).min(rows_here - 1)].map(|k| task * per_task + k);
+                        for j in 0..groups {
+                            let (lo, hi) = span(j);
+                            let [d0, d1] = &mut d;
+                            q4_dot_i8_rows(
+                                rr.map(|r| &self.row(r)[lo / 2..hi / 2]),
+                                &q[lo..],
+                                width,
+                                [d0, d1],
+                            );
+                            for (i, &r) in rr.iter().enumerate().take(rows_here - r0) {
+                                let sj = self.scales[r * groups + j];
+                                let acc = &mut out[(r0 + i) * n..(r0 + i + 1) * n];
+                                for (b, (a, &dot)) in acc.iter_mut().zip(&d[i]).enumerate() {
+                                    *a += sj * (dot - 8 * qsum[b * groups + j]) as f32;
+                                }
+                            }
+                        }
+                        for i in 0..(rows_here - r0).min(2) {
+                            let acc = &mut out[(r0 + i) * n..(r0 + i + 1) * n];
+                            for (a, &al) in acc.iter_mut().zip(alpha) {
+                                *a *= al;
+                            }
+                        }
+                    }
+                    return;
+                }
                 let mut wf = vec![
                     0f32;
                     if self.layout == Layout::Bytes {
@@ -347,19 +381,7 @@ impl PackedLinear {
                     let r = task * per_task + k;
                     let (row, s) = (self.row(r), &self.scales[r * groups..(r + 1) * groups]);
                     match (self.layout, &acts) {
-                        (Layout::Q4Blocks, Acts::Int { q, alpha, qsum }) => {
-                            for (b, y) in yrow.iter_mut().enumerate() {
-                                let qb = &q[b * width..(b + 1) * width];
-                                let mut acc = 0f32;
-                                for (j, sj) in s.iter().enumerate() {
-                                    let (lo, hi) = span(j);
-                                    let d = q4_dot_i8(&row[lo / 2..hi / 2], &qb[lo..hi])
-                                        - 8 * qsum[b * groups + j];
-                                    acc += sj * d as f32;
-                                }
-                                *y = acc * alpha[b];
-                            }
-                        }
+                        (Layout::Q4Blocks, Acts::Int { .. }) => unreachable!("tiled above"),
                         (Layout::Q4Blocks, Acts::Float(xp)) => {
                             for (b, y) in yrow.iter_mut().enumerate() {
                                 let xb = &xp[b * width..(b + 1) * width];
@@ -403,10 +425,15 @@ impl PackedLinear {
                     }
                 }
             });
+        // [rows, n] -> [n, rows], 16 tokens at a time: one cache line of yt per row read,
+        // 16 rows of y written.
         let mut y = vec![0f32; n * self.rows];
-        for (r, col) in yt.chunks(n).enumerate() {
-            for (b, &v) in col.iter().enumerate() {
-                y[b * self.rows + r] = v;
+        for b0 in (0..n).step_by(16) {
+            let b1 = (b0 + 16).min(n);
+            for (r, col) in yt.chunks(n).enumerate() {
+                for (b, &v) in col[b0..b1].iter().enumerate() {
+                    y[(b0 + b) * self.rows + r] = v;
+                }
             }
         }
         y
@@ -516,6 +543,31 @@ mod tests {
                         None => x.clone(),
                     };
                     let y = p.forward(&x, n, a_bits);
+                    if let Some(b) = a_bits {
+                        // Bit for bit the per-(row, token) sum: exact integer dots per group,
+                        // then the f32 steps in group order, whatever the tiling.
+                        let (q, a) = quantize_rows(&x, n, cols, b);
+                        let groups = cols.div_ceil(g.group);
+                        for t in 0..n {
+                            for r in 0..rows {
+                                let mut acc = 0f32;
+                                for j in 0..groups {
+                                    let d: i32 = (j * g.group..((j + 1) * g.group).min(cols))
+                                        .map(|i| {
+                                            g.codes[r * cols + i] as i32 * q[t * cols + i] as i32
+                                        })
+                                        .sum();
+                                    acc += g.scales[r * groups + j] * d as f32;
+                                }
+                                let want = acc * a[t];
+                                assert_eq!(
+                                    y[t * rows + r].to_bits(),
+                                    want.to_bits(),
+                                    "{bits} bits, group {group:?}, cols {cols}, row {r}, token {t}"
+                                );
+                            }
+                        }
+                    }
                     for b in 0..n {
                         for r in 0..rows {
                             let want: f64 = (0..cols)
