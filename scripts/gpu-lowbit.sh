@@ -55,7 +55,8 @@ ppl() { # label model flags...
 }
 
 step perplexity
-for m in stories260k tinystories-656k; do
+# The llmqat students (scripts/gpu-lowbit.sh prepare) where they were carried.
+for m in $( [ -d $C/students ] && echo stories260k tinystories-656k); do
   S=$C/students/$m
   Q=(--w-bits 4 --a-bits 8 --kv-bits 4 --batch 4)
   ppl cpu-f32-fake "$S" "${Q[@]}" --device cpu
@@ -96,7 +97,7 @@ CONFIGS=(
   "packed-w4-int8|$W/packed/model|--packed --kv-cache int8"
   "packed-w4-int4|$W/packed/model|--packed --kv-cache int4"
 )
-for rep in 1 2; do
+for rep in $(seq "${REPEATS:-2}"); do
   for c in "${CONFIGS[@]}"; do
     IFS='|' read -r name model flags <<<"$c"
     for b in 1 64; do
