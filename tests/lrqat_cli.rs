@@ -113,12 +113,6 @@ fn lrqat_keys_that_do_not_fit_fail_naming_the_key() {
             "student.lora_rank = 65",
         ),
         (
-            "kveq",
-            "method = \"lrqat\"",
-            "kv_equalize = 0.5",
-            "train.kv_equalize",
-        ),
-        (
             "targets",
             "method = \"lrqat\"\nlora_targets = [\"q_proj\"]",
             "",

@@ -475,7 +475,7 @@ fn prepare(job: &TrainJob, world: usize, writer: bool) -> Result<Plan> {
             teacher_dir.display()
         );
     }
-    if (student.method.needs_base() || student.method == Method::Lrqat) && cfg.kv_equalize > 0.0 {
+    if student.method.needs_base() && cfg.kv_equalize > 0.0 {
         bail!(
             "train.kv_equalize = {}: not supported with student.method = \"{}\" (it would rescale the frozen base); set it to 0",
             cfg.kv_equalize,
@@ -647,6 +647,33 @@ fn train_rank(
         fused_attention: true,
         ..teacher
     };
+    // K/V equalization rescales the teacher's weights before the student is made from them:
+    // qat's masters start from the result, and lrqat's frozen Phi0 is made from it (again on
+    // resume, as Phi0 is not checkpointed: the calibration batches are the same).
+    let equalized =
+        if cfg.kv_equalize > 0.0 && (resume.is_none() || student.method == Method::Lrqat) {
+            // Calibration: the first batches of the corpus, from a loader of its own, so the
+            // training order is untouched.
+            let mut calib = Loader::start(corpus_dir, spec, 0)?;
+            let batches = (0..KV_CALIBRATION_BATCHES)
+                .map(|_| {
+                    let b = calib.next_batch()?;
+                    Ok(Tensor::from_slice(&b.ids, (b.rows, b.len), &device)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let ranges = kv_equalize::measure(&teacher, &batches)?;
+            let mut eq = teacher_tensors.clone();
+            kv_equalize::apply(&mut eq, &mcfg, &ranges, cfg.kv_equalize)?;
+            if writer {
+                eprintln!(
+                    "K/V equalization (strength {}) applied to the student's initial weights",
+                    cfg.kv_equalize
+                );
+            }
+            Some(eq)
+        } else {
+            None
+        };
     let (init, source) = match &resume {
         Some((dir, _)) => {
             let p = dir.join(checkpoint::STUDENT_FILE);
@@ -655,36 +682,22 @@ fn train_rank(
                 p.display().to_string(),
             )
         }
-        None => {
-            let mut init = teacher_tensors.clone();
-            if cfg.kv_equalize > 0.0 {
-                // Calibration: the first batches of the corpus, from a loader of its own, so the
-                // training order is untouched.
-                let mut calib = Loader::start(corpus_dir, spec, 0)?;
-                let batches = (0..KV_CALIBRATION_BATCHES)
-                    .map(|_| {
-                        let b = calib.next_batch()?;
-                        Ok(Tensor::from_slice(&b.ids, (b.rows, b.len), &device)?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let ranges = kv_equalize::measure(&teacher, &batches)?;
-                kv_equalize::apply(&mut init, &mcfg, &ranges, cfg.kv_equalize)?;
-                if writer {
-                    eprintln!(
-                        "K/V equalization (strength {}) applied to the student's initial weights",
-                        cfg.kv_equalize
-                    );
-                }
-            }
-            (init, teacher_dir.display().to_string())
-        }
+        None => (
+            equalized.clone().unwrap_or_else(|| teacher_tensors.clone()),
+            teacher_dir.display().to_string(),
+        ),
+    };
+    // The weights an lrqat student quantizes (its W0).
+    let w0 = match (&equalized, student.method) {
+        (Some(eq), Method::Lrqat) => eq,
+        _ => &teacher_tensors,
     };
     let mut stu = Student::build(
         student,
         &mcfg,
         quant,
         &init,
-        &teacher_tensors,
+        w0,
         resume.is_some(),
         base.as_ref(),
         cfg,
@@ -710,6 +723,7 @@ fn train_rank(
     let sinks = stu.model.attach_grad_sinks()?;
     let sink_of: Vec<_> = stu.params.iter().map(|p| sinks.get(&p.name)).collect();
     drop(init);
+    drop(equalized);
     drop(teacher_tensors);
     let mut opt = AdamW::new(cfg, &stu.params)?;
     if let Some((dir, _)) = &resume {

@@ -712,6 +712,55 @@ fn lrqat_resumes_bit_identically_and_merges_exactly() -> Result<()> {
     Ok(())
 }
 
+/// An `lrqat` student with K/V equalization: its frozen Phi0 is made from the equalized
+/// weights, recomputed on resume (it is not checkpointed), so a stopped and resumed run ends
+/// byte-identical to an uninterrupted one; and the equalization changed the student.
+#[test]
+fn lrqat_with_kv_equalization_resumes_bit_identically() -> Result<()> {
+    let run = Run::new("lrqat_kveq")?;
+    let mut cfg = small_cfg(4);
+    cfg.kv_equalize = 0.5;
+    let student: StudentConfig = serde_json::from_str(
+        r#"{"method": "lrqat", "w_bits": 4, "lora_rank": 4, "lora_alpha": 4, "kv_bits": 4}"#,
+    )?;
+    student.validate()?;
+    let straight = run.other_out("straight");
+    train(
+        &TrainJob::new(&teacher_dir(), &run.corpus, &straight, &student, &cfg),
+        |_| {},
+    )?;
+    let first = train(
+        &TrainJob {
+            stop_after: Some(2),
+            ..TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg)
+        },
+        |_| {},
+    )?;
+    assert_eq!(first.steps_done, 2);
+    let second = train(
+        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
+        |_| {},
+    )?;
+    assert_eq!((second.resumed_from, second.steps_done), (Some(2), 4));
+    let model_bytes =
+        |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
+    assert!(
+        model_bytes(&straight)? == model_bytes(&run.out)?,
+        "resumed lrqat student (K/V equalized) differs"
+    );
+    let plain = run.other_out("plain");
+    cfg.kv_equalize = 0.0;
+    train(
+        &TrainJob::new(&teacher_dir(), &run.corpus, &plain, &student, &cfg),
+        |_| {},
+    )?;
+    assert!(
+        model_bytes(&plain)? != model_bytes(&straight)?,
+        "K/V equalization left the lrqat student unchanged"
+    );
+    Ok(())
+}
+
 /// `cfg` on `ranks` CPU ranks (threads), optionally stopping after a step.
 fn ranks_job(
     run: &Run,
