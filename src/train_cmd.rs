@@ -114,6 +114,10 @@ pub struct TrainArgs {
     /// How an lrqat student stores Phi0 = W0 / s0: int8 (default; fixed point) or bf16.
     #[arg(long)]
     pub phi_dtype: Option<train::PhiStorage>,
+    /// An lrqat student's scale multipliers learn at this multiple of the learning rate
+    /// (default 1; 0 keeps the MinMax scales).
+    #[arg(long)]
+    pub scale_lr_ratio: Option<f64>,
 }
 
 /// Sets `key` in `table` when the flag was given.
@@ -186,6 +190,7 @@ impl TrainArgs {
         set(&mut s, "lora_targets", self.lora_targets.clone())?;
         set(&mut s, "loftq_iters", self.loftq_iters)?;
         set(&mut s, "phi_dtype", self.phi_dtype)?;
+        set(&mut s, "scale_lr_ratio", self.scale_lr_ratio)?;
         let train: TrainConfig = toml::Value::Table(t).try_into().with_context(|| {
             format!("[train] settings from {src} (steps, batch and seq_len are required)")
         })?;

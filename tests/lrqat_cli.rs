@@ -142,6 +142,18 @@ fn lrqat_keys_that_do_not_fit_fail_naming_the_key() {
             "",
             "student.phi_dtype is a key of method \"lrqat\"",
         ),
+        (
+            "qat_scale_lr",
+            "method = \"qat\"\nscale_lr_ratio = 0.5",
+            "",
+            "student.scale_lr_ratio is a key of method \"lrqat\"",
+        ),
+        (
+            "scale_lr_negative",
+            "method = \"lrqat\"\nscale_lr_ratio = -1.0",
+            "",
+            "student.scale_lr_ratio = -1",
+        ),
     ] {
         let dir = d.join(name);
         std::fs::create_dir_all(&dir).unwrap();

@@ -406,6 +406,11 @@ pub struct StudentConfig {
     /// Phi0's storage (`lrqat` only; absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phi_dtype: Option<PhiStorage>,
+    /// The learning rate of an lrqat student's scale multipliers as a multiple of
+    /// `train.lr` (absent: 1). Left out of the JSON when absent, so older runs keep their
+    /// fingerprints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_lr_ratio: Option<f64>,
     /// The block-quantized base folder (`qlora`): given by `pipeline train --base` or
     /// `[student] base`, or the `[quantize]` stage's output in `pipeline run`. Its content
     /// hash, not its path, is part of the training fingerprint.
@@ -455,6 +460,7 @@ struct RawStudent {
     lora_targets: Option<Vec<String>>,
     loftq_iters: Option<u32>,
     phi_dtype: Option<PhiStorage>,
+    scale_lr_ratio: Option<f64>,
     base: Option<std::path::PathBuf>,
 }
 
@@ -473,6 +479,9 @@ impl TryFrom<RawStudent> for StudentConfig {
         };
         if r.scale_dtype.is_some() && method != Method::Qat {
             return Err(other("scale_dtype", "qat"));
+        }
+        if r.scale_lr_ratio.is_some() && method != Method::Lrqat {
+            return Err(other("scale_lr_ratio", "lrqat"));
         }
         let lora = match method {
             Method::Qat => {
@@ -559,6 +568,7 @@ impl TryFrom<RawStudent> for StudentConfig {
             scale_dtype: r.scale_dtype.unwrap_or_default(),
             lora,
             phi_dtype: (method == Method::Lrqat).then(|| r.phi_dtype.unwrap_or_default()),
+            scale_lr_ratio: r.scale_lr_ratio,
             base: r.base,
         })
     }
@@ -577,6 +587,7 @@ impl Default for StudentConfig {
             scale_dtype: ScaleDtype::F32,
             lora: None,
             phi_dtype: None,
+            scale_lr_ratio: None,
             base: None,
         }
     }
@@ -590,6 +601,11 @@ impl StudentConfig {
                 "student.w_bits = {}: an lrqat student's weights are integers of 2 to 8 bits",
                 self.w_bits
             );
+        }
+        if let Some(r) = self.scale_lr_ratio {
+            if !(r.is_finite() && r >= 0.0) {
+                bail!("student.scale_lr_ratio = {r}: allowed values are finite numbers >= 0 (0 keeps the scales at their MinMax start)");
+            }
         }
         if let Some(l) = &self.lora {
             if l.lora_rank == 0 {

@@ -11,6 +11,8 @@ use std::collections::HashMap;
 pub struct Param {
     pub name: String,
     pub var: Var,
+    /// This parameter's learning rate as a multiple of the schedule's (1 for most).
+    pub lr_ratio: f64,
 }
 
 impl Param {
@@ -368,6 +370,7 @@ impl AdamW {
             // A gradient that carries its graph would chain every step's graph into the
             // moments (memory growing each step).
             debug_assert!(!g.track_op(), "{}: gradient carries a graph", p.name);
+            let lr = lr * p.lr_ratio;
             let s = AdamWStep {
                 beta1: b1,
                 beta2: b2,
@@ -527,6 +530,7 @@ mod tests {
         let p = Param {
             name: "w".into(),
             var: Var::from_vec(vec![1f32, -2.0, 3.0, 0.5], (2, 2), &dev)?,
+            lr_ratio: 1.0,
         };
         let g = Tensor::from_vec(vec![0.3f32, -0.01, 5.0, 0.0], (2, 2), &dev)?;
         let mut c = TrainConfig::new(1, 1, 4);

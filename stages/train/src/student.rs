@@ -255,7 +255,11 @@ impl Student {
                 // from_tensor copies the storage, so the teacher's tensors are never touched.
                 let var = Var::from_tensor(t)?;
                 tensors.insert(name.clone(), var.as_tensor().clone());
-                params.push(Param { name, var });
+                params.push(Param {
+                    name,
+                    var,
+                    lr_ratio: 1.0,
+                });
             } else {
                 tensors.insert(name, t.clone());
             }
@@ -327,8 +331,16 @@ impl Student {
                             .map(|d| (d, (l * PROJECTIONS.len() + j) as u64)),
                     }),
                 );
-                params.push(Param { name: ka, var: a });
-                params.push(Param { name: kb, var: b });
+                params.push(Param {
+                    name: ka,
+                    var: a,
+                    lr_ratio: 1.0,
+                });
+                params.push(Param {
+                    name: kb,
+                    var: b,
+                    lr_ratio: 1.0,
+                });
             }
         }
         let model = Llama::with_projections(
@@ -413,9 +425,21 @@ impl Student {
                 })?;
                 w.m = m.as_tensor().clone();
                 projections.insert(prefix, Weight::LowRankQ(w));
-                params.push(Param { name: ka, var: a });
-                params.push(Param { name: kb, var: b });
-                params.push(Param { name: km, var: m });
+                params.push(Param {
+                    name: ka,
+                    var: a,
+                    lr_ratio: 1.0,
+                });
+                params.push(Param {
+                    name: kb,
+                    var: b,
+                    lr_ratio: 1.0,
+                });
+                params.push(Param {
+                    name: km,
+                    var: m,
+                    lr_ratio: spec.scale_lr_ratio.unwrap_or(1.0),
+                });
             }
         }
         // The projections quantize themselves; activations and K/V as configured.

@@ -761,6 +761,49 @@ fn lrqat_with_kv_equalization_resumes_bit_identically() -> Result<()> {
     Ok(())
 }
 
+/// `scale_lr_ratio` scales the learning rate of an lrqat student's scale multipliers alone:
+/// at 0 they stay at their start (1), while A and B train as at the default ratio.
+#[test]
+fn lrqat_scale_lr_ratio_moves_only_the_scales() -> Result<()> {
+    let run = Run::new("lrqat_scale_lr")?;
+    let cfg = small_cfg(2);
+    let spec = |extra: &str| -> Result<StudentConfig> {
+        let s: StudentConfig = serde_json::from_str(&format!(
+            r#"{{"method": "lrqat", "w_bits": 4, "lora_rank": 4, "lora_alpha": 4{extra}}}"#
+        ))?;
+        s.validate()?;
+        Ok(s)
+    };
+    let last = |out: &Path| {
+        train::checkpoint::read_safetensors(
+            &out.join(train::CHECKPOINT_DIR)
+                .join("step-00000002")
+                .join(train::checkpoint::STUDENT_FILE),
+            &Device::Cpu,
+        )
+    };
+    let (frozen, free) = (run.other_out("frozen"), run.other_out("free"));
+    for (out, extra) in [(&frozen, r#", "scale_lr_ratio": 0.0"#), (&free, "")] {
+        train(
+            &TrainJob::new(&teacher_dir(), &run.corpus, out, &spec(extra)?, &cfg),
+            |_| {},
+        )?;
+    }
+    let (a, b) = (last(&frozen)?, last(&free)?);
+    let m = "model.layers.0.self_attn.q_proj.lrqat_m";
+    let ones = |t: &Tensor| -> Result<bool> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().all(|&v| v == 1.0))
+    };
+    assert!(ones(&a[m])?, "ratio 0: the multipliers moved");
+    assert!(!ones(&b[m])?, "ratio 1: the multipliers did not move");
+    let bkey = "model.layers.0.self_attn.q_proj.lrqat_B.weight";
+    assert!(
+        a[bkey].abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+        "ratio 0: B did not train"
+    );
+    Ok(())
+}
+
 /// `cfg` on `ranks` CPU ranks (threads), optionally stopping after a step.
 fn ranks_job(
     run: &Run,
