@@ -16,6 +16,15 @@ pub struct Param {
 }
 
 impl Param {
+    /// A parameter at the schedule's learning rate.
+    pub fn new(name: impl Into<String>, var: Var) -> Self {
+        Self {
+            name: name.into(),
+            var,
+            lr_ratio: 1.0,
+        }
+    }
+
     /// Weight decay applies to matrices only; norm gains (and biases) are not shrunk to 0.
     fn decays(&self) -> bool {
         self.var.rank() >= 2
@@ -527,11 +536,10 @@ mod tests {
     fn adamw_first_step_moves_by_lr() -> Result<()> {
         // With bias correction the first update is lr * g / (|g| + eps) = lr * sign(g).
         let dev = Device::Cpu;
-        let p = Param {
-            name: "w".into(),
-            var: Var::from_vec(vec![1f32, -2.0, 3.0, 0.5], (2, 2), &dev)?,
-            lr_ratio: 1.0,
-        };
+        let p = Param::new(
+            "w",
+            Var::from_vec(vec![1f32, -2.0, 3.0, 0.5], (2, 2), &dev)?,
+        );
         let g = Tensor::from_vec(vec![0.3f32, -0.01, 5.0, 0.0], (2, 2), &dev)?;
         let mut c = TrainConfig::new(1, 1, 4);
         c.weight_decay = 0.5;

@@ -255,11 +255,7 @@ impl Student {
                 // from_tensor copies the storage, so the teacher's tensors are never touched.
                 let var = Var::from_tensor(t)?;
                 tensors.insert(name.clone(), var.as_tensor().clone());
-                params.push(Param {
-                    name,
-                    var,
-                    lr_ratio: 1.0,
-                });
+                params.push(Param::new(name, var));
             } else {
                 tensors.insert(name, t.clone());
             }
@@ -331,16 +327,8 @@ impl Student {
                             .map(|d| (d, (l * PROJECTIONS.len() + j) as u64)),
                     }),
                 );
-                params.push(Param {
-                    name: ka,
-                    var: a,
-                    lr_ratio: 1.0,
-                });
-                params.push(Param {
-                    name: kb,
-                    var: b,
-                    lr_ratio: 1.0,
-                });
+                params.push(Param::new(ka, a));
+                params.push(Param::new(kb, b));
             }
         }
         let model = Llama::with_projections(
@@ -425,16 +413,8 @@ impl Student {
                 })?;
                 w.m = m.as_tensor().clone();
                 projections.insert(prefix, Weight::LowRankQ(w));
-                params.push(Param {
-                    name: ka,
-                    var: a,
-                    lr_ratio: 1.0,
-                });
-                params.push(Param {
-                    name: kb,
-                    var: b,
-                    lr_ratio: 1.0,
-                });
+                params.push(Param::new(ka, a));
+                params.push(Param::new(kb, b));
                 params.push(Param {
                     name: km,
                     var: m,

@@ -252,6 +252,47 @@ fn loss_falls_and_the_student_folder_loads() -> Result<()> {
     Ok(())
 }
 
+/// Trains `student` straight through into `run`'s "straight" folder and, in `run.out`,
+/// stopped after `stop` steps and resumed to the end; asserts the resume and that both
+/// students are byte-identical. Returns the uninterrupted run's folder.
+fn straight_and_resumed(
+    run: &Run,
+    student: &StudentConfig,
+    cfg: &TrainConfig,
+    stop: u64,
+) -> Result<PathBuf> {
+    let straight = run.other_out("straight");
+    let job = |out: &Path| TrainJob::new(&teacher_dir(), &run.corpus, out, student, cfg);
+    train(&job(&straight), |_| {})?;
+    let first = train(
+        &TrainJob {
+            stop_after: Some(stop),
+            ..job(&run.out)
+        },
+        |_| {},
+    )?;
+    assert_eq!(
+        (first.steps_done, first.student_dir.is_none()),
+        (stop, true)
+    );
+    let second = train(&job(&run.out), |_| {})?;
+    assert_eq!(
+        (second.resumed_from, second.steps_done),
+        (Some(stop), cfg.steps)
+    );
+    assert!(
+        student_bytes(&straight)? == student_bytes(&run.out)?,
+        "{:?}: the resumed student differs from the uninterrupted one",
+        student.method
+    );
+    Ok(straight)
+}
+
+/// The bytes of a run's final student weights.
+fn student_bytes(out: &Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"))
+}
+
 #[test]
 fn stopped_and_resumed_run_is_bit_identical() -> Result<()> {
     let run = Run::new("resume")?;
@@ -261,31 +302,8 @@ fn stopped_and_resumed_run_is_bit_identical() -> Result<()> {
     cfg.grad_accum = 2;
     cfg.weight_decay = 0.01;
     let student = StudentConfig::default();
-    let straight = run.other_out("straight");
-    train(
-        &TrainJob::new(&teacher_dir(), &run.corpus, &straight, &student, &cfg),
-        |_| {},
-    )?;
-
-    let first = train(
-        &TrainJob {
-            stop_after: Some(3),
-            ..TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg)
-        },
-        |_| {},
-    )?;
-    assert_eq!((first.steps_done, first.student_dir.is_none()), (3, true));
-    let second = train(
-        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
-        |_| {},
-    )?;
-    assert_eq!((second.resumed_from, second.steps_done), (Some(3), 8));
-
-    let model = |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
-    assert!(
-        model(&straight)? == model(&run.out)?,
-        "resumed student differs from the uninterrupted one"
-    );
+    let straight = straight_and_resumed(&run, &student, &cfg, 3)?;
+    let model = student_bytes;
     let ckpt = |out: &Path, f: &str| {
         std::fs::read(
             out.join(train::CHECKPOINT_DIR)
@@ -639,30 +657,7 @@ fn lrqat_resumes_bit_identically_and_merges_exactly() -> Result<()> {
         r#"{"method": "lrqat", "w_bits": 4, "lora_rank": 4, "lora_alpha": 4, "phi_dtype": "int8"}"#,
     )?;
     student.validate()?;
-    let straight = run.other_out("straight");
-    train(
-        &TrainJob::new(&teacher_dir(), &run.corpus, &straight, &student, &cfg),
-        |_| {},
-    )?;
-    let first = train(
-        &TrainJob {
-            stop_after: Some(3),
-            ..TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg)
-        },
-        |_| {},
-    )?;
-    assert_eq!(first.steps_done, 3);
-    let second = train(
-        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
-        |_| {},
-    )?;
-    assert_eq!((second.resumed_from, second.steps_done), (Some(3), 6));
-    let model_bytes =
-        |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
-    assert!(
-        model_bytes(&straight)? == model_bytes(&run.out)?,
-        "resumed lrqat student differs"
-    );
+    let straight = straight_and_resumed(&run, &student, &cfg, 3)?;
 
     let dev = Device::Cpu;
     let ck = train::checkpoint::read_safetensors(
@@ -724,30 +719,7 @@ fn lrqat_with_kv_equalization_resumes_bit_identically() -> Result<()> {
         r#"{"method": "lrqat", "w_bits": 4, "lora_rank": 4, "lora_alpha": 4, "kv_bits": 4}"#,
     )?;
     student.validate()?;
-    let straight = run.other_out("straight");
-    train(
-        &TrainJob::new(&teacher_dir(), &run.corpus, &straight, &student, &cfg),
-        |_| {},
-    )?;
-    let first = train(
-        &TrainJob {
-            stop_after: Some(2),
-            ..TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg)
-        },
-        |_| {},
-    )?;
-    assert_eq!(first.steps_done, 2);
-    let second = train(
-        &TrainJob::new(&teacher_dir(), &run.corpus, &run.out, &student, &cfg),
-        |_| {},
-    )?;
-    assert_eq!((second.resumed_from, second.steps_done), (Some(2), 4));
-    let model_bytes =
-        |out: &Path| std::fs::read(out.join(train::STUDENT_DIR).join("model.safetensors"));
-    assert!(
-        model_bytes(&straight)? == model_bytes(&run.out)?,
-        "resumed lrqat student (K/V equalized) differs"
-    );
+    let straight = straight_and_resumed(&run, &student, &cfg, 2)?;
     let plain = run.other_out("plain");
     cfg.kv_equalize = 0.0;
     train(
@@ -755,7 +727,7 @@ fn lrqat_with_kv_equalization_resumes_bit_identically() -> Result<()> {
         |_| {},
     )?;
     assert!(
-        model_bytes(&plain)? != model_bytes(&straight)?,
+        student_bytes(&plain)? != student_bytes(&straight)?,
         "K/V equalization left the lrqat student unchanged"
     );
     Ok(())

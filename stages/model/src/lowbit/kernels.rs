@@ -214,7 +214,7 @@ pub fn q4_dot_f32(codes: &[u8], x: &[f32]) -> f32 {
     );
     #[cfg(target_arch = "x86_64")]
     match isa() {
-        // SAFETY: as for q4_dot_i8: features checked by `isa()`, loads inside the slices.
+        // SAFETY: features checked by `isa()`; the loads stay inside the slices (checked above).
         Isa::Avx512 => return unsafe { x86::q4_dot_f32_avx512(codes, x) },
         Isa::Avx2 => return unsafe { x86::q4_dot_f32_avx2(codes, x) },
         Isa::Base => {}
@@ -233,28 +233,10 @@ fn reduce16(mut acc: [f32; F32_LANES]) -> f32 {
     }
     acc[0]
 }
-/// Σ (code + 8) · q of 4-bit blocks against int8 codes, exactly. The hot loop of a W4A8
-/// student's decoding, written with the CPU's byte dot products: AVX-512 VNNI's
-/// `vpdpbusd` (u8 × i8, four products per i32 lane) on two blocks at a time, AVX2's
-/// `vpmaddubsw` + `vpmaddwd` one block at a time; the portable loop elsewhere.
-pub fn q4_dot_i8(codes: &[u8], q: &[i8]) -> i32 {
-    assert!(
-        codes.len() * 2 == q.len() && codes.len().is_multiple_of(16),
-        "q4_dot_i8: blocks do not fit"
-    );
-    #[cfg(target_arch = "x86_64")]
-    match isa() {
-        // SAFETY: `isa()` returns these only when the CPU has the features; the loads stay
-        // inside the slices (checked above: 16 code bytes and 32 q bytes per block).
-        Isa::Avx512 => return unsafe { x86::q4_dot_i8_vnni(codes, q) },
-        Isa::Avx2 => return unsafe { x86::q4_dot_i8_avx2(codes, q) },
-        Isa::Base => {}
-    }
-    q4_dot_i8_lanes(codes, q)
-}
-
-/// `out[r][b] = q4_dot_i8(rows[r], &q[b * stride..][..2 * len])` for two weight rows of `len`
-/// code bytes and the `out[r].len()` tokens whose codes start every `stride` bytes of `q`.
+/// Σ (code + 8) · q of 4-bit blocks against int8 codes, exactly: the hot loop of a W4A8
+/// student's decoding. `out[r][b]` is that sum for weight row `rows[r]` (`len` code bytes)
+/// and the token whose codes are `q[b * stride..][..2 * len]`, for two rows and the
+/// `out[r].len()` tokens.
 /// The vector path works in tiles of 2 rows x 4 tokens: each row's nibbles are unpacked
 /// once per 4 tokens and each token's codes read once per 2 rows. The sums are exact, so
 /// they equal the single dots whatever the tiling.
@@ -284,38 +266,6 @@ pub fn q4_dot_i8_rows(rows: [&[u8]; 2], q: &[i8], stride: usize, out: [&mut [i32
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-
-    /// One block: 16 code bytes at `c`, 32 q bytes at `q`; i32 partial sums in 8 lanes.
-    #[inline(always)]
-    unsafe fn block_avx2(c: *const u8, q: *const i8, ones: __m256i) -> __m256i {
-        let b = _mm_loadu_si128(c as *const __m128i);
-        let m = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(b, m);
-        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-        let u = _mm256_set_m128i(hi, lo);
-        let x = _mm256_loadu_si256(q as *const __m256i);
-        // u ≤ 15 and |x| ≤ 128: each pair sum fits i16 without saturating.
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn q4_dot_i8_avx2(codes: &[u8], q: &[i8]) -> i32 {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_si256();
-        for k in 0..codes.len() / 16 {
-            acc = _mm256_add_epi32(
-                acc,
-                block_avx2(codes.as_ptr().add(16 * k), q.as_ptr().add(32 * k), ones),
-            );
-        }
-        let s = _mm_add_epi32(
-            _mm256_castsi256_si128(acc),
-            _mm256_extracti128_si256(acc, 1),
-        );
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    }
 
     /// The four i32 sums of four registers of 8 lanes each.
     #[inline(always)]
@@ -461,39 +411,8 @@ mod x86 {
         _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a1);
         super::reduce16(lanes)
     }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    pub unsafe fn q4_dot_i8_vnni(codes: &[u8], q: &[i8]) -> i32 {
-        let blocks = codes.len() / 16;
-        let m = _mm256_set1_epi8(0x0f);
-        let mut acc = _mm512_setzero_si512();
-        for k in 0..blocks / 2 {
-            // Two blocks: bytes [b0 | b1] -> nibbles ordered [lo0, hi0, lo1, hi1], the order of
-            // their 64 q bytes.
-            let b = _mm256_loadu_si256(codes.as_ptr().add(32 * k) as *const __m256i);
-            let lo = _mm256_and_si256(b, m);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
-            let u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            let u = _mm512_shuffle_i64x2(u, u, 0b11_01_10_00);
-            let x = _mm512_loadu_si512(q.as_ptr().add(64 * k) as *const _);
-            acc = _mm512_dpbusd_epi32(acc, u, x);
-        }
-        let mut total = _mm512_reduce_add_epi32(acc);
-        if blocks % 2 == 1 {
-            let k = blocks - 1;
-            let t = block_avx2(
-                codes.as_ptr().add(16 * k),
-                q.as_ptr().add(32 * k),
-                _mm256_set1_epi16(1),
-            );
-            let s = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            total += _mm_cvtsi128_si32(s);
-        }
-        total
-    }
 }
+
 multiversion! {
     /// `dst[i] = src[i] * scale` (the dequantized value, exactly as the fake quantizer's).
     pub fn scale_i8(src: &[i8], scale: f32, dst: &mut [f32]) => scale_i8_lanes
@@ -573,27 +492,13 @@ mod tests {
             .map(|(c, q)| *c as i32 * *q as i32)
             .sum();
         let qsum: i32 = q.iter().map(|&v| v as i32).sum();
-        assert_eq!(q4_dot_i8(&packed, &q) - 8 * qsum, exact);
-        assert_eq!(q4_dot_i8(&packed, &q), q4_dot_i8_lanes(&packed, &q));
+        let (mut y0, mut y1) = ([0], [0]);
+        q4_dot_i8_rows([&packed, &packed], &q, 0, [&mut y0, &mut y1]);
+        assert_eq!(y0[0] - 8 * qsum, exact);
+        assert_eq!(y1[0], q4_dot_i8_lanes(&packed, &q));
         #[cfg(target_arch = "x86_64")]
         for blocks in [1, 2, 3, 8] {
             let c: Vec<u8> = (0..16 * blocks).map(|i| (i * 37 + 11) as u8).collect();
-            let q: Vec<i8> = (0..32 * blocks).map(|i| (i * 53 + 7) as i8).collect();
-            let want = q4_dot_i8_lanes(&c, &q);
-            if is_x86_feature_detected!("avx2") {
-                assert_eq!(
-                    unsafe { x86::q4_dot_i8_avx2(&c, &q) },
-                    want,
-                    "avx2, {blocks} blocks"
-                );
-            }
-            if detect() == Isa::Avx512 {
-                assert_eq!(
-                    unsafe { x86::q4_dot_i8_vnni(&c, &q) },
-                    want,
-                    "vnni, {blocks} blocks"
-                );
-            }
             let xf: Vec<f32> = (0..32 * blocks)
                 .map(|i| ((i * 29 + 3) % 61) as f32 * 0.173 - 5.1)
                 .collect();

@@ -335,54 +335,13 @@ impl PackedLinear {
         yt.par_chunks_mut(per_task * n)
             .enumerate()
             .for_each(|(task, out)| {
-                if let (Layout::Q4Blocks, Acts::Int { q, alpha, qsum }) = (self.layout, &acts) {
-                    // The W4A8 product two rows at a time over all tokens (same integers and
-                    // the same f32 steps per output as one row and token at a time).
-                    let rows_here = out.len() / n;
-                    let mut d = [vec![0i32; n], vec![0i32; n]];
-                    for r0 in (0..rows_here).step_by(2) {
-                        // A last odd row is computed twice and written once.
-                        let rr = [r0, (r0 + 1).min(rows_here - 1)].map(|k| task * per_task + k);
-                        for j in 0..groups {
-                            let (lo, hi) = span(j);
-                            let [d0, d1] = &mut d;
-                            q4_dot_i8_rows(
-                                rr.map(|r| &self.row(r)[lo / 2..hi / 2]),
-                                &q[lo..],
-                                width,
-                                [d0, d1],
-                            );
-                            for (i, &r) in rr.iter().enumerate().take(rows_here - r0) {
-                                let sj = self.scales[r * groups + j];
-                                let acc = &mut out[(r0 + i) * n..(r0 + i + 1) * n];
-                                for (b, (a, &dot)) in acc.iter_mut().zip(&d[i]).enumerate() {
-                                    *a += sj * (dot - 8 * qsum[b * groups + j]) as f32;
-                                }
-                            }
-                        }
-                        for i in 0..(rows_here - r0).min(2) {
-                            let acc = &mut out[(r0 + i) * n..(r0 + i + 1) * n];
-                            for (a, &al) in acc.iter_mut().zip(alpha) {
-                                *a *= al;
-                            }
-                        }
+                let first = task * per_task;
+                match (self.layout, &acts) {
+                    (Layout::Q4Blocks, Acts::Int { q, alpha, qsum }) => {
+                        self.q4_int_rows(first, out, n, width, q, alpha, qsum)
                     }
-                    return;
-                }
-                let mut wf = vec![
-                    0f32;
-                    if self.layout == Layout::Bytes {
-                        cols
-                    } else {
-                        0
-                    }
-                ];
-                for (k, yrow) in out.chunks_mut(n).enumerate() {
-                    let r = task * per_task + k;
-                    let (row, s) = (self.row(r), &self.scales[r * groups..(r + 1) * groups]);
-                    match (self.layout, &acts) {
-                        (Layout::Q4Blocks, Acts::Int { .. }) => unreachable!("tiled above"),
-                        (Layout::Q4Blocks, Acts::Float(xp)) => {
+                    (Layout::Q4Blocks, Acts::Float(xp)) => {
+                        for (row, s, yrow) in self.out_rows(first, out, n) {
                             for (b, y) in yrow.iter_mut().enumerate() {
                                 let xb = &xp[b * width..(b + 1) * width];
                                 let mut acc = 0f32;
@@ -393,7 +352,9 @@ impl PackedLinear {
                                 *y = acc;
                             }
                         }
-                        (Layout::Bytes, Acts::Int { q, alpha, .. }) => {
+                    }
+                    (Layout::Bytes, Acts::Int { q, alpha, .. }) => {
+                        for (row, s, yrow) in self.out_rows(first, out, n) {
                             // SAFETY-free reinterpretation: the bytes are the i8 codes.
                             let codes: Vec<i8> = row.iter().map(|&b| b as i8).collect();
                             for (b, y) in yrow.iter_mut().enumerate() {
@@ -407,7 +368,10 @@ impl PackedLinear {
                                 *y = acc * alpha[b];
                             }
                         }
-                        (Layout::Bytes, Acts::Float(xp)) => {
+                    }
+                    (Layout::Bytes, Acts::Float(xp)) => {
+                        let mut wf = vec![0f32; cols];
+                        for (row, s, yrow) in self.out_rows(first, out, n) {
                             for (w, &c) in wf.iter_mut().zip(row) {
                                 *w = c as i8 as f32;
                             }
@@ -437,6 +401,79 @@ impl PackedLinear {
             }
         }
         y
+    }
+
+    /// Output rows `first..` of a task's share `out` ([rows here, n]): each row's codes, its
+    /// scales and its n outputs.
+    fn out_rows<'a>(
+        &'a self,
+        first: usize,
+        out: &'a mut [f32],
+        n: usize,
+    ) -> impl Iterator<Item = (&'a [u8], &'a [f32], &'a mut [f32])> {
+        let groups = self.groups();
+        out.chunks_mut(n).enumerate().map(move |(k, yrow)| {
+            let r = first + k;
+            (
+                self.row(r),
+                &self.scales[r * groups..(r + 1) * groups],
+                yrow,
+            )
+        })
+    }
+
+    /// Output rows `first..` of the W4A8 product into `out` ([rows here, n], transposed):
+    /// two weight rows at a time over all tokens, with the same integers and the same f32
+    /// steps per output as one row and token at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn q4_int_rows(
+        &self,
+        first: usize,
+        out: &mut [f32],
+        n: usize,
+        width: usize,
+        q: &[i8],
+        alpha: &[f32],
+        qsum: &[i32],
+    ) {
+        let (group, groups) = (self.group, self.groups());
+        let rows_here = out.len() / n;
+        let mut d = [vec![0i32; n], vec![0i32; n]];
+        for r0 in (0..rows_here).step_by(2) {
+            // A last odd row is computed twice and written once.
+            let rr = [r0, (r0 + 1).min(rows_here - 1)].map(|k| first + k);
+            for j in 0..groups {
+                // The group's span in the padded row: the last group runs to the end.
+                let (lo, hi) = (
+                    j * group,
+                    if j + 1 == groups {
+                        width
+                    } else {
+                        (j + 1) * group
+                    },
+                );
+                let [d0, d1] = &mut d;
+                q4_dot_i8_rows(
+                    rr.map(|r| &self.row(r)[lo / 2..hi / 2]),
+                    &q[lo..],
+                    width,
+                    [d0, d1],
+                );
+                for (i, &r) in rr.iter().enumerate().take(rows_here - r0) {
+                    let sj = self.scales[r * groups + j];
+                    let acc = &mut out[(r0 + i) * n..(r0 + i + 1) * n];
+                    for (b, (a, &dot)) in acc.iter_mut().zip(&d[i]).enumerate() {
+                        *a += sj * (dot - 8 * qsum[b * groups + j]) as f32;
+                    }
+                }
+            }
+            for i in 0..(rows_here - r0).min(2) {
+                let acc = &mut out[(r0 + i) * n..(r0 + i + 1) * n];
+                for (a, &al) in acc.iter_mut().zip(alpha) {
+                    *a *= al;
+                }
+            }
+        }
     }
 }
 
