@@ -3,13 +3,15 @@
 //! the sums the reconstruction error needs, so nothing of the tensor's size is allocated
 //! besides the packed output. The code choice is the library's (nearest code, a value on a
 //! float32 midpoint goes to the lower code, x / absmax by division); the tests check
-//! equality with the library, which matches bitsandbytes bit for bit. Where the CPU has
-//! AVX-512, [`avx512`] runs the blocks of code books of up to 16 codes; the portable code
-//! below runs the others (and everything elsewhere).
+//! equality with the library, which matches bitsandbytes bit for bit. For code books of up
+//! to 16 codes, [`avx512`] runs the blocks where the CPU has AVX-512 and [`avx2`] where it
+//! has AVX2 only; the portable code below runs the others (and everything elsewhere).
 
 use quant::{double_quantize, BlockScales, CodeBook};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -123,6 +125,9 @@ enum Kernel {
     /// Explicit AVX-512, for code books of at most 16 codes.
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// Explicit AVX2 (with FMA and F16C), for code books of at most 16 codes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
 }
 
 impl Kernel {
@@ -131,8 +136,19 @@ impl Kernel {
         if avx512::available() {
             return Kernel::Avx512;
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return Kernel::Avx2;
+        }
         Kernel::Portable
     }
+}
+
+/// A vector kernel's tables, where one applies to the code book.
+#[cfg(target_arch = "x86_64")]
+enum Simd {
+    Avx512(avx512::Tables),
+    Avx2(avx2::Tables),
 }
 
 fn quantize_with(
@@ -153,7 +169,8 @@ fn quantize_with(
     debug_assert!(block >= 8 && (block * bits).is_multiple_of(8));
     #[cfg(target_arch = "x86_64")]
     let simd = match kernel {
-        Kernel::Avx512 => avx512::Tables::new(&code, &mids, bits),
+        Kernel::Avx512 => avx512::Tables::new(&code, &mids, bits).map(Simd::Avx512),
+        Kernel::Avx2 => avx2::Tables::new(&code, &mids, bits).map(Simd::Avx2),
         Kernel::Portable => None,
     };
     let n = x.len();
@@ -180,8 +197,14 @@ fn quantize_with(
         .map(|(i, ((out, amax), sums))| {
             let x = x.slice(i * task_vals, n.min((i + 1) * task_vals));
             #[cfg(target_arch = "x86_64")]
-            if let Some(t) = &simd {
-                return avx512::run(t, x, block, double_quant, out, amax, sums);
+            match &simd {
+                Some(Simd::Avx512(t)) => {
+                    return avx512::run(t, x, block, double_quant, out, amax, sums)
+                }
+                Some(Simd::Avx2(t)) => {
+                    return avx2::run(t, x, block, double_quant, out, amax, sums)
+                }
+                None => {}
             }
             task.run_dispatch(out, x, amax, sums)
         })
@@ -655,6 +678,10 @@ mod adversarial {
         if avx512::available() {
             k.push(Kernel::Avx512);
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            k.push(Kernel::Avx2);
+        }
         k
     }
 
@@ -834,16 +861,54 @@ mod adversarial {
         assert!(f16_to_f32(0x7E00).is_nan());
     }
 
-    /// The AVX-512 kernel takes every code book of up to 16 codes (the cells of its search
-    /// table fit between their midpoints).
+    /// The AVX-512 and AVX2 kernels take every code book of up to 16 codes (for AVX-512:
+    /// the cells of its search table fit between their midpoints).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_covers_the_small_code_books() {
+    fn vector_kernels_cover_the_small_code_books() {
         for cb in BOOKS {
             let code = cb.values();
             let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
             let t = avx512::Tables::new(&code, &mids, cb.bits() as usize);
             assert_eq!(t.is_some(), code.len() <= 16, "{cb:?}");
+            let t = avx2::Tables::new(&code, &mids, cb.bits() as usize);
+            assert_eq!(t.is_some(), code.len() <= 16, "{cb:?}");
+        }
+    }
+
+    /// Speed of each kernel on an in-memory bf16 and f32 matrix of the 135M-class shape
+    /// (run with `cargo test --release -p quantize --lib -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn speed() {
+        let x = nasty(CodeBook::Nf4);
+        let x: Vec<f32> = x.iter().cycle().take(1536 * 576 * 4).copied().collect();
+        let x: Vec<f32> = x
+            .iter()
+            .map(|v| if v.is_finite() { *v } else { 0.5 })
+            .collect();
+        let bf16: Vec<u8> = x
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        for k in kernels() {
+            for (name, v, bytes) in [
+                ("bf16", Values::Bf16(&bf16), bf16.len()),
+                ("f32", Values::F32(&x), 4 * x.len()),
+            ] {
+                let best = (0..10)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        std::hint::black_box(quantize_with(v, 64, CodeBook::Nf4, true, k));
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                println!(
+                    "{k:?} NF4 + double quant, {name}: {:.2} GB/s of input, {:.2} G values/s",
+                    bytes as f64 / best / 1e9,
+                    x.len() as f64 / best / 1e9
+                );
+            }
         }
     }
 }
