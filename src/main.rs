@@ -79,9 +79,12 @@ const CANDLE_SPIN_LIMIT: &str = "64";
 
 /// glibc's malloc hands every block above 32 MiB (logits, embedding-sized gradients) out as a
 /// fresh mmap and unmaps it on free, so each training step faulted in and zeroed gigabytes of
-/// new pages (a third of the step's time was the kernel's). Large blocks from the heap, kept
-/// up to 1 GiB of free top: 135M-shape QAT 52.6 -> 61.4 tokens/s, peak RSS +2.4%
-/// (issue 22). A user's own MALLOC_* or GLIBC_TUNABLES settings are left alone.
+/// new pages (a third of the step's time was the kernel's). Large blocks come from the heap
+/// instead: 135M-shape QAT 52.6 -> 61.4 tokens/s, peak RSS +2.4% (issue 22). And the heap's
+/// free top is never given back: a 1 GiB limit still let eval's windows hand back and fault
+/// in again about 1.5 GB each (135M-shape eval, ctx 512 x 4: 343 -> 372 tokens/s, 991k ->
+/// 598k page faults, the same peak RSS). A job's process keeps its peak, which it reached
+/// anyway. A user's own MALLOC_* or GLIBC_TUNABLES settings are left alone.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {
     let set_by_user = std::env::vars_os().any(|(k, _)| {
@@ -92,7 +95,8 @@ fn tune_allocator() {
         // SAFETY: called first thing in main, before other threads allocate.
         unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            // -1: no trimming at all (mallopt's documented value).
+            libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         }
     }
 }
