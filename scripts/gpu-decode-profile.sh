@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Where a batch-1 decoding step of the packed W4 student (synthetic TinyLlama-1.1B, int4
-# cache) and of the bf16 teacher spends its time on the GPU: nsys's kernel summary (when the
-# machine has nsys), kernels per step, and ms per step. Writes $OUT/profile-*.txt.
+# Where a decoding step of the packed W4 student (synthetic TinyLlama-1.1B, int4 cache) and of
+# the bf16 teacher spends its time on the GPU, at batch 1 and 64: ms per step with and without
+# a CUDA graph, and the GPU time of each piece of an eager step (PIPELINE_PROFILE=1: CUDA
+# events between the pieces); nsys's kernel summary too where the machine has nsys.
+# Writes $OUT/steps.txt and $OUT/pieces.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-profile}
@@ -18,6 +20,11 @@ echo '{"w_bits": 4, "w_group": null, "a_bits": null, "kv_bits": null}' >$W/stude
 "$W/pipeline" export --student $W/student --out $W/packed --format packed >/dev/null || exit 1
 for c in "teacher|$W/tinyllama|" "packed|$W/packed/model|--packed --kv-cache int4"; do
   IFS='|' read -r name model flags <<<"$c"
+  for batch in 1 64; do
+    # shellcheck disable=SC2086
+    PIPELINE_PROFILE=1 "$W/pipeline" bench decode --model "$model" --batch $batch --steps 64 --warmup 8 --device cuda --dtype bf16 $flags 2>/dev/null |
+      python3 -c "import json,sys; r=json.load(sys.stdin)['runs'][0]; print(json.dumps({'config':'$name','batch':$batch,'ms_per_step':r['ms_per_step'],'pieces':r.get('gpu_ms_per_step_by_piece')}))" | tee -a "$OUT/pieces.jsonl"
+  done
   for graph in --cuda-graph ""; do
     # shellcheck disable=SC2086
     "$W/pipeline" bench decode --model "$model" --batch 1 --steps 128 --warmup 8 --device cuda --dtype bf16 $graph $flags 2>/dev/null |

@@ -132,6 +132,7 @@ fn decode_batch(
         step(&mut tokens)?;
     }
     c.synchronize()?;
+    model::decode::profile::reset();
     let t0 = Instant::now();
     for _ in 0..a.steps {
         step(&mut tokens)?;
@@ -164,7 +165,12 @@ fn decode_batch(
     let step_s = secs / a.steps as f64;
     let bound_step_s = (weight_bytes + kv_bytes) / (copy * 1e9);
     let tps = (batch * a.steps) as f64 / secs;
-    Ok(json!({
+    // PIPELINE_PROFILE=1 on a GPU without --cuda-graph: milliseconds per step of each piece.
+    let profile: serde_json::Map<String, serde_json::Value> = model::decode::profile::totals()
+        .into_iter()
+        .map(|(piece, ms, _)| (piece.to_string(), json!(ms / a.steps as f64)))
+        .collect();
+    let mut out = json!({
         "batch": batch,
         "batched_cache": batched,
         "cuda_graph": a.cuda_graph,
@@ -179,5 +185,9 @@ fn decode_batch(
         "bound_ms_per_step": 1e3 * bound_step_s,
         "bound_tokens_per_second": batch as f64 / bound_step_s,
         "fraction_of_bound": bound_step_s / step_s,
-    }))
+    });
+    if !profile.is_empty() {
+        out["gpu_ms_per_step_by_piece"] = profile.into();
+    }
+    Ok(out)
 }

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 pub(crate) mod graph;
+pub mod profile;
 
 /// One sequence's KV cache: per layer, K and V buffers [n_kv, capacity, head_dim] in the
 /// compute dtype, or (a low-bit cache) per layer the codes and scales of `KvCodes`.
@@ -958,10 +959,17 @@ impl Llama {
         };
         // With a workspace, each piece writes into its buffer there.
         let ws = cache.workspace.as_ref();
+        // PIPELINE_PROFILE=1: GPU time per piece of eager steps (a graph records no events).
+        let mut timer = match cache.graph {
+            None => profile::StepTimer::start(&self.device)?,
+            Some(_) => None,
+        };
+        let mark = profile::mark;
         let mut x = self
             .embed_tokens
             .index_select(&inp.ids, 0)?
             .to_dtype(self.compute)?;
+        mark(&mut timer, "embed")?;
         for (l, blk) in self.blocks.iter().enumerate() {
             let lw = &cache.layers[l];
             let into = ws.map(|w| &w.qkv);
@@ -970,19 +978,29 @@ impl Llama {
                 Some(b) => qkv.broadcast_add(b)?,
                 None => qkv,
             };
+            mark(&mut timer, "norm_qkv")?;
             let y = match &ops {
                 Some(ops) => ops.attend(&qkv, lw, &cache.k[l], &cache.v[l], q)?,
                 None => self.attend_kernels(&qkv, &inp.pos, cache, l)?,
             };
+            mark(&mut timer, "attention")?;
             x = kernels.project_add(&y, &lw.o, &x, q, ws.map(|w| &w.x))?;
             if let Some(b) = &lw.o_bias {
                 x = x.broadcast_add(b)?;
             }
+            mark(&mut timer, "o_proj")?;
             let into = ws.map(|w| &w.m);
             let m = kernels.swiglu(&x, &blk.post_attention_layernorm, &lw.gate_up, eps, q, into)?;
+            mark(&mut timer, "norm_gate_up_swiglu")?;
             x = kernels.project_add(&m, &lw.down, &x, q, ws.map(|w| &w.x))?;
+            mark(&mut timer, "down_proj")?;
         }
-        kernels.logits(&x, &self.norm, &cache.lm_head, eps)
+        let logits = kernels.logits(&x, &self.norm, &cache.lm_head, eps)?;
+        mark(&mut timer, "norm_lm_head")?;
+        if let Some(t) = timer {
+            t.finish()?;
+        }
+        Ok(logits)
     }
 
     /// The step-wide tensors of candle's attention ops: RoPE tables at each slot's position,
