@@ -118,6 +118,10 @@ pub struct TrainArgs {
     /// (default 1; 0 keeps the MinMax scales).
     #[arg(long)]
     pub scale_lr_ratio: Option<f64>,
+    /// How an lrqat student's start scales are chosen: minmax (default; nothing clipped) or
+    /// mse (per group, the clip with the least squared error).
+    #[arg(long)]
+    pub scale_init: Option<train::ScaleInit>,
 }
 
 /// Sets `key` in `table` when the flag was given.
@@ -191,6 +195,7 @@ impl TrainArgs {
         set(&mut s, "loftq_iters", self.loftq_iters)?;
         set(&mut s, "phi_dtype", self.phi_dtype)?;
         set(&mut s, "scale_lr_ratio", self.scale_lr_ratio)?;
+        set(&mut s, "scale_init", self.scale_init)?;
         let train: TrainConfig = toml::Value::Table(t).try_into().with_context(|| {
             format!("[train] settings from {src} (steps, batch and seq_len are required)")
         })?;

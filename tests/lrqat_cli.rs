@@ -154,6 +154,18 @@ fn lrqat_keys_that_do_not_fit_fail_naming_the_key() {
             "",
             "student.scale_lr_ratio = -1",
         ),
+        (
+            "qat_scale_init",
+            "method = \"qat\"\nscale_init = \"mse\"",
+            "",
+            "student.scale_init is a key of method \"lrqat\"",
+        ),
+        (
+            "scale_init_unknown",
+            "method = \"lrqat\"\nscale_init = \"percentile\"",
+            "",
+            "percentile",
+        ),
     ] {
         let dir = d.join(name);
         std::fs::create_dir_all(&dir).unwrap();

@@ -35,7 +35,7 @@ pub use grad_sink::{GradSink, GradSinks};
 pub use hub::HubSource;
 pub use llama::{Linear, Llama, Weight};
 pub use lora::{BlockwiseWeight, LoraDropout, LoraWeight};
-pub use lowrank_q::{LowRankQWeight, PhiDtype};
+pub use lowrank_q::{LowRankQWeight, PhiDtype, ScaleInit};
 pub use qconfig::{parse_bits, KvPoint, KvRotation, QuantConfig};
 
 /// The largest |a - b| over all elements, in f64 whatever the dtypes (for tests and checks).

@@ -19,6 +19,55 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
+/// How the start scales s0 are chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScaleInit {
+    /// absmax / qmax per group (MinMax): no weight is clipped.
+    #[default]
+    Minmax,
+    /// Per group, the shrink of the MinMax scale (1, 0.95, ..., 0.5) whose integer grid
+    /// reconstructs the group with the least squared error: outliers are clipped. The grid's
+    /// clipping is fixed by s0 in LR-QAT (Phi0 = W0 / s0 is frozen; a trained s rescales the
+    /// whole grid), so a coarse grid (3 bits) is better started clipped.
+    Mse,
+}
+
+/// The MSE clip's candidate shrinks of the MinMax scale.
+const MSE_SHRINKS: [f32; 11] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5];
+
+/// s0 [out, groups, 1] for `wg` [out, groups, g] with `bits`-bit integers in [-h, h - 1].
+fn start_scales(wg: &Tensor, bits: u32, init: ScaleInit) -> Result<Tensor> {
+    let dev = wg.device();
+    let qmax = ((1u32 << (bits - 1)) - 1) as f32;
+    let h = (1u32 << (bits - 1)) as f32;
+    // True division, as the MinMax quantizer computes alpha.
+    let minmax = wg
+        .abs()?
+        .max_keepdim(2)?
+        .broadcast_div(&Tensor::new(qmax, dev)?)?;
+    if init == ScaleInit::Minmax {
+        return Ok(minmax);
+    }
+    let safe = minmax.eq(0f32)?.where_cond(&minmax.ones_like()?, &minmax)?;
+    let mut best: Option<(Tensor, Tensor)> = None;
+    for &c in &MSE_SHRINKS {
+        let s = (&safe * f64::from(c))?;
+        let q = quant::round_half_even(&wg.broadcast_div(&s)?)?.clamp(-h, h - 1.0)?;
+        let err = (q.broadcast_mul(&s)? - wg)?.sqr()?.sum_keepdim(2)?;
+        best = Some(match best {
+            None => (err, s),
+            // Strictly smaller only: ties keep the larger scale (the earlier candidate).
+            Some((be, bs)) => {
+                let better = err.lt(&be)?;
+                (better.where_cond(&err, &be)?, better.where_cond(&s, &bs)?)
+            }
+        });
+    }
+    let (_, s) = best.expect("candidates");
+    // All-zero groups keep a zero scale, as with MinMax.
+    minmax.eq(0f32)?.where_cond(&minmax, &s)
+}
+
 /// How Phi0 = W0 / s0 is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PhiDtype {
@@ -149,13 +198,15 @@ impl CustomOp3 for Quantizer {
 }
 
 impl LowRankQWeight {
-    /// The start from a dense weight w0 [out, in]: s0 from MinMax, Phi0 = w0 / s0 stored as
-    /// `phi`, the multiplier at 1; `a` [out, r] and `b` [r, in] as given.
+    /// The start from a dense weight w0 [out, in]: s0 as `init` chooses (MinMax, or the MSE
+    /// clip), Phi0 = w0 / s0 stored as `phi`, the multiplier at 1; `a` [out, r] and `b`
+    /// [r, in] as given.
     #[allow(clippy::too_many_arguments)]
     pub fn init(
         w0: &Tensor,
         bits: u32,
         group: Option<usize>,
+        init: ScaleInit,
         phi: PhiDtype,
         a: Tensor,
         b: Tensor,
@@ -169,15 +220,9 @@ impl LowRankQWeight {
         if !(2..=8).contains(&bits) {
             candle_core::bail!("bits = {bits}: allowed 2 to 8");
         }
-        let dev = w0.device();
         let w = w0.to_dtype(DType::F32)?.detach();
         let wg = w.reshape((out, inp / g, g))?;
-        let qmax = ((1u32 << (bits - 1)) - 1) as f32;
-        // True division, as the MinMax quantizer computes alpha.
-        let s0 = wg
-            .abs()?
-            .max_keepdim(2)?
-            .broadcast_div(&Tensor::new(qmax, dev)?)?;
+        let s0 = start_scales(&wg, bits, init)?;
         let safe = s0.eq(0f32)?.where_cond(&s0.ones_like()?, &s0)?;
         let phi_f = wg.broadcast_div(&safe)?.reshape((out, inp))?;
         let phi0 = match phi {
@@ -332,7 +377,17 @@ mod tests {
         let a = Tensor::ones((6, 2), DType::F32, &dev).unwrap();
         let b = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
         for phi in [PhiDtype::Int8, PhiDtype::Bf16] {
-            let l = LowRankQWeight::init(&w, 4, None, phi, a.clone(), b.clone(), 1.0).unwrap();
+            let l = LowRankQWeight::init(
+                &w,
+                4,
+                None,
+                ScaleInit::Minmax,
+                phi,
+                a.clone(),
+                b.clone(),
+                1.0,
+            )
+            .unwrap();
             let rtn = quant::fake_quant(&w, 4, None)
                 .unwrap()
                 .to_vec2::<f32>()
@@ -367,6 +422,72 @@ mod tests {
         }
     }
 
+    /// The MSE start never widens MinMax's grid, reconstructs each group at least as well,
+    /// clips a group with an outlier, and leaves an all-zero group at scale 0.
+    #[test]
+    fn mse_start_clips_outliers_and_never_loses_to_minmax() {
+        let dev = Device::Cpu;
+        let mut v: Vec<f32> = (0..4 * 16)
+            .map(|i| ((i * 29 % 31) as f32 - 15.0) / 100.0)
+            .collect();
+        // Group (0, 0): a spread with one value twice the rest (at 3 bits the least-error
+        // grid clips it: 0.9 of MinMax's scale).
+        v[..8].copy_from_slice(&[0.05, -0.12, 0.2, -0.25, 0.3, -0.08, 0.15, 0.6]);
+        v[32..48].iter_mut().for_each(|x| *x = 0.0); // group (2, 0): all zero
+        let w = Tensor::from_vec(v, (4, 16), &dev).unwrap();
+        let wg = w.reshape((4, 2, 8)).unwrap();
+        let err = |s: &Tensor| -> Vec<f32> {
+            let safe = s
+                .eq(0f32)
+                .unwrap()
+                .where_cond(&s.ones_like().unwrap(), s)
+                .unwrap();
+            let q = quant::round_half_even(&wg.broadcast_div(&safe).unwrap())
+                .unwrap()
+                .clamp(-4f32, 3f32)
+                .unwrap();
+            let e = (q.broadcast_mul(&safe).unwrap() - &wg).unwrap();
+            e.sqr()
+                .unwrap()
+                .sum_keepdim(2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let minmax = start_scales(&wg, 3, ScaleInit::Minmax).unwrap();
+        let mse = start_scales(&wg, 3, ScaleInit::Mse).unwrap();
+        let (sm, se) = (
+            minmax.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            mse.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let (em, ee) = (err(&minmax), err(&mse));
+        for k in 0..8 {
+            assert!(se[k] <= sm[k], "group {k}: {} > {}", se[k], sm[k]);
+            assert!(ee[k] <= em[k], "group {k}: error {} > {}", ee[k], em[k]);
+        }
+        assert!(
+            (se[0] - 0.9 * sm[0]).abs() < 1e-7,
+            "the outlier's group is clipped to 0.9: {} vs {}",
+            se[0],
+            sm[0]
+        );
+        assert_eq!((sm[4], se[4]), (0.0, 0.0));
+        // Through init: s0 is the MSE start, and the grid still merges as it computes.
+        let (a, b) = (
+            Tensor::ones((4, 2), DType::F32, &dev).unwrap(),
+            Tensor::zeros((2, 16), DType::F32, &dev).unwrap(),
+        );
+        let l = LowRankQWeight::init(&w, 3, Some(8), ScaleInit::Mse, PhiDtype::Bf16, a, b, 1.0)
+            .unwrap();
+        assert_eq!(l.s0.flatten_all().unwrap().to_vec1::<f32>().unwrap(), se);
+        assert_eq!(
+            l.effective().unwrap().to_vec2::<f32>().unwrap(),
+            l.merged().unwrap().to_vec2::<f32>().unwrap()
+        );
+    }
+
     #[test]
     fn gradients_reach_a_b_and_the_scales_and_stop_outside_the_grid() {
         let dev = Device::Cpu;
@@ -377,6 +498,7 @@ mod tests {
             &w,
             3,
             Some(4),
+            ScaleInit::Minmax,
             PhiDtype::Int8,
             a.as_tensor().clone(),
             b.as_tensor().clone(),

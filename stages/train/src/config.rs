@@ -310,6 +310,39 @@ pub enum PhiStorage {
     Bf16,
 }
 
+/// How an `lrqat` student's start scales s0 are chosen (see `model::ScaleInit`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleInit {
+    /// absmax / qmax per group: nothing clipped.
+    #[default]
+    Minmax,
+    /// Per group, the shrink of the MinMax scale with the least squared error.
+    Mse,
+}
+
+impl std::str::FromStr for ScaleInit {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "minmax" => Ok(ScaleInit::Minmax),
+            "mse" => Ok(ScaleInit::Mse),
+            other => {
+                bail!("student.scale_init = {other:?}: allowed values are \"minmax\", \"mse\"")
+            }
+        }
+    }
+}
+
+impl ScaleInit {
+    pub fn model(&self) -> model::ScaleInit {
+        match self {
+            ScaleInit::Minmax => model::ScaleInit::Minmax,
+            ScaleInit::Mse => model::ScaleInit::Mse,
+        }
+    }
+}
+
 impl std::str::FromStr for PhiStorage {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -411,6 +444,10 @@ pub struct StudentConfig {
     /// fingerprints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_lr_ratio: Option<f64>,
+    /// How an lrqat student's start scales s0 are chosen (absent: MinMax). Left out of the
+    /// JSON when absent, so older runs keep their fingerprints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_init: Option<ScaleInit>,
     /// The block-quantized base folder (`qlora`): given by `pipeline train --base` or
     /// `[student] base`, or the `[quantize]` stage's output in `pipeline run`. Its content
     /// hash, not its path, is part of the training fingerprint.
@@ -461,6 +498,7 @@ struct RawStudent {
     loftq_iters: Option<u32>,
     phi_dtype: Option<PhiStorage>,
     scale_lr_ratio: Option<f64>,
+    scale_init: Option<ScaleInit>,
     base: Option<std::path::PathBuf>,
 }
 
@@ -482,6 +520,9 @@ impl TryFrom<RawStudent> for StudentConfig {
         }
         if r.scale_lr_ratio.is_some() && method != Method::Lrqat {
             return Err(other("scale_lr_ratio", "lrqat"));
+        }
+        if r.scale_init.is_some() && method != Method::Lrqat {
+            return Err(other("scale_init", "lrqat"));
         }
         let lora = match method {
             Method::Qat => {
@@ -569,6 +610,7 @@ impl TryFrom<RawStudent> for StudentConfig {
             lora,
             phi_dtype: (method == Method::Lrqat).then(|| r.phi_dtype.unwrap_or_default()),
             scale_lr_ratio: r.scale_lr_ratio,
+            scale_init: r.scale_init,
             base: r.base,
         })
     }
@@ -588,6 +630,7 @@ impl Default for StudentConfig {
             lora: None,
             phi_dtype: None,
             scale_lr_ratio: None,
+            scale_init: None,
             base: None,
         }
     }

@@ -22,7 +22,9 @@ pub mod optim;
 pub mod parallel;
 pub mod student;
 
-pub use config::{LoraConfig, Method, Packing, PhiStorage, Schedule, StudentConfig, TrainConfig};
+pub use config::{
+    LoraConfig, Method, Packing, PhiStorage, ScaleInit, Schedule, StudentConfig, TrainConfig,
+};
 pub use student::{Base, Student};
 
 use anyhow::{bail, Context, Result};

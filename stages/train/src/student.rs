@@ -402,6 +402,7 @@ impl Student {
                     &w0,
                     spec.w_bits,
                     spec.w_group,
+                    spec.scale_init.unwrap_or_default().model(),
                     phi,
                     a.as_tensor().clone(),
                     b.as_tensor().clone(),

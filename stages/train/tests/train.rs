@@ -733,6 +733,33 @@ fn lrqat_with_kv_equalization_resumes_bit_identically() -> Result<()> {
     Ok(())
 }
 
+/// `scale_init = "mse"`: the start scales are the least-error clip, recomputed from the
+/// teacher on resume (s0 is not checkpointed), so a stopped and resumed run ends
+/// byte-identical to an uninterrupted one; and the start differs from MinMax's.
+#[test]
+fn lrqat_mse_start_resumes_bit_identically() -> Result<()> {
+    let run = Run::new("lrqat_mse")?;
+    let cfg = small_cfg(4);
+    let spec = |init: &str| -> Result<StudentConfig> {
+        let s: StudentConfig = serde_json::from_str(&format!(
+            r#"{{"method": "lrqat", "w_bits": 3, "lora_rank": 4, "lora_alpha": 4, "scale_init": "{init}"}}"#
+        ))?;
+        s.validate()?;
+        Ok(s)
+    };
+    let straight = straight_and_resumed(&run, &spec("mse")?, &cfg, 2)?;
+    let minmax = run.other_out("minmax");
+    train(
+        &TrainJob::new(&teacher_dir(), &run.corpus, &minmax, &spec("minmax")?, &cfg),
+        |_| {},
+    )?;
+    assert!(
+        student_bytes(&minmax)? != student_bytes(&straight)?,
+        "the MSE start left the lrqat student as MinMax's"
+    );
+    Ok(())
+}
+
 /// `scale_lr_ratio` scales the learning rate of an lrqat student's scale multipliers alone:
 /// at 0 they stay at their start (1), while A and B train as at the default ratio.
 #[test]
