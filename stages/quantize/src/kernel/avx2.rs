@@ -350,22 +350,11 @@ unsafe fn pack(k: [__m256i; 4], bits: usize, codes: usize, out: *mut u8) {
         }
         return;
     }
+    // 2 and 3 bits: the portable packer, on the codes as stored.
     let mut c = [0u8; 32];
     _mm256_storeu_si256(c.as_mut_ptr().cast(), b);
-    let out = std::slice::from_raw_parts_mut(out, n);
-    let (mut acc, mut have, mut o) = (0u32, 0, 0);
-    for &code in &c[..codes] {
-        acc = (acc << bits) | code as u32;
-        have += bits;
-        if have >= 8 {
-            out[o] = (acc >> (have - 8)) as u8;
-            o += 1;
-            have -= 8;
-        }
-    }
-    if have > 0 {
-        out[o] = (acc << (8 - have)) as u8;
-    }
+    let wide = c.map(u32::from);
+    super::pack(&wide[..codes], std::slice::from_raw_parts_mut(out, n), bits);
 }
 
 /// The maximum of the lanes of `m` (no NaN).
