@@ -10,6 +10,7 @@ pub mod causal_attention;
 pub mod compressed;
 pub mod compute;
 pub mod config;
+pub mod cpu_nodes;
 pub mod decode;
 pub mod folder;
 pub mod fused_block;

@@ -1037,6 +1037,9 @@ impl crate::block::BlockPath for FullSequence<'_> {
         // While training on a GPU one differentiable kernel does the transpose and rotation.
         if crate::fused_ops::available(&x) && x.track_op() {
             crate::fused_ops::rope_transposed(&x, &s.cos32, &s.sin32)
+        } else if x.track_op() && crate::cpu_nodes::rope_supported(&x, &s.cos, &s.sin) {
+            // Training on the CPU: one node, the same bits as `Rope::apply` below.
+            crate::cpu_nodes::rope_transposed(&x, &s.cos, &s.sin)
         } else {
             Rope::apply(&x.transpose(1, 2)?, &s.cos, &s.sin)
         }
@@ -1084,6 +1087,9 @@ impl crate::block::BlockPath for FullSequence<'_> {
         let fused = g.track_op() || u.track_op() || g.dtype() != DType::F32;
         if crate::fused_ops::available(g) && fused {
             crate::fused_ops::swiglu(g, u)
+        } else if (g.track_op() || u.track_op()) && crate::cpu_nodes::supported(g, u) {
+            // Training on the CPU: one node, the same bits as the tensor ops below.
+            crate::cpu_nodes::swiglu(g, u)
         } else {
             g.silu()? * u
         }

@@ -782,16 +782,27 @@ fn train_rank(
             }
             let (d, g) = if cfg.checkpoint_activations {
                 let keep: Vec<&Tensor> = stu.params.iter().map(|p| p.var.as_tensor()).collect();
-                let (d, g) = stu.model.backward_checkpointed(&ids, &keep, |logits| {
-                    let d = loss::distill_loss(
-                        &teacher_logits,
-                        logits,
-                        batch.mask.as_deref(),
-                        cfg.temperature,
-                    )
-                    .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
-                    Ok((scaled(&d)?, d))
-                })?;
+                // The teacher's logits move into the loss and the reported loss is detached:
+                // both are freed with the head's graph, before the blocks are recomputed.
+                let (d, g) = stu
+                    .model
+                    .backward_checkpointed(&ids, &keep, move |logits| {
+                        let d = loss::distill_loss(
+                            &teacher_logits,
+                            logits,
+                            batch.mask.as_deref(),
+                            cfg.temperature,
+                        )
+                        .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+                        let scaled = scaled(&d)?;
+                        Ok((
+                            scaled,
+                            loss::Distill {
+                                loss: d.loss.detach(),
+                                ..d
+                            },
+                        ))
+                    })?;
                 prof.mark("student forward and backward (checkpointed)")?;
                 (d, g)
             } else {

@@ -2,16 +2,19 @@
 //! softmax(z_T / T) and the student's log_softmax(z_S / T), averaged over the (unmasked) tokens
 //! of the batch. KL (= CE - teacher entropy) and top-1 agreement are reported beside it.
 //!
-//! Two formulations of the same math: candle tensor ops (the CPU's, whose results stay as they
-//! always were) and a fused op, `DistillRows`, that reads each row of logits once (gpu-kernels'
-//! cuda/distill.cu on a GPU, a plain Rust twin of that kernel on the CPU, for tests).
+//! Two formulations of the same math: candle tensor ops (the reference, for tests and `pipeline
+//! bench distill`) and a fused op, `DistillRows`, that reads each row of logits once
+//! (gpu-kernels' cuda/distill.cu on a GPU, rows in parallel on the CPU). Training uses the
+//! fused op everywhere: the tensor ops keep about ten tensors of the logits' size alive through
+//! the backward pass (the largest part of a small model's training memory), the fused op one.
 
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
-use gpu_kernels::distill::{STATS, THREADS};
+use gpu_kernels::distill::STATS;
 use half::{bf16, f16};
 use model::llama::{log_softmax_last, softmax_last};
+use rayon::prelude::*;
 
 pub struct Distill {
     /// Scalar, differentiable w.r.t. the student's logits.
@@ -22,22 +25,18 @@ pub struct Distill {
 }
 
 /// `teacher` and `student` are logits [b, t, vocab]; `mask` (b * t values, 1 = counted) leaves
-/// padding out of every average. On a CUDA device the fused kernels compute it (student logits
-/// f32, bf16 or f16; teacher logits are cast to the student's dtype); elsewhere tensor ops do.
+/// padding out of every average. The fused op computes it (student logits f32, bf16 or f16;
+/// teacher logits are cast to the student's dtype).
 pub fn distill_loss(
     teacher: &Tensor,
     student: &Tensor,
     mask: Option<&[f32]>,
     temperature: f64,
 ) -> Result<Distill> {
-    if student.device().is_cuda() {
-        distill_loss_fused(teacher, student, mask, temperature)
-    } else {
-        distill_loss_tensor_ops(teacher, student, mask, temperature)
-    }
+    distill_loss_fused(teacher, student, mask, temperature)
 }
 
-/// The loss through candle tensor ops (the CPU's path).
+/// The loss through candle tensor ops (the reference).
 pub fn distill_loss_tensor_ops(
     teacher: &Tensor,
     student: &Tensor,
@@ -69,7 +68,8 @@ pub fn token_terms_tensor_ops(
     Ok((ce, entropy, agree))
 }
 
-/// The loss through `DistillRows` (one kernel forward, one backward on a GPU).
+/// The loss through `DistillRows` (one kernel forward, one backward on a GPU; one pass over
+/// the rows each way on the CPU).
 pub fn distill_loss_fused(
     teacher: &Tensor,
     student: &Tensor,
@@ -170,11 +170,12 @@ impl CustomOp2 for DistillRows {
             inv_t: f32,
         ) -> candle_core::Result<Vec<f32>> {
             let (zs, zt, v) = cpu_rows::<T>(s, s_l, t, t_l)?;
-            Ok(zs
-                .chunks(v)
-                .zip(zt.chunks(v))
-                .flat_map(|(zs, zt)| row_stats(zs, zt, inv_t))
-                .collect())
+            // Each row alone, in a fixed order: the same values for any thread count.
+            let mut out = vec![0f32; zs.len() / v * STATS];
+            out.par_chunks_mut(STATS)
+                .zip(zs.par_chunks(v).zip(zt.par_chunks(v)))
+                .for_each(|(o, (zs, zt))| o.copy_from_slice(&row_stats(zs, zt, inv_t)));
+            Ok(out)
         }
         let inv_t = inv_temperature(self.temperature);
         let out = match cpu_dtype(s, t)? {
@@ -265,15 +266,18 @@ impl CustomOp3 for DistillRowsGrad {
                     zs.len() / v
                 );
             }
-            let mut grad = Vec::with_capacity(zs.len());
-            for ((zs, zt), r) in zs.chunks(v).zip(zt.chunks(v)).zip(aux.chunks(3)) {
-                let (scale, lse_s, lse_t) = (r[0] * inv_t, r[1], r[2]);
-                grad.extend(zs.iter().zip(zt).map(|(&s, &t)| {
-                    let ps = (to_f32(s) * inv_t - lse_s).exp();
-                    let pt = (to_f32(t) * inv_t - lse_t).exp();
-                    T::from_f64((scale * (ps - pt)) as f64)
-                }));
-            }
+            let mut grad = vec![T::zero(); zs.len()];
+            grad.par_chunks_mut(v)
+                .zip(zs.par_chunks(v).zip(zt.par_chunks(v)))
+                .zip(aux.par_chunks(3))
+                .for_each(|((g, (zs, zt)), r)| {
+                    let (scale, lse_s, lse_t) = (r[0] * inv_t, r[1], r[2]);
+                    for ((g, &s), &t) in g.iter_mut().zip(zs).zip(zt) {
+                        let ps = (to_f32(s) * inv_t - lse_s).exp();
+                        let pt = (to_f32(t) * inv_t - lse_t).exp();
+                        *g = T::from_f64((scale * (ps - pt)) as f64);
+                    }
+                });
             Ok(T::to_cpu_storage_owned(grad))
         }
         let inv_t = inv_temperature(self.temperature);
@@ -356,140 +360,46 @@ fn to_f32<T: WithDType>(x: T) -> f32 {
     x.to_f64() as f32
 }
 
-/// Running statistics of part of a row: the CPU twin of `RowStats` in cuda/distill.cu (the
-/// comment there has the formulas). Empty: st == 0.
-#[derive(Clone, Copy)]
-struct RowStats {
-    ms: f32,
-    ss: f32,
-    mt: f32,
-    st: f32,
-    a: f32,
-    b: f32,
-    is: u32,
-    it: u32,
-}
-
-impl RowStats {
-    const EMPTY: Self = Self {
-        ms: f32::NEG_INFINITY,
-        ss: 0.0,
-        mt: f32::NEG_INFINITY,
-        st: 0.0,
-        a: 0.0,
-        b: 0.0,
-        is: u32::MAX,
-        it: u32::MAX,
-    };
-
-    /// Adds element i (indices arrive increasing, so a strict > keeps the lowest index on ties).
-    fn push(&mut self, xs: f32, xt: f32, i: u32) {
-        if xs > self.ms {
-            if self.st > 0.0 {
-                self.a -= (xs - self.ms) * self.st;
-            }
-            self.ss *= (self.ms - xs).exp();
-            self.ms = xs;
-            self.is = i;
-        }
-        self.ss += (xs - self.ms).exp();
-        if xt > self.mt {
-            if self.st > 0.0 {
-                let d = xt - self.mt;
-                let r = (-d).exp();
-                self.b = (self.b - d * self.st) * r;
-                self.a *= r;
-                self.st *= r;
-            }
-            self.mt = xt;
-            self.it = i;
-        }
-        let e = (xt - self.mt).exp();
-        self.st += e;
-        self.a += e * (xs - self.ms);
-        self.b += e * (xt - self.mt);
-    }
-
-    /// self <- self + o, both re-referenced to the larger maxima.
-    fn merge(&mut self, o: &Self) {
-        if o.st == 0.0 {
-            return;
-        }
-        if self.st == 0.0 {
-            *self = *o;
-            return;
-        }
-        let arg = |m1: f32, i1: u32, m2: f32, i2: u32| {
-            if m2 > m1 {
-                i2
-            } else if m1 > m2 {
-                i1
-            } else {
-                i1.min(i2)
-            }
-        };
-        let ms = self.ms.max(o.ms);
-        let a1 = self.a - (ms - self.ms) * self.st;
-        let a2 = o.a - (ms - o.ms) * o.st;
-        self.ss = self.ss * (self.ms - ms).exp() + o.ss * (o.ms - ms).exp();
-        self.is = arg(self.ms, self.is, o.ms, o.is);
-        self.ms = ms;
-        let mt = self.mt.max(o.mt);
-        let (d1, d2) = (mt - self.mt, mt - o.mt);
-        let (r1, r2) = ((-d1).exp(), (-d2).exp());
-        self.b = (self.b - d1 * self.st) * r1 + (o.b - d2 * o.st) * r2;
-        self.a = a1 * r1 + a2 * r2;
-        self.st = self.st * r1 + o.st * r2;
-        self.it = arg(self.mt, self.it, o.mt, o.it);
-        self.mt = mt;
-    }
-
-    /// (ce, entropy, agree, lse_s, lse_t).
-    fn finish(&self) -> [f32; STATS] {
-        let (ls, lt) = (self.ss.ln(), self.st.ln());
-        [
-            ls - self.a / self.st,
-            lt - self.b / self.st,
-            if self.is == self.it { 1.0 } else { 0.0 },
-            self.ms + ls,
-            self.mt + lt,
-        ]
-    }
-}
-
-/// One row as the kernel's block computes it: thread j takes elements j, j + THREADS, ...;
-/// the 32 lanes of each warp merge down a shuffle tree, then the warps' results do.
+/// One row's (ce, entropy, agree, lse_s, lse_t) at x = z / T, in two passes: the maxima
+/// (ties to the lowest index, as the kernel's), then with e_t = exp(x_t - m_t) the sums
+/// s_s = Σ exp(x_s - m_s), s_t = Σ e_t, a = Σ e_t (x_s - m_s) and b = Σ e_t (x_t - m_t), in
+/// f64: ce = ln s_s - a / s_t, entropy = ln s_t - b / s_t (the formulas of cuda/distill.cu).
 fn row_stats<T: WithDType>(zs: &[T], zt: &[T], inv_t: f32) -> [f32; STATS] {
-    const WARP: usize = 32;
-    let threads = THREADS as usize;
-    let mut lanes = vec![RowStats::EMPTY; threads];
+    let (mut ms, mut mt) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    let (mut is, mut it) = (0usize, 0usize);
     for (i, (&s, &t)) in zs.iter().zip(zt).enumerate() {
-        lanes[i % threads].push(to_f32(s) * inv_t, to_f32(t) * inv_t, i as u32);
-    }
-    let mut warps = [RowStats::EMPTY; WARP];
-    for (w, lanes) in lanes.chunks_mut(WARP).enumerate() {
-        warps[w] = warp_merge(lanes);
-    }
-    warp_merge(&mut warps).finish()
-}
-
-/// Lane 0 after `__shfl_down_sync` steps 16, 8, 4, 2, 1 (lane i takes lane i + o).
-fn warp_merge(lanes: &mut [RowStats]) -> RowStats {
-    let mut o = lanes.len() / 2;
-    while o > 0 {
-        for i in 0..o {
-            let other = lanes[i + o];
-            lanes[i].merge(&other);
+        let (xs, xt) = (to_f32(s) * inv_t, to_f32(t) * inv_t);
+        if xs > ms {
+            (ms, is) = (xs, i);
         }
-        o /= 2;
+        if xt > mt {
+            (mt, it) = (xt, i);
+        }
     }
-    lanes[0]
+    let (mut ss, mut st, mut a, mut b) = (0f64, 0f64, 0f64, 0f64);
+    for (&s, &t) in zs.iter().zip(zt) {
+        let (ds, dt) = (to_f32(s) * inv_t - ms, to_f32(t) * inv_t - mt);
+        let et = dt.exp() as f64;
+        ss += ds.exp() as f64;
+        st += et;
+        a += et * ds as f64;
+        b += et * dt as f64;
+    }
+    let (ls, lt) = (ss.ln(), st.ln());
+    [
+        (ls - a / st) as f32,
+        (lt - b / st) as f32,
+        if is == it { 1.0 } else { 0.0 },
+        (ms as f64 + ls) as f32,
+        (mt as f64 + lt) as f32,
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use gpu_kernels::distill::THREADS;
 
     #[test]
     fn equal_logits_have_zero_kl_and_full_agreement() -> Result<()> {
@@ -663,6 +573,40 @@ mod tests {
         for temperature in [1.0, 2.0] {
             check_against_tensor_ops(1000, temperature, DType::BF16, 4e-3)?;
         }
+        Ok(())
+    }
+
+    /// The CPU op splits rows over threads: loss and gradient are the same bytes on 1 and on 3.
+    #[test]
+    fn fused_op_is_the_same_for_any_thread_count() -> Result<()> {
+        let (b, t, v) = (3, 7, 301);
+        let (zt, zs) = logits(b, t, v, 4.0, 11);
+        let run = |threads: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()?;
+            pool.install(|| {
+                let teacher = Tensor::from_vec(zt.clone(), (b, t, v), &Device::Cpu)?;
+                let var = Var::from_vec(zs.clone(), (b, t, v), &Device::Cpu)?;
+                let d = distill_loss_fused(&teacher, &var, None, 1.5)?;
+                let g = d.loss.backward()?;
+                let g = g.get(&var).expect("a gradient for the student logits");
+                Ok((vec![d.loss.to_scalar::<f32>()?], values(g)?))
+            })
+        };
+        let (one, three) = (run(1)?, run(3)?);
+        assert!(
+            one.1.iter().any(|&g| g != 0.0),
+            "a zero gradient checks nothing"
+        );
+        assert_eq!(one.0[0].to_bits(), three.0[0].to_bits(), "loss");
+        assert!(
+            one.1
+                .iter()
+                .zip(&three.1)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "gradient"
+        );
         Ok(())
     }
 
