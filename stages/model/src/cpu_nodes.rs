@@ -1,8 +1,10 @@
-//! SwiGLU and RoPE as one graph node each on the CPU, for training. Built from tensor ops each
+//! RMSNorm, SwiGLU, RoPE and the quantized linear layer as one graph node each on the CPU, for
+//! training. Built from tensor ops each
 //! is a chain of nodes whose intermediates stay alive for the backward pass, and candle's
 //! backward adds every node's gradient into a fresh zero tensor (for RoPE it even computes the
-//! gradient of the frozen cos/sin tables). These nodes keep only their inputs and write the
-//! inputs' gradients directly: less memory and fewer passes while a student trains.
+//! gradient of the frozen cos/sin tables; for a quantized layer it keeps the quantized copies
+//! of the weight and of the input to the step's end). These nodes keep only their inputs and
+//! write the inputs' gradients directly: less memory and fewer passes while a student trains.
 //!
 //! Bit for bit the tensor ops' values, forward and backward: each formula is candle's, in its
 //! order (sums of two terms are exact either way round, and candle adds a returned gradient
@@ -246,6 +248,271 @@ impl CustomOp3 for Rope {
     }
 }
 
+/// `fq(x) · fq(w)ᵀ` for f32 on the CPU, the product `Linear::forward` makes for a dense
+/// weight: x [.., in] fake-quantized per token with `a_bits`, w [out, in] per channel or group
+/// with `w_bits` and scales rounded to `scale`, both with straight-through gradients. The node
+/// keeps x and w alone and quantizes them again in the backward pass: the quantized weights
+/// (the size of the student's projections) and inputs no longer live through the step. Same
+/// products as candle's (x folded to 2-D rows; dx = dy · fq(w), dw = (fq(x)ᵀ · dy)ᵀ).
+pub fn quant_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a_bits: Option<u32>,
+    w_bits: Option<u32>,
+    w_group: Option<usize>,
+    scale: quant::ScaleDtype,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        QuantLinear {
+            a_bits,
+            w_bits,
+            w_group,
+            scale,
+        },
+    )
+}
+
+/// Whether `quant_linear` serves x and w [out, in] with the same values as the tensor ops:
+/// f32 on the CPU, and x contiguous unless it is quantized (the product folds x's rows into
+/// one matrix only when it is contiguous).
+pub fn quant_linear_supported(x: &Tensor, w: &Tensor, a_bits: Option<u32>) -> bool {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    f32_cpu(x)
+        && f32_cpu(w)
+        && w.rank() == 2
+        && x.rank() >= 2
+        && x.dims().last() == w.dims().last()
+        && (a_bits.is_some() || x.is_contiguous())
+}
+
+struct QuantLinear {
+    a_bits: Option<u32>,
+    w_bits: Option<u32>,
+    w_group: Option<usize>,
+    scale: quant::ScaleDtype,
+}
+
+impl QuantLinear {
+    /// (fq(x), fq(w)), no gradient: the values the quantizers' forward passes give.
+    fn operands(&self, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        let xq = match self.a_bits {
+            Some(b) => quant::fake_quant(x, b, None)?,
+            None => x.detach(),
+        };
+        let wq = match self.w_bits {
+            Some(b) => quant::fake_quant_scaled(w, b, self.w_group, self.scale)?,
+            None => w.detach(),
+        };
+        Ok((xq, wq))
+    }
+}
+
+impl CustomOp2 for QuantLinear {
+    fn name(&self) -> &'static str {
+        "cpu-quant-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::graph_node::on_cpu(&[(x, xl), (w, wl)], |t| {
+            let (xq, wq) = self.operands(&t[0], &t[1])?;
+            crate::llama::matmul_t(&xq, &wq)
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xq, wq) = self.operands(x, w)?;
+        let (inner, out) = (w.dim(1)?, w.dim(0)?);
+        let rows = x.elem_count() / inner;
+        let dy = dy.reshape((rows, out))?;
+        // The layouts candle's product rule sees: wq.t() transposed back, xq's rows.
+        let dx = match x.track_op() {
+            true => Some(dy.matmul(&wq.t()?.t()?)?.reshape(x.dims())?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(xq.reshape((rows, inner))?.t()?.matmul(&dy)?.t()?),
+            false => None,
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// RMSNorm of f32 x [.., h] with weight w [h] on the CPU: `llama::rms_norm`'s tensor ops as one
+/// node that keeps x and w alone (the chain kept x², x · r and more per norm). Forward and
+/// backward follow candle's formulas and reductions step by step (sums over a row with
+/// candle's own `vec_reduce_sum`, w's gradient summed over rows in order), so each value is the
+/// chain's. One difference in a whole model: x's gradient arrives as one term here, as two
+/// there, so where x feeds other ops too (the residual) its sum may round differently.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// Whether `rms_norm` serves x [.., h] and w [h]: f32 on the CPU.
+pub fn rms_norm_supported(x: &Tensor, w: &Tensor) -> bool {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    f32_cpu(x) && f32_cpu(w) && w.rank() == 1 && x.dims().last() == Some(&w.elem_count())
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+/// Candle's sum of a row of f32 (the reduction its `sum_keepdim` over the last dim runs).
+fn row_sum(v: &[f32]) -> f32 {
+    use candle_core::cpu::kernels::VecOps;
+    let mut s = 0f32;
+    // SAFETY: `v` is a live slice of v.len() values.
+    unsafe { <f32 as VecOps>::vec_reduce_sum(v.as_ptr(), &mut s, v.len()) };
+    s
+}
+
+impl RmsNorm {
+    /// (s, r) of a row: s = sqrt(mean(x²) + eps), r = 1 / s, as the tensor ops compute them
+    /// (`mean` is the sum times 1/h plus 0, `+ eps` is times 1 plus eps). `sq` is scratch.
+    fn row_scale(&self, x: &[f32], sq: &mut [f32]) -> (f32, f32) {
+        for (q, &v) in sq.iter_mut().zip(x) {
+            *q = v * v;
+        }
+        let scale = (1f64 / x.len() as f64) as f32;
+        let mean = row_sum(sq) * scale + 0.0;
+        let s = (mean * 1.0 + self.eps).sqrt();
+        (s, s.recip())
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "cpu-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (values(x, xl, "x")?, values(w, wl, "weight")?);
+        let h = w.len();
+        if h == 0 || x.len() % h != 0 {
+            candle_core::bail!("rms-norm: rows of {h} for {} values", x.len())
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each_init(
+            || vec![0f32; h],
+            |sq, (y, x)| {
+                let (_, r) = self.row_scale(x, sq);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = (x * r) * w;
+                }
+            },
+        );
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let n = x.elem_count();
+        let scale = (1f64 / h as f64) as f32;
+        let mut dx = vec![0f32; n];
+        // dy · (x r) per value, summed over rows in order afterwards for w's gradient.
+        let mut dwr = if w.track_op() {
+            vec![0f32; n]
+        } else {
+            Vec::new()
+        };
+        with_values(x, "x", |xv| {
+            with_values(w, "weight", |wv| {
+                with_values(dy, "incoming gradient", |dyv| {
+                    if dyv.len() != n || xv.len() != n {
+                        candle_core::bail!("rms-norm: a gradient of {} values for {n}", dyv.len())
+                    }
+                    let rows = dx
+                        .par_chunks_mut(h)
+                        .zip(xv.par_chunks(h))
+                        .zip(dyv.par_chunks(h));
+                    let per_row = |sq: &mut Vec<f32>,
+                                   ((dx, x), dy): ((&mut [f32], &[f32]), &[f32]),
+                                   dwr: Option<&mut [f32]>| {
+                        let (s, r) = self.row_scale(x, sq);
+                        // The product's rule: d(x r) = dy w, dx (direct) = d(x r) r, dr = Σ d(x r) x.
+                        for ((q, &dy), &w) in sq.iter_mut().zip(dy).zip(wv) {
+                            *q = 0.0 + dy * w;
+                        }
+                        for (dx, &ga) in dx.iter_mut().zip(sq.iter()) {
+                            *dx = ga * r;
+                        }
+                        for (q, &x) in sq.iter_mut().zip(x) {
+                            *q *= x;
+                        }
+                        let dr = 0.0 + row_sum(sq);
+                        // recip, sqrt, `+ eps`, `* 1/h`, then the sum's broadcast and x².
+                        let ds = 0.0 - dr / (s * s);
+                        let dm = 0.0 + ((ds / s) * 0.5 + 0.0);
+                        let dmean = 0.0 + (dm * 1.0 + 0.0);
+                        let dsum = 0.0 + (dmean * scale + 0.0);
+                        for (dx, &x) in dx.iter_mut().zip(x) {
+                            *dx += (x * (0.0 + dsum)) * 2.0 + 0.0;
+                        }
+                        if let Some(dwr) = dwr {
+                            for ((d, &dy), &x) in dwr.iter_mut().zip(dy).zip(x) {
+                                *d = 0.0 + dy * (x * r);
+                            }
+                        }
+                    };
+                    if dwr.is_empty() {
+                        rows.for_each_init(|| vec![0f32; h], |sq, row| per_row(sq, row, None));
+                    } else {
+                        rows.zip(dwr.par_chunks_mut(h)).for_each_init(
+                            || vec![0f32; h],
+                            |sq, (row, dwr)| per_row(sq, row, Some(dwr)),
+                        );
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        let dw = match w.track_op() {
+            true => {
+                // Summed over the rows in order, as candle reduces a broadcast's gradient.
+                let mut dw = vec![0f32; h];
+                for row in dwr.chunks(h) {
+                    for (d, &v) in dw.iter_mut().zip(row) {
+                        *d += v;
+                    }
+                }
+                Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+            }
+            false => None,
+        };
+        let dx = match x.track_op() {
+            true => Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            false => None,
+        };
+        Ok((dx, dw))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,6 +618,135 @@ mod tests {
         for (name, a, c) in [("forward", &fused[0], &ops[0]), ("dx", &fused[1], &ops[1])] {
             let differ = a.iter().zip(c).filter(|(a, c)| a != c).count();
             assert_eq!(differ, 0, "{name}: {differ} of {n} values differ");
+        }
+        Ok(())
+    }
+
+    /// Three quantized projections of one input (as q, k, v share theirs) and a product of
+    /// their outputs: through the nodes and through `Linear::forward`'s tensor ops, the same
+    /// output, dx and dw bits, for A8 and W4 per channel, per group and weights alone.
+    #[test]
+    fn quant_linear_equals_the_tensor_ops_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, inner, out) = (2, 9, 64, 24);
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let xv: Vec<f32> = (0..b * t * inner).map(|_| next() * 3.0).collect();
+        let ws: Vec<Vec<f32>> = (0..3)
+            .map(|_| (0..out * inner).map(|_| next() * 0.1).collect())
+            .collect();
+        for (a_bits, w_bits, group) in [
+            (Some(8), Some(4), None),
+            (Some(8), Some(4), Some(16)),
+            (None, Some(3), None),
+            (Some(8), None, None),
+        ] {
+            let run = |fused: bool| -> Result<Vec<Vec<u32>>> {
+                let xs = Var::from_vec(xv.clone(), (b, t, inner), &dev)?;
+                let wv = ws
+                    .iter()
+                    .map(|w| Var::from_vec(w.clone(), (out, inner), &dev))
+                    .collect::<Result<Vec<_>>>()?;
+                let ys = wv
+                    .iter()
+                    .map(|w| {
+                        let (x, w) = (xs.as_tensor(), w.as_tensor());
+                        if fused {
+                            quant_linear(x, w, a_bits, w_bits, group, quant::ScaleDtype::F32)
+                        } else {
+                            let xq = match a_bits {
+                                Some(bits) => quant::fake_quant_ste(x, bits, None)?,
+                                None => x.clone(),
+                            };
+                            let wq = match w_bits {
+                                Some(bits) => quant::fake_quant_scaled_ste(
+                                    w,
+                                    bits,
+                                    group,
+                                    quant::ScaleDtype::F32,
+                                )?,
+                                None => w.clone(),
+                            };
+                            crate::llama::matmul_t(&xq, &wq)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let loss = ((&ys[0] * &ys[1])? + ys[2].sqr()?)?.sum_all()?;
+                let grads = loss.backward()?;
+                let mut got = vec![bits(&ys[0])?, bits(grads.get(xs.as_tensor()).expect("dx"))?];
+                for w in &wv {
+                    got.push(bits(grads.get(w.as_tensor()).expect("dw"))?);
+                }
+                Ok(got)
+            };
+            let (fused, ops) = (run(true)?, run(false)?);
+            for (i, (a, c)) in fused.iter().zip(&ops).enumerate() {
+                let differ = a.iter().zip(c).filter(|(a, c)| a != c).count();
+                assert_eq!(
+                    differ, 0,
+                    "{a_bits:?}/{w_bits:?}/{group:?}: tensor {i}: {differ} differ"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Against `llama::rms_norm`'s tensor ops on rows of 576 (candle's SIMD row sums) and 37:
+    /// output, dx and the weight's gradient the same bits.
+    #[test]
+    fn rms_norm_equals_the_tensor_ops_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut x = 0x0bad_5eed_1234_5678u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for (rows, h) in [(7, 576), (5, 37)] {
+            let xv: Vec<f32> = (0..rows * h).map(|_| next() * 2.0).collect();
+            let wv: Vec<f32> = (0..h).map(|_| 1.0 + next() * 0.3).collect();
+            let dyv: Vec<f32> = (0..rows * h).map(|_| next()).collect();
+            let dyt = Tensor::from_vec(dyv, (1, rows, h), &dev)?;
+            let run = |fused: bool| -> Result<Vec<Vec<u32>>> {
+                let xs = Var::from_vec(xv.clone(), (1, rows, h), &dev)?;
+                let w = Var::from_vec(wv.clone(), h, &dev)?;
+                let y = if fused {
+                    rms_norm(xs.as_tensor(), w.as_tensor(), 1e-5)?
+                } else {
+                    // The tensor-op formula (`llama::rms_norm` without its dispatch).
+                    let x = xs.as_tensor();
+                    let r = (x.sqr()?.mean_keepdim(candle_core::D::Minus1)? + 1e-5)?
+                        .sqrt()?
+                        .recip()?;
+                    x.broadcast_mul(&r)?.broadcast_mul(w.as_tensor())?
+                };
+                let grads = (&y * &dyt)?.sum_all()?.backward()?;
+                Ok(vec![
+                    bits(&y)?,
+                    bits(grads.get(xs.as_tensor()).expect("dx"))?,
+                    bits(grads.get(w.as_tensor()).expect("dw"))?,
+                ])
+            };
+            let (fused, ops) = (run(true)?, run(false)?);
+            for (name, a, c) in [
+                ("forward", &fused[0], &ops[0]),
+                ("dx", &fused[1], &ops[1]),
+                ("dw", &fused[2], &ops[2]),
+            ] {
+                let differ = a.iter().zip(c).filter(|(a, c)| a != c).count();
+                assert_eq!(
+                    differ,
+                    0,
+                    "h {h}: {name}: {differ} of {} values differ",
+                    a.len()
+                );
+            }
         }
         Ok(())
     }

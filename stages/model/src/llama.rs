@@ -92,6 +92,19 @@ impl Linear {
                 None => Ok(y),
             };
         }
+        let cpu_node = self.dense_weight().filter(|w| {
+            (x.track_op() || w.track_op())
+                && (q.a_bits.is_some() || q.w_bits.is_some())
+                && crate::cpu_nodes::quant_linear_supported(x, w, q.a_bits)
+        });
+        if let Some(w) = cpu_node {
+            // Training on the CPU: one node that keeps no quantized copies, the same bits.
+            let y = crate::cpu_nodes::quant_linear(x, w, q.a_bits, q.w_bits, q.w_group, q.w_scale)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                None => Ok(y),
+            };
+        }
         let x = match q.a_bits {
             Some(b) => quant::fake_quant_ste(x, b, None)?,
             None => x.clone(),
@@ -246,6 +259,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     if crate::fused_ops::available(x) && (x.track_op() || w.track_op()) {
         // Training on a GPU: one differentiable kernel instead of a dozen graph nodes.
         return crate::fused_ops::rms_norm(x, w, eps);
+    }
+    if (x.track_op() || w.track_op()) && crate::cpu_nodes::rms_norm_supported(x, w) {
+        // Training on the CPU: one node, each value the tensor ops' below.
+        return crate::cpu_nodes::rms_norm(x, w, eps);
     }
     if fused_gpu_path(x) && !w.track_op() {
         // candle's kernel (one launch instead of nine; it accumulates in f32 too).
