@@ -1,8 +1,9 @@
 //! `--checkpoint-activations` (`[train] checkpoint_activations`): each decoder block is
 //! recomputed in the backward pass instead of keeping its activations. The gradients are the
-//! same, so the students are: bit for bit where every trainable tensor lives in one block
-//! (qlora, lrqat), and to float rounding where one is used twice (qat with tied embeddings,
-//! whose two gradient contributions are summed in another order).
+//! same bits, so the students are, for every method: qat's tied embedding too, whose lookup
+//! rows are added onto the head's gradient in the plain backward pass's order. (After a few
+//! steps of W4 training any difference grows until rounding decisions flip, so only exact
+//! equality shows that nothing changed.)
 
 mod common;
 use common::*;
@@ -109,20 +110,18 @@ fn checkpointed_training_makes_the_same_student() {
     let dir = temp_dir("checkpoint_activations");
     let (corpus, base) = setup(&dir);
     let b = base.display().to_string();
-    let methods: [(&str, Vec<&str>, bool); 3] = [
+    let methods: [(&str, Vec<&str>); 3] = [
         (
             "qlora",
             vec!["--method", "qlora", "--base", &b, "--w-bits", "16"],
-            true,
         ),
         (
             "lrqat",
             vec!["--method", "lrqat", "--lora-rank", "4", "--w-bits", "4"],
-            true,
         ),
-        ("qat", vec!["--w-bits", "4"], false),
+        ("qat", vec!["--w-bits", "4"]),
     ];
-    for (name, args, exact) in methods {
+    for (name, args) in methods {
         let plain = train(&corpus, &dir.join(format!("{name}-plain")), &args, false);
         let ckpt = train(&corpus, &dir.join(format!("{name}-ckpt")), &args, true);
         assert_eq!(plain.len(), ckpt.len(), "{name}");
@@ -133,13 +132,9 @@ fn checkpointed_training_makes_the_same_student() {
                 worst = worst.max((x - y).abs() / (1e-3 + x.abs()));
             }
         }
-        if exact {
-            assert_eq!(
-                worst, 0.0,
-                "{name}: checkpointed training changed the student"
-            );
-        } else {
-            assert!(worst < 1e-3, "{name}: relative difference {worst}");
-        }
+        assert_eq!(
+            worst, 0.0,
+            "{name}: checkpointed training changed the student"
+        );
     }
 }

@@ -105,6 +105,18 @@ impl Linear {
                 None => Ok(y),
             };
         }
+        if let (Weight::LowRankQ(l), Some(_)) = (&self.weight, q.a_bits) {
+            let w = l.effective()?;
+            if x.track_op() && crate::cpu_nodes::quant_linear_supported(x, &w, q.a_bits) {
+                // LR-QAT training on the CPU: the input's quantized copy is made again in the
+                // backward pass; the weight's gradient flows on into its quantizer node.
+                let y = crate::cpu_nodes::quant_linear(x, &w, q.a_bits, None, None, q.w_scale)?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                    None => Ok(y),
+                };
+            }
+        }
         let x = match q.a_bits {
             Some(b) => quant::fake_quant_ste(x, b, None)?,
             None => x.clone(),
@@ -1023,7 +1035,20 @@ impl Llama {
             drop(gi);
             inputs.truncate(layer);
         }
-        if x0.track_op() {
+        let embed = &self.embed_tokens;
+        if keep.iter().any(|t| t.id() == embed.id()) && x0.dtype() == embed.dtype() {
+            // The lookup's rows added one by one onto what the head gave the (tied) embedding,
+            // as the plain backward pass adds them: summed apart first, a row of a token seen
+            // twice would round differently. `+ 0` as candle's gradient store adds.
+            let (b, t) = ids.dims2()?;
+            let rows = g.reshape((b * t, self.cfg.hidden_size))?.affine(1.0, 0.0)?;
+            let ids = ids.flatten_all()?.contiguous()?;
+            let sum = match grads.get(embed) {
+                Some(head) => head.index_add(&ids, &rows, 0)?,
+                None => embed.zeros_like()?.index_add(&ids, &rows, 0)?,
+            };
+            grads.insert(embed, sum.detach());
+        } else if x0.track_op() {
             collect(&mut (x0 * &g)?.sum_all()?.backward()?)?;
         }
         Ok((out, grads))
