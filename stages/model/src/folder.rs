@@ -190,7 +190,18 @@ impl ModelFolder {
     /// Every value must be finite: a NaN or infinity names its tensor and index here, not as a
     /// NaN loss many steps later.
     pub fn load_tensors(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
-        let out = self.load_tensors_unchecked(device, true)?;
+        let out = self.load_tensors_unchecked(device, true, true)?;
+        Self::check_all_finite(&out, &self.dir)?;
+        Ok(out)
+    }
+
+    /// As `load_tensors`, but the tensors of a safetensors checkpoint keep the dtype they are
+    /// stored in (f32, f16 or bf16): a frozen model computing in f32 can widen each weight
+    /// where it is used (exactly: both narrow dtypes are subsets of f32) and hold half the
+    /// bytes meanwhile. Dequantized sources (quantized folders, GGUF, packed or compressed
+    /// exports) come in f32 as before.
+    pub fn load_tensors_as_stored(&self, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let out = self.load_tensors_unchecked(device, true, false)?;
         Self::check_all_finite(&out, &self.dir)?;
         Ok(out)
     }
@@ -207,7 +218,7 @@ impl ModelFolder {
         let Some(h) = quant::packed::PackedHeader::read(&self.dir)? else {
             return Ok((self.load_tensors(device)?, Default::default()));
         };
-        let dense = self.load_tensors_unchecked(device, false)?;
+        let dense = self.load_tensors_unchecked(device, false, true)?;
         Self::check_all_finite(&dense, &self.dir)?;
         let mut grids = std::collections::BTreeMap::new();
         for f in &self.weight_files {
@@ -239,11 +250,13 @@ impl ModelFolder {
         Ok(())
     }
 
-    /// `with_grids = false`: a packed folder's grids are left out.
+    /// `with_grids = false`: a packed folder's grids are left out; `widen = false`: stored
+    /// tensors keep their dtype.
     fn load_tensors_unchecked(
         &self,
         device: &Device,
         with_grids: bool,
+        widen: bool,
     ) -> Result<HashMap<String, Tensor>> {
         if let Some(g) = &self.gguf {
             return g.load_tensors(&self.config, device);
@@ -290,9 +303,9 @@ impl ModelFolder {
                     ),
                 };
                 let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-                    .with_context(|| format!("{}: tensor {name}", f.display()))?
-                    .to_dtype(DType::F32)?
-                    .to_device(device)?;
+                    .with_context(|| format!("{}: tensor {name}", f.display()))?;
+                let t = if widen { t.to_dtype(DType::F32)? } else { t };
+                let t = t.to_device(device)?;
                 out.insert(name.to_string(), t);
             }
         }

@@ -704,8 +704,9 @@ impl Llama {
         Ok(self)
     }
 
-    /// Computes in `dtype` but keeps the weights as they are (the student's f32 `Var`s): each
-    /// forward casts them, so gradients and optimizer updates stay in f32.
+    /// Computes in `dtype` but keeps the weights as they are (the student's f32 `Var`s, a
+    /// bf16 teacher computing in f32): each forward casts them where they are used, so
+    /// gradients and optimizer updates stay in f32.
     pub fn set_compute_dtype(&mut self, dtype: DType) {
         self.compute = dtype;
     }

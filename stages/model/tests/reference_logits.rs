@@ -227,3 +227,50 @@ fn hadamard_kv_rotation_lowers_kv4_error_and_decodes_like_the_full_pass() {
         assert!(d < 1e-3, "first rows of the KV-cache pass differ by {d}");
     }
 }
+
+/// A teacher kept in bf16 and computing in f32 (as training holds one on the CPU) gives the
+/// bits of the same weights widened to f32 up front: each weight is widened where it is used.
+#[test]
+fn bf16_weights_computing_in_f32_give_the_widened_models_logits() {
+    let folder = ModelFolder::open(&shared().join("models/tinystories-656k")).unwrap();
+    let stored = folder.load_tensors(&Device::Cpu).unwrap();
+    let narrow: std::collections::HashMap<String, Tensor> = stored
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    let wide = narrow
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_dtype(DType::F32).unwrap()))
+        .collect();
+    let mut kept = Llama::from_tensors(
+        folder.config.clone(),
+        QuantConfig::none(),
+        narrow,
+        "bf16",
+        &Device::Cpu,
+    )
+    .unwrap();
+    kept.set_compute_dtype(DType::F32);
+    let widened = Llama::from_tensors(
+        folder.config.clone(),
+        QuantConfig::none(),
+        wide,
+        "f32",
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(kept.dtype(), DType::BF16);
+    let tokens = &cases("tinystories-656k")[0].tokens;
+    let (a, b) = (full(&kept, tokens), full(&widened, tokens));
+    assert_eq!(a.dtype(), DType::F32);
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&a), bits(&b));
+}

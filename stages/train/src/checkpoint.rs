@@ -495,9 +495,10 @@ pub fn export_student(
     grids: &[(String, quant::GridWeight)],
     quantization: &Value,
 ) -> Result<()> {
-    let mut files: Vec<(String, Vec<u8>)> = if grids.is_empty() {
-        vec![("model.safetensors".into(), safetensors_bytes(tensors)?)]
-    } else {
+    // Dense weights stream to disk (a second in-memory copy of a large student would be the
+    // run's peak); packed ones are small.
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    if !grids.is_empty() {
         let floats = tensors
             .iter()
             .map(|(n, t)| -> Result<_> {
@@ -510,20 +511,38 @@ pub fn export_student(
             .collect::<Result<Vec<_>>>()?;
         let grids: Vec<_> = grids.iter().map(|(n, g)| (n.as_str(), g)).collect();
         let (st, header) = quant::packed::write_bytes(&floats, &grids)?;
-        vec![
-            ("model.safetensors".into(), st),
-            (quant::packed::HEADER_FILE.into(), header),
-        ]
-    };
+        files.push(("model.safetensors".into(), st));
+        files.push((quant::packed::HEADER_FILE.into(), header));
+    }
     for (f, bytes) in teacher_files(teacher_dir)? {
         files.push((f.to_string(), bytes));
     }
     files.push(("quantization.json".into(), json_bytes(quantization)?));
-    write_folder(dst, &files).context("writing the student folder")
+    write_folder_with(dst, |tmp| {
+        if grids.is_empty() {
+            write_safetensors_synced(&tmp.join("model.safetensors"), tensors)?;
+        }
+        for (f, bytes) in &files {
+            write_synced(&tmp.join(f), bytes)?;
+        }
+        Ok(())
+    })
+    .context("writing the student folder")
 }
 
 /// Writes a folder of `files` (name, bytes) at `dst`: built in a temp folder, synced, renamed.
 pub fn write_folder<S: AsRef<str>>(dst: &Path, files: &[(S, Vec<u8>)]) -> Result<()> {
+    write_folder_with(dst, |tmp| {
+        for (f, bytes) in files {
+            write_synced(&tmp.join(f.as_ref()), bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes a folder at `dst`: `fill` writes (and syncs) its files into a temp folder, which is
+/// then synced and renamed into place.
+fn write_folder_with(dst: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dst.parent().context("the folder has no parent")?;
     let name = dst
         .file_name()
@@ -536,9 +555,7 @@ pub fn write_folder<S: AsRef<str>>(dst: &Path, files: &[(S, Vec<u8>)]) -> Result
             fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        for (f, bytes) in files {
-            write_synced(&tmp.join(f.as_ref()), bytes)?;
-        }
+        fill(&tmp)?;
         fsio::fsync_dir(&tmp)?;
         if dst.exists() {
             remove_dir_safely(dst, parent)?;

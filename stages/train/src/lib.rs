@@ -28,7 +28,7 @@ pub use config::{
 pub use student::{Base, Student};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use checkpoint::CheckpointState;
 use corpus::{fsio, CorpusManifest};
 use data::{Loader, LoaderSpec};
@@ -631,20 +631,39 @@ fn train_rank(
     };
     let mut loader = Loader::start_rank(corpus_dir, spec.clone(), cursor, rank, world)?;
 
-    let teacher_tensors = folder.load_tensors(&device)?;
+    // Computing in f32 on the CPU, the teacher keeps its checkpoint's dtype (bf16 for most
+    // published models) and widens each weight where it is used: the same values as an f32
+    // copy (the widening is exact), half the bytes held through training. Everything else
+    // (the student's start, Phi0, a QLoRA base) is made from the f32 values.
+    let stored_teacher = device.is_cpu() && compute.dtype == DType::F32;
+    let (teacher_tensors, teacher_weights) = if stored_teacher {
+        let stored = folder.load_tensors_as_stored(&device)?;
+        let widened = stored
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        (widened, stored)
+    } else {
+        let t = folder.load_tensors(&device)?;
+        (t.clone(), t)
+    };
     let teacher_names: Vec<String> = teacher_tensors.keys().cloned().collect();
     let base = match &base_folder {
         Some(f) => Some(Base::load(f, &teacher_tensors, &device)?),
         None => None,
     };
-    let teacher = Llama::from_tensors(
+    let mut teacher = Llama::from_tensors(
         mcfg.clone(),
         QuantConfig::none(),
-        teacher_tensors.clone(),
+        teacher_weights,
         teacher_dir.to_string_lossy().as_ref(),
         &device,
-    )?
-    .cast(compute.dtype)?;
+    )?;
+    if stored_teacher {
+        teacher.set_compute_dtype(DType::F32);
+    } else {
+        teacher = teacher.cast(compute.dtype)?;
+    }
     let teacher = Llama {
         fused_attention: true,
         ..teacher
