@@ -632,38 +632,39 @@ fn train_rank(
     let mut loader = Loader::start_rank(corpus_dir, spec.clone(), cursor, rank, world)?;
 
     // Computing in f32 on the CPU, the teacher keeps its checkpoint's dtype (bf16 for most
-    // published models) and widens each weight where it is used: the same values as an f32
-    // copy (the widening is exact), half the bytes held through training. Everything else
-    // (the student's start, Phi0, a QLoRA base) is made from the f32 values.
-    let stored_teacher = device.is_cpu() && compute.dtype == DType::F32;
-    let (teacher_tensors, teacher_weights) = if stored_teacher {
+    // published models) through training and widens each weight where it is used: the same
+    // values as an f32 copy (widening is exact), half the bytes. Everything else (the
+    // student's start, Phi0, a QLoRA base) is made from the f32 values; the teacher goes back
+    // to the stored dtype once they are made, so the two copies never coexist.
+    let (teacher_tensors, stored_dtype) = if device.is_cpu() && compute.dtype == DType::F32 {
         let stored = folder.load_tensors_as_stored(&device)?;
+        let mut dtypes = stored.values().map(|t| t.dtype());
+        let first = dtypes.next();
+        let narrow = first
+            .filter(|d| matches!(d, DType::BF16 | DType::F16))
+            .filter(|d| dtypes.all(|x| x == *d));
+        // Widened one tensor at a time: each stored copy is freed as its f32 one is made.
         let widened = stored
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        (widened, stored)
+        (widened, narrow)
     } else {
-        let t = folder.load_tensors(&device)?;
-        (t.clone(), t)
+        (folder.load_tensors(&device)?, None)
     };
     let teacher_names: Vec<String> = teacher_tensors.keys().cloned().collect();
     let base = match &base_folder {
         Some(f) => Some(Base::load(f, &teacher_tensors, &device)?),
         None => None,
     };
-    let mut teacher = Llama::from_tensors(
+    let teacher = Llama::from_tensors(
         mcfg.clone(),
         QuantConfig::none(),
-        teacher_weights,
+        teacher_tensors.clone(),
         teacher_dir.to_string_lossy().as_ref(),
         &device,
-    )?;
-    if stored_teacher {
-        teacher.set_compute_dtype(DType::F32);
-    } else {
-        teacher = teacher.cast(compute.dtype)?;
-    }
+    )?
+    .cast(compute.dtype)?;
     let teacher = Llama {
         fused_attention: true,
         ..teacher
@@ -746,6 +747,14 @@ fn train_rank(
     drop(init);
     drop(equalized);
     drop(teacher_tensors);
+    let teacher = match stored_dtype {
+        Some(d) => {
+            let mut t = teacher.cast(d)?;
+            t.set_compute_dtype(DType::F32);
+            t
+        }
+        None => teacher,
+    };
     let mut opt = AdamW::new(cfg, &stu.params)?;
     if let Some((dir, _)) = &resume {
         let p = dir.join(checkpoint::OPTIMIZER_FILE);
