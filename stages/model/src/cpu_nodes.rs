@@ -526,19 +526,38 @@ mod tests {
             .collect())
     }
 
+    /// Values in [-1, 1) from a xorshift64 generator seeded with `seed`.
+    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut x = seed;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// Asserts that each named pair of bit patterns is identical, naming the first that is not.
+    fn assert_same_bits(what: &str, pairs: &[(&str, &Vec<u32>, &Vec<u32>)]) {
+        for (name, a, b) in pairs {
+            let differ = a.iter().zip(b.iter()).filter(|(a, b)| a != b).count();
+            assert_eq!(a.len(), b.len(), "{what}{name}: lengths differ");
+            assert_eq!(
+                differ,
+                0,
+                "{what}{name}: {differ} of {} values differ",
+                a.len()
+            );
+        }
+    }
+
     /// Against `g.silu() * u` in candle: forward and both gradients the same bits, over values
     /// from -30 to 30 (sigmoid saturates at both ends), zeros and a downstream product.
     #[test]
     fn swiglu_equals_the_tensor_ops_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
         let n = 7 * (3 * CHUNK / 7 + 5);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1du64);
         let mut gv: Vec<f32> = (0..n).map(|_| next() * 30.0).collect();
         gv[0] = 0.0;
         gv[1] = -0.0;
@@ -559,14 +578,14 @@ mod tests {
             Ok([bits(&y)?, bits(dg)?, bits(du)?])
         };
         let (fused, ops) = (run(true)?, run(false)?);
-        for (name, a, b) in [
-            ("forward", &fused[0], &ops[0]),
-            ("dg", &fused[1], &ops[1]),
-            ("du", &fused[2], &ops[2]),
-        ] {
-            let differ = a.iter().zip(b).filter(|(a, b)| a != b).count();
-            assert_eq!(differ, 0, "{name}: {differ} of {n} values differ");
-        }
+        assert_same_bits(
+            "",
+            &[
+                ("forward", &fused[0], &ops[0]),
+                ("dg", &fused[1], &ops[1]),
+                ("du", &fused[2], &ops[2]),
+            ],
+        );
         Ok(())
     }
 
@@ -575,13 +594,7 @@ mod tests {
     fn rope_equals_the_tensor_ops_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
         let (b, t, h, d) = (3, 37, 5, 16);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15u64);
         let n = b * t * h * d;
         let mut xv: Vec<f32> = (0..n).map(|_| next() * 5.0).collect();
         xv[3] = 0.0;
@@ -615,10 +628,10 @@ mod tests {
             &rope.sin
         ));
         let (fused, ops) = (run(true)?, run(false)?);
-        for (name, a, c) in [("forward", &fused[0], &ops[0]), ("dx", &fused[1], &ops[1])] {
-            let differ = a.iter().zip(c).filter(|(a, c)| a != c).count();
-            assert_eq!(differ, 0, "{name}: {differ} of {n} values differ");
-        }
+        assert_same_bits(
+            "",
+            &[("forward", &fused[0], &ops[0]), ("dx", &fused[1], &ops[1])],
+        );
         Ok(())
     }
 
@@ -629,13 +642,7 @@ mod tests {
     fn quant_linear_equals_the_tensor_ops_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
         let (b, t, inner, out) = (2, 9, 64, 24);
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut next = uniform(0x1234_5678_9abc_def1u64);
         let xv: Vec<f32> = (0..b * t * inner).map(|_| next() * 3.0).collect();
         let ws: Vec<Vec<f32>> = (0..3)
             .map(|_| (0..out * inner).map(|_| next() * 0.1).collect())
@@ -685,13 +692,13 @@ mod tests {
                 Ok(got)
             };
             let (fused, ops) = (run(true)?, run(false)?);
-            for (i, (a, c)) in fused.iter().zip(&ops).enumerate() {
-                let differ = a.iter().zip(c).filter(|(a, c)| a != c).count();
-                assert_eq!(
-                    differ, 0,
-                    "{a_bits:?}/{w_bits:?}/{group:?}: tensor {i}: {differ} differ"
-                );
-            }
+            let names: Vec<String> = (0..fused.len()).map(|i| format!("tensor {i}")).collect();
+            let pairs: Vec<_> = names
+                .iter()
+                .zip(fused.iter().zip(&ops))
+                .map(|(n, (a, c))| (n.as_str(), a, c))
+                .collect();
+            assert_same_bits(&format!("{a_bits:?}/{w_bits:?}/{group:?}: "), &pairs);
         }
         Ok(())
     }
@@ -701,13 +708,7 @@ mod tests {
     #[test]
     fn rms_norm_equals_the_tensor_ops_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
-        let mut x = 0x0bad_5eed_1234_5678u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut next = uniform(0x0bad_5eed_1234_5678u64);
         for (rows, h) in [(7, 576), (5, 37)] {
             let xv: Vec<f32> = (0..rows * h).map(|_| next() * 2.0).collect();
             let wv: Vec<f32> = (0..h).map(|_| 1.0 + next() * 0.3).collect();
@@ -734,19 +735,14 @@ mod tests {
                 ])
             };
             let (fused, ops) = (run(true)?, run(false)?);
-            for (name, a, c) in [
-                ("forward", &fused[0], &ops[0]),
-                ("dx", &fused[1], &ops[1]),
-                ("dw", &fused[2], &ops[2]),
-            ] {
-                let differ = a.iter().zip(c).filter(|(a, c)| a != c).count();
-                assert_eq!(
-                    differ,
-                    0,
-                    "h {h}: {name}: {differ} of {} values differ",
-                    a.len()
-                );
-            }
+            assert_same_bits(
+                &format!("h {h}: "),
+                &[
+                    ("forward", &fused[0], &ops[0]),
+                    ("dx", &fused[1], &ops[1]),
+                    ("dw", &fused[2], &ops[2]),
+                ],
+            );
         }
         Ok(())
     }
