@@ -164,13 +164,14 @@ fn sigkill_at_random_moments_resumes_byte_identical() {
     std::fs::create_dir_all(&b).unwrap();
     let pa = write_pipeline(&a, "");
     let pb = write_pipeline(&b, "");
-    // Longer training so that every kill lands in a running process: the whole run takes about
-    // 10 s on a 2-core machine, the 12 kills come 0.2-1.5 s after each start (with 60 steps the
-    // run took 5 s, and a fresh-clone CI run once saw only 9 kills land).
+    // Longer training so that every kill lands in a running process: the 12 kills come
+    // 0.2-1.5 s after each start (with 60 steps the run took 5 s, and a fresh-clone CI run once
+    // saw only 9 kills land; with 150 steps it happened again once the CPU training nodes had
+    // made steps faster).
     for p in [&pa, &pb] {
         let t = std::fs::read_to_string(p)
             .unwrap()
-            .replace("steps = 16", "steps = 150");
+            .replace("steps = 16", "steps = 400");
         std::fs::write(p, t).unwrap();
     }
     run_ok(&["run", pa.to_str().unwrap()]);
