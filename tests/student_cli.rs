@@ -119,8 +119,10 @@ fn eval_ppl(model: &Path) -> f64 {
         .unwrap()
 }
 
-/// The `qat` student of the smoke pipeline, byte for byte as the code before the student seam
-/// (commit 2af7da3) made it; and 50 steps of the llmqat settings on a 256-sample corpus.
+/// The `qat` student of the smoke pipeline, byte for byte as pinned; and 50 steps of the llmqat
+/// settings on a 256-sample corpus. First pinned to the code before the student seam (commit
+/// 2af7da3); re-pinned after 60026b5, whose CPU distillation loss (the fused op, sums in f64)
+/// rounds differently from the tensor ops.
 #[test]
 fn qat_student_is_unchanged_by_the_seam() {
     let d = temp_dir("qat_unchanged");
@@ -135,7 +137,7 @@ fn qat_student_is_unchanged_by_the_seam() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         sha256(&smoke.join("train/student/model.safetensors")),
-        "0f35d32b750b06bac14376ad9d038a3b0373246d9573a4c564005103b3e03e49"
+        "e0e46eca1577d1e568351ef290e78712fda2621ed07a9bb1fef6d9a94077c645"
     );
     let c = d.join("corpus");
     let t = teacher();
@@ -171,7 +173,7 @@ fn qat_student_is_unchanged_by_the_seam() {
     ]);
     assert_eq!(
         sha256(&tr.join("student/model.safetensors")),
-        "d79667b5371f001feacc1f85bee22f0c2d862a33b965b9b35b25179bca636807"
+        "6e977386cdedc9b0ee74be75b4e4c8d6a91afd981711a08d34f19a7f1381753b"
     );
 }
 
